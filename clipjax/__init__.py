@@ -1,0 +1,1 @@
+"""clipjax: CLIP in JAX/Flax."""
