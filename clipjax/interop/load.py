@@ -1,0 +1,176 @@
+"""`clipjax.load`: one entry point for OpenAI, open_clip and Hugging Face weights (and clipjax training workdirs).
+
+Formats, recognised from the path:
+- a Hugging Face `CLIPModel` directory (config.json + model.safetensors): config read from it;
+- a clipjax training workdir (config.json + checkpoints/): the latest checkpoint;
+- an open_clip state dict (.safetensors/.bin/.pt/.pth) with `config` = an open_clip model name or JSON path/dict;
+- an OpenAI checkpoint .pt (TorchScript archive or state dict): config inferred from the tensors (QuickGELU).
+`.pt`/`.bin` files are read without torch and without executing pickled code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clipjax.interop import names
+from clipjax.interop.hf import config_from_hf
+from clipjax.interop.openai import infer_config
+from clipjax.models.clip import CLIP
+from clipjax.models.config import CLIPConfig
+from clipjax.models.layers import stack_layers
+from clipjax.models.specs import get_model_config
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A CLIP model with its weights: encode images and texts like open_clip's `encode_*(normalize=False)`."""
+
+    config: CLIPConfig
+    variables: dict[str, Any]  # {"params": …, ["batch_stats": …]}
+    source: str = ""
+
+    @property
+    def module(self) -> CLIP:
+        return CLIP(self.config)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.variables["params"]
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.params["logit_scale"])
+
+    @functools.cached_property
+    def _encode_image(self) -> Callable:
+        return jax.jit(lambda v, x: self.module.apply(v, x, method=CLIP.encode_image))
+
+    @functools.cached_property
+    def _encode_text(self) -> Callable:
+        return jax.jit(lambda v, t: self.module.apply(v, t, method=CLIP.encode_text))
+
+    def encode_image(self, images: Any) -> jax.Array:
+        """images: float32 [N, H, W, 3], already preprocessed → unnormalised features [N, E]."""
+        return self._encode_image(self.variables, jnp.asarray(images, jnp.float32))
+
+    def encode_text(self, tokens: Any) -> jax.Array:
+        """tokens: int32 [N, L] → unnormalised features [N, E]."""
+        return self._encode_text(self.variables, jnp.asarray(tokens, jnp.int32))
+
+    def preprocess(self, image: Any) -> np.ndarray:
+        from clipjax.data.preprocess import preprocess
+
+        return preprocess(image, image_size=self.config.vision.image_size)
+
+    def tokenize(self, texts: str | list[str]) -> np.ndarray:
+        from clipjax.data.tokenizer import tokenize
+
+        return tokenize(texts, context_length=self.config.text.context_length)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Flat name → array dict from .safetensors, or (torch-free, no code execution) .pt/.pth/.bin."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="numpy") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except (TypeError, ValueError):  # e.g. bfloat16, which numpy lacks: read through JAX
+            with safe_open(path, framework="flax") as f:
+                return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+    if path.endswith((".pt", ".pth", ".bin")):
+        from clipjax.interop.torch_pickle import load_torch_file
+
+        return load_torch_file(path)
+    raise ValueError(f"{path}: unsupported weight file (expected .safetensors, .pt, .pth or .bin)")
+
+
+def variables_from_state(state: dict[str, np.ndarray], cfg: CLIPConfig, source: str) -> dict[str, Any]:
+    """Convert a torch-named state dict (OpenAI/open_clip or HF names) into checked clipjax variables."""
+    if any(k.startswith("text_model.") for k in state):
+        rules, ignored = names.hf_rules(cfg), names.HF_IGNORED
+    else:
+        rules, ignored = names.openai_rules(cfg), names.OPENAI_IGNORED
+    variables = names.import_state(state, rules, ignored, source)
+    check_shapes(variables, cfg, source)
+    if cfg.scan_layers:
+        variables = stack_layers(variables)
+    return jax.tree.map(jnp.asarray, variables)
+
+
+def expected_shapes(cfg: CLIPConfig) -> dict[str, Any]:
+    """Shapes of the unscanned variables of `cfg`, without allocating anything."""
+    import flax.linen as nn
+
+    c = cfg.replace(scan_layers=False, remat="none")
+    s = c.vision.image_size
+    shapes = jax.eval_shape(CLIP(c).init, jax.random.key(0), jnp.zeros((1, s, s, 3)),
+                            jnp.zeros((1, c.text.context_length), jnp.int32))
+    return jax.tree.map(lambda x: tuple(x.shape), nn.meta.unbox(shapes))
+
+
+def check_shapes(variables: dict[str, Any], cfg: CLIPConfig, source: str) -> None:
+    want = dict(_flatten(expected_shapes(cfg)))
+    got = {k: tuple(np.shape(v)) for k, v in _flatten(variables)}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(f"{source}: variables do not match the architecture: missing {missing[:4]}, "
+                         f"unexpected {extra[:4]}")
+    for k in sorted(want):
+        if want[k] != got[k]:
+            raise ValueError(f"{source}: tensor for {k} has shape {got[k]}, the config expects {want[k]} "
+                             f"(wrong config for these weights?)")
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}/{k}" if prefix else k
+        out += _flatten(v, key) if isinstance(v, dict) else [(key, v)]
+    return out
+
+
+def _resolve_config(config: Any) -> CLIPConfig:
+    return get_model_config(config)
+
+
+def load(path: str | os.PathLike, config: str | os.PathLike | dict | CLIPConfig | None = None) -> Pretrained:
+    """Load CLIP weights from any supported source (see the module docstring)."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory")
+    if p.is_dir():
+        if (p / "checkpoints").is_dir():
+            from clipjax.checkpoint import load_workdir  # training workdir
+
+            return load_workdir(p)
+        cfg_file = p / "config.json"
+        weights = p / "model.safetensors"
+        if not cfg_file.is_file() or not weights.is_file():
+            raise ValueError(f"{p}: a directory must be a Hugging Face CLIPModel (config.json + model.safetensors) "
+                             f"or a clipjax workdir (checkpoints/)")
+        with open(cfg_file) as f:
+            hf = json.load(f)
+        cfg = _resolve_config(config) if config is not None else config_from_hf(hf, str(cfg_file))
+        state = read_state_dict(weights)
+        return Pretrained(cfg, variables_from_state(state, cfg, str(weights)), str(p))
+    state = read_state_dict(p)
+    if config is None:
+        if p.suffix == ".safetensors":
+            raise ValueError(f"{p}: an open_clip state dict needs config= (a model name such as 'ViT-B-32' or the "
+                             f"path of its model-config JSON)")
+        cfg = infer_config(state, str(p))
+    else:
+        cfg = _resolve_config(config)
+    return Pretrained(cfg, variables_from_state(state, cfg, str(p)), str(p))
