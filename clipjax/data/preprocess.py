@@ -1,0 +1,254 @@
+"""Image loading and CLIP preprocessing on the host (PIL + NumPy), channels last.
+
+`preprocess` is open_clip's eval transform (`image_transform(size, is_train=False)`): resize the shortest side to
+`image_size` with PIL bicubic (the long side is `int(size * long / short)`, truncated, as torchvision computes it),
+center crop with torchvision's offsets (`round((H - size) / 2)`, Python rounding), scale to [0, 1] and normalise.
+`train_transform` is open_clip's training transform: torchvision RandomResizedCrop's sampling (10 tries, then a
+center-crop fallback) driven by a NumPy Generator, bicubic resize, normalise.
+
+Every image is converted to RGB right after decoding, before any resize (as torchvision's ImageFolder loader and
+webdataset's "pilrgb" decoder do): transparency (RGBA, LA, PA, palette or RGB with a transparent colour) is
+composited over white, 16-bit and 32-bit grey is scaled to 8 bits, everything else goes through PIL's
+`convert("RGB")` (CMYK without colour management). EXIF orientation is not applied, as in open_clip.
+
+Shapes: H, W image height and width; S the output size; N images in a batch.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageSource = str | os.PathLike | bytes | Image.Image
+
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, bytes):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", None) or f"<PIL image {source.mode} {source.size}>"
+    return os.fspath(source)
+
+
+def _open(source: ImageSource) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, bytes):
+        return Image.open(io.BytesIO(source))
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image file not found: {path}")
+        return Image.open(path)
+    raise TypeError(f"expected an image path, bytes or PIL image, got {type(source).__name__}")
+
+
+def _wide_to_rgb(image: Image.Image) -> Image.Image:
+    """16/32-bit grey → 8-bit RGB. Values above 255 are taken as 16-bit and scaled by 255/65535."""
+    values = np.asarray(image, dtype=np.float64)  # [H, W]
+    if image.mode.startswith("I;16") or values.max(initial=0.0) > 255.0:
+        values = values * (255.0 / 65535.0)
+    grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)  # [H, W]
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any PIL mode to RGB (transparency composited over white)."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode in _WIDE_INT_MODES:
+        return _wide_to_rgb(image)
+    if image.mode == "La":  # premultiplied; PIL converts it to RGBA only through LA
+        image = image.convert("LA")
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: ImageSource, *, min_short_side: int | None = None) -> Image.Image:
+    """Decodes `source` (path, encoded bytes or PIL image) and returns an RGB PIL image.
+
+    `min_short_side`: for JPEG files and bytes only, lets libjpeg decode at 1/2, 1/4 or 1/8 scale (PIL `draft`) as
+    long as the short side stays >= this many pixels. Faster decoding, slightly different pixels; used by
+    `train_transform`, never by the eval `preprocess`.
+    """
+    name = _describe(source)
+    decode_errors = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+    try:
+        image = _open(source)
+    except FileNotFoundError:
+        raise
+    except decode_errors as e:
+        raise ValueError(f"cannot decode image {name}: {e}") from e
+    try:
+        if min_short_side and image is not source and image.format in ("JPEG", "MPO"):
+            image.draft(None, (min_short_side, min_short_side))  # keeps both sides >= min_short_side
+        image.load()
+        rgb = to_rgb(image)
+        if rgb is not image and image is not source:
+            image.close()  # multi-frame files keep their file open until closed
+        return rgb
+    except decode_errors as e:
+        if image is not source:
+            image.close()
+        raise ValueError(f"cannot decode image {name}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Eval transform
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def normalize(
+    array_uint8_hwc: np.ndarray, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD
+) -> np.ndarray:
+    """uint8 [..., H, W, 3] → float32 (x / 255 - mean) / std, computed in float32 like torchvision."""
+    if array_uint8_hwc.dtype != np.uint8 or array_uint8_hwc.shape[-1] != 3:
+        raise ValueError(f"normalize expects uint8 [..., H, W, 3], got {array_uint8_hwc.dtype} {array_uint8_hwc.shape}")
+    x = array_uint8_hwc.astype(np.float32) / np.float32(255.0)  # [..., H, W, 3]
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def resize_shortest(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so the shortest side is `size`; long side int(size * long / short) (torchvision Resize)."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    if (new_w, new_h) == (w, h):
+        return image
+    return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Square center crop with torchvision's offsets; pads with black if the image is smaller (torchvision too)."""
+    w, h = image.size
+    if size > w or size > h:
+        pad_left, pad_top = max(size - w, 0) // 2, max(size - h, 0) // 2
+        canvas = Image.new(image.mode, (max(w, size), max(h, size)))
+        canvas.paste(image, (pad_left, pad_top))
+        image, (w, h) = canvas, canvas.size
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def preprocess(
+    image: ImageSource,
+    image_size: int = 224,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+) -> np.ndarray:
+    """open_clip's eval transform → float32 [S, S, 3]."""
+    rgb = load_image(image)
+    cropped = center_crop(resize_shortest(rgb, image_size), image_size)
+    return normalize(np.asarray(cropped, dtype=np.uint8), mean, std)  # [S, S, 3]
+
+
+def preprocess_batch(
+    images: Sequence[ImageSource],
+    image_size: int = 224,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+) -> np.ndarray:
+    """`preprocess` on each image → float32 [N, S, S, 3]."""
+    if len(images) == 0:
+        return np.zeros((0, image_size, image_size, 3), np.float32)
+    return np.stack([preprocess(im, image_size, mean, std) for im in images])  # [N, S, S, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training transform
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def sample_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params with a NumPy Generator → (top, left, height, width)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height  # fallback: central crop at the nearest allowed ratio
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(
+    image: Image.Image,
+    image_size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Image.Image:
+    """Random crop (area fraction in `scale`, aspect ratio in `ratio`) resized bicubic to [S, S]."""
+    box = sample_crop_box(image.width, image.height, rng, scale, ratio)
+    return resized_crop(image, box, image_size)
+
+
+def resized_crop(image: Image.Image, box: tuple[int, int, int, int], image_size: int) -> Image.Image:
+    """Crops `box` = (top, left, height, width) and resizes it bicubic to [S, S] (torchvision F.resized_crop)."""
+    top, left, h, w = box
+    crop = image.crop((left, top, left + w, top + h))
+    if crop.size == (image_size, image_size):
+        return crop
+    return crop.resize((image_size, image_size), Image.Resampling.BICUBIC)
+
+
+def draft_min_short_side(image_size: int, scale: tuple[float, float], ratio: tuple[float, float]) -> int:
+    """Short side an image needs so that every crop RandomResizedCrop can pick is >= image_size on both sides."""
+    r0, r1 = ratio
+    smallest = min(math.sqrt(scale[0] * min(r0, 1.0 / r1)), 1.0, r1, 1.0 / r0)  # min crop side / short side
+    return math.ceil(image_size / smallest) + 1
+
+
+def train_transform(
+    image: ImageSource,
+    image_size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+) -> np.ndarray:
+    """open_clip's training transform → float32 [S, S, 3]; deterministic given `rng`'s state.
+
+    JPEG paths/bytes are decoded at reduced scale when even the smallest possible crop keeps >= image_size pixels.
+    """
+    rgb = load_image(image, min_short_side=draft_min_short_side(image_size, scale, ratio))
+    crop = random_resized_crop(rgb, image_size, rng, scale, ratio)
+    return normalize(np.asarray(crop, dtype=np.uint8), mean, std)  # [S, S, 3]

@@ -1,0 +1,179 @@
+"""Mesh, THE logical-axis rule table, and logical → NamedSharding conversion.
+
+Models name parameter and activation axes logically (embed, mlp, heads, ...); this module alone knows mesh axes.
+One rule table serves every strategy; the mesh shape picks it (a mesh axis of size 1 shards nothing):
+
+    data parallel       mesh {"data": -1}                 params replicated, batch split
+    FSDP (ZeRO-3)       mesh {"fsdp": -1}                 params + optimizer state split on `embed`, batch split
+    FSDP + tensor       mesh {"fsdp": -1, "tensor": 2}    plus heads / MLP / vocab split over `tensor`
+    any mix             mesh {"data": 2, "fsdp": 4}
+
+A dimension that a mesh axis does not divide stays replicated (see `spec_for`), so odd sizes never fail to shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch (and the contrastive loss) is split over these
+
+# logical axis → mesh axis (or tuple of mesh axes, or None = replicated)
+RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    # parameters
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("joint", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("norm", None),
+    ("layers", None),
+)
+
+PRESETS: dict[str, dict[str, int]] = {
+    "dp": {"data": -1},
+    "fsdp": {"fsdp": -1},
+    "fsdp_tp": {"fsdp": -1, "tensor": 2},
+}
+
+
+def make_mesh(shape: Mapping[str, int] | str | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 3-axis (data, fsdp, tensor) mesh. `shape` maps axis → size, one size may be -1 (= the rest); or a preset."""
+    if shape is None:
+        shape = {"data": -1}
+    if isinstance(shape, str):
+        if shape not in PRESETS:
+            raise ValueError(f"unknown mesh preset {shape!r}; valid: {sorted(PRESETS)}")
+        shape = PRESETS[shape]
+    shape = dict(shape)
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh axes {sorted(unknown)} unknown; valid axes: {MESH_AXES}")
+    devices = list(devices) if devices is not None else jax.devices()
+    n = len(devices)
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {shape}: at most one axis may be -1")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if n % known:
+            raise ValueError(f"mesh {shape}: {n} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(f"mesh {shape} needs {math.prod(sizes)} devices, there are {n}")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _mesh_axes_of(name: str | None) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    for logical, mesh_axes in RULES:
+        if logical == name:
+            if mesh_axes is None:
+                return ()
+            return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    raise KeyError(f"logical axis {name!r} has no rule in clipjax.sharding.RULES")
+
+
+def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec for an array with logical axis `names`; mesh axes that do not divide a dim are dropped."""
+    used: set[str] = set()
+    parts = []
+    for name, dim in zip(names, shape):
+        axes = [a for a in _mesh_axes_of(name) if a not in used and mesh.shape[a] > 1]
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes.pop()
+        used.update(axes)
+        parts.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return P(*parts)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` (abstract or concrete)."""
+
+    def one(x):
+        if isinstance(x, nn.LogicallyPartitioned):
+            value = x.value
+            return NamedSharding(mesh, spec_for(x.names, value.shape, mesh))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) axis split over the batch axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_device_count(mesh: Mesh) -> int:
+    """How many ways the batch is split."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def flax_rules() -> tuple[tuple[str, Any], ...]:
+    """The rule table in the form `nn.logical_axis_rules` takes (for activation constraints)."""
+    return RULES
+
+
+def match_by_path(tree: Any, param_shardings: Any, param_shapes: Any, mesh: Mesh) -> Any:
+    """Shardings for an optimizer-state-like tree: a leaf whose dict-key path ends with a parameter's path and has its
+    shape gets that parameter's sharding; everything else (counts, scalars) is replicated."""
+    by_path: dict[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]] = {}
+    for (path, sh), (_, shape) in zip(jax.tree_util.tree_leaves_with_path(param_shardings),
+                                      jax.tree_util.tree_leaves_with_path(param_shapes)):
+        by_path[_dict_keys(path)] = (tuple(shape.shape), sh)
+
+    def one(path, leaf):
+        keys = _dict_keys(path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == tuple(np.shape(leaf)):
+                return hit[1]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+    return tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingReport:
+    total_bytes: int
+    sharded_bytes: int
+
+    @property
+    def fraction(self) -> float:
+        return self.sharded_bytes / max(self.total_bytes, 1)
+
+
+def sharded_fraction(arrays: Any) -> ShardingReport:
+    """How many parameter bytes are split across devices (MaxText's "sufficiently sharded" check)."""
+    total = sharded = 0
+    for x in jax.tree.leaves(arrays):
+        nbytes = x.size * x.dtype.itemsize
+        total += nbytes
+        if not x.sharding.is_fully_replicated:
+            sharded += nbytes
+    return ShardingReport(total, sharded)

@@ -1,0 +1,94 @@
+"""Shared config pieces: the common keys every recipe has, and `parse_arg` for `--config=file.py:a=1,b=x`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults):
+    """`"res=224,runlocal"` → ConfigDict with typed values (types from `defaults`; a bare name means True)."""
+    out = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return out
+    for part in arg.split(","):
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        if key not in defaults:
+            raise ValueError(f"config argument {key!r} unknown; valid: {sorted(defaults)}")
+        kind = type(defaults[key])
+        if kind is bool:
+            out[key] = value.lower() not in ("0", "false", "no") if value else True
+        else:
+            out[key] = kind(value)
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a recipe may set, with defaults; recipes override what differs."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 256  # global
+    c.lr = 5e-4
+    c.warmup_steps = 100
+    c.log_every = 10
+    c.ckpt_every = 500
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    c.eval_every = 500
+    c.loss = "clip"  # "clip" | "siglip" | "clip_tiled"
+    c.accum_steps = 1
+    c.frozen = ()  # parameter prefixes to lock, e.g. ("visual",) for LiT
+    c.init_from = ""  # weights to start from: anything clipjax.load accepts
+    c.init_config = ""  # its config when clipjax.load needs one
+    c.max_nonfinite_steps = 10
+    c.peak_flops_per_device = 0.0  # set to report MFU (e.g. 197e12 for a TPU v5e chip, bf16)
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "ViT-B-32"
+    c.model.dtype = "float32"  # computation dtype; "bfloat16" on accelerators
+    c.model.remat = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    c.model.scan_layers = False
+    c.model.quick_gelu = ml_collections.FieldReference(None, field_type=bool)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.weight_decay = 0.2
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.98  # ViT; ResNets use 0.999
+    c.optimizer.eps = 1e-6  # ViT; ResNets use 1e-8
+    c.optimizer.grad_clip_norm = 1.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "synthetic"  # "scenes" | "dir:/path" | a TFDS name | "synthetic"
+    c.data.mix = ml_collections.ConfigDict()  # {spec: weight}; when set, replaces `train`
+    c.data.tokenizer = "clip"  # "clip" | "sentencepiece:/path/to/model"
+    c.data.crop_scale = (0.9, 1.0)
+
+    c.evals = ml_collections.ConfigDict()
+    return c
+
+
+def pod_recipe(c: ml_collections.ConfigDict, *, model: str, lr: float, runlocal: bool) -> ml_collections.ConfigDict:
+    """The paper / open_clip recipe for a pod: global batch 32 768, AdamW wd 0.2, warm-up 10 000, cosine."""
+    c.model.name = model
+    c.lr = lr
+    c.batch_size = 32768
+    c.warmup_steps = 10000
+    c.total_steps = 32 * 400_000_000 // 32768  # 32 epochs of 400M pairs
+    c.model.dtype = "bfloat16"
+    c.model.remat = "dots_no_batch"
+    c.model.scan_layers = True
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.ckpt_every = 2000
+    c.log_every = 100
+    c.eval_every = 5000
+    c.data.train = "laion400m"
+    if runlocal:  # a CPU smoke run of the same recipe
+        c.batch_size, c.total_steps, c.warmup_steps = 8, 2, 1
+        c.model.dtype, c.model.remat, c.model.scan_layers = "float32", "none", False
+        c.ckpt_every, c.log_every = 2, 1
+        c.data.train = "synthetic"
+        c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    return c

@@ -1,0 +1,18 @@
+"""ViT-B-32 with the CLIP paper / open_clip recipe (global batch 32 768, lr 5e-4, wd 0.2, warm-up 10 000, cosine).
+
+Pod:        python -m clipjax.main --config=configs/vit_b32.py --workdir=gs://bucket/vit_b32
+CPU smoke:  python -m clipjax.main --config=configs/vit_b32.py:runlocal --workdir=/tmp/vit_b32
+  (or any override, e.g. --config.batch_size=8 --config.total_steps=2 --config.data.train=synthetic)
+Reference: OpenAI ViT-B-32 reaches the zero-shot ImageNet top-1 listed in clip-facts (paper, Table 11).
+"""
+
+import sys, os  # noqa: E401
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import base_config, parse_arg, pod_recipe  # noqa: E402
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, runlocal=False)
+    c = pod_recipe(base_config(), model="ViT-B-32", lr=5e-4, runlocal=a.runlocal)
+    return c
