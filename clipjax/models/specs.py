@@ -6,6 +6,7 @@ GELU and `NAME-quickgelu` uses QuickGELU — OpenAI's released weights need the 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import pathlib
@@ -80,6 +81,6 @@ def get_model_config(spec: str | os.PathLike | dict[str, Any] | CLIPConfig) -> C
         return CLIPConfig.from_open_clip(MODEL_CONFIGS[name])
     if os.path.isfile(spec):
         return CLIPConfig.from_open_clip(spec)
-    close = [m for m in list_models() if name.lower().replace("/", "-") in m.lower()][:5]
+    close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.6)
     raise ValueError(f"unknown model {spec!r}: not a registered name nor a JSON file"
                      + (f" (did you mean {close}?)" if close else "; see clipjax.list_models()"))
