@@ -1,0 +1,191 @@
+"""Training iterator and eval dataset on small real datasets: values, determinism, resume, sharding, mixes,
+bad records."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import Image
+
+from clipjax.data import pipeline, records, scenes, sources
+from clipjax.data import preprocess as pp
+from clipjax.data.tokenizer import get_tokenizer
+
+TOK = get_tokenizer()
+C = 16  # context length
+
+
+@pytest.fixture(scope="module")
+def ds_a(tmp_path_factory):
+    return scenes.build_scenes(tmp_path_factory.mktemp("a") / "ds", num_train=120, num_test=20, num_heldout=25,
+                               seed=0, workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ds_b(tmp_path_factory):
+    return scenes.build_scenes(tmp_path_factory.mktemp("b") / "ds", num_train=60, num_test=5, num_heldout=5,
+                               seed=1, workers=0, progress=False)
+
+
+def _train(spec, **kw):
+    args = dict(global_batch_size=16, image_size=64, context_length=C, tokenizer=TOK, seed=0, process_index=0,
+                process_count=1, num_threads=2)
+    return pipeline.make_train_iterator(spec, **{**args, **kw})
+
+
+def _take(it, n):
+    out = [next(it) for _ in range(n)]
+    it.close()
+    return out
+
+
+def _fingerprints(path, split="train"):
+    """Hash of each record's full-image normalised pixels → (key, tokenised captions)."""
+    src = sources.open_source(f"dir:{path}", split)
+    out = {}
+    for i in range(len(src)):
+        rec = src.record(i)
+        out[pp.preprocess(rec.image, 64).tobytes()] = (rec.key, TOK(rec.captions, C))
+    assert len(out) == len(src)
+    return out
+
+
+def _keys(batches, prints):
+    return [prints[row.tobytes()][0] for b in batches for row in b["image"]]
+
+
+def test_batches_are_records_with_one_of_their_captions(ds_a):
+    prints = _fingerprints(ds_a)
+    (batch,) = _take(_train(f"dir:{ds_a}", scale=(1.0, 1.0)), 1)  # scale 1: the crop is the whole image
+    assert batch["image"].shape == (16, 64, 64, 3) and batch["image"].dtype == np.float32
+    assert batch["text"].shape == (16, C) and batch["text"].dtype == np.int32
+    for image, text in zip(batch["image"], batch["text"]):
+        _, caption_tokens = prints[image.tobytes()]
+        assert any((text == row).all() for row in caption_tokens)
+
+
+def test_deterministic_and_seed_dependent(ds_a):
+    a = _take(_train(f"dir:{ds_a}"), 3)
+    b = _take(_train(f"dir:{ds_a}", num_threads=1), 3)
+    c = _take(_train(f"dir:{ds_a}", seed=1), 3)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["text"], y["text"])
+    assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_resume_mid_epoch_equals_uninterrupted(ds_a, ds_b, mix):
+    spec = {f"dir:{ds_a}": 0.7, f"dir:{ds_b}": 0.3} if mix else f"dir:{ds_a}"
+    full = _take(_train(spec), 12)  # 120 records / 16: crosses epoch boundaries
+    first = _train(spec)
+    _take(first, 5)
+    state = json.loads(json.dumps(first.get_state()))
+    resumed = _train(spec)
+    resumed.set_state(state)
+    rest = _take(resumed, 7)
+    for x, y in zip(full[5:], rest):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["text"], y["text"])
+    with pytest.raises(ValueError, match="seed"):
+        _train(spec, seed=3).set_state(state)
+
+
+def test_two_hosts_disjoint_shards_covering_each_epoch(ds_a):
+    prints = _fingerprints(ds_a)
+    per_host = []
+    for p in range(2):
+        it = _train(f"dir:{ds_a}", global_batch_size=40, process_index=p, process_count=2, scale=(1.0, 1.0))
+        per_host.append(_keys(_take(it, 6), prints))  # 2 epochs of 60 records per host
+    h0, h1 = per_host
+    for epoch in range(2):
+        e0, e1 = set(h0[60 * epoch:60 * (epoch + 1)]), set(h1[60 * epoch:60 * (epoch + 1)])
+        assert len(e0) == len(e1) == 60 and not e0 & e1 and len(e0 | e1) == 120
+    assert h0[:60] != h0[60:]  # reshuffled each epoch
+
+
+def test_mix_proportions(ds_a, ds_b):
+    prints_a, prints_b = _fingerprints(ds_a), _fingerprints(ds_b)
+    it = _train({f"dir:{ds_a}": 3.0, f"dir:{ds_b}": 1.0}, global_batch_size=32, scale=(1.0, 1.0))
+    batches = _take(it, 25)
+    rows = [row.tobytes() for b in batches for row in b["image"]]
+    from_a = sum(r in prints_a for r in rows)
+    assert from_a + sum(r in prints_b for r in rows) == len(rows) == 800
+    assert abs(from_a / 800 - 0.75) < 0.06  # 3.5 sigma
+    assert it.get_state()["counts"] == [from_a, 800 - from_a]
+
+
+def _write_dataset(path, examples, garbage_at=()):
+    feats = records.image_text_features(["zero", "one"])
+    path.mkdir(parents=True)
+    name = records.shard_filename("bad", "train", 0, 1)
+    writer = ArrayRecordWriter(str(path / name), "group_size:1")
+    for i, ex in enumerate(examples):
+        writer.write(b"\x00not a tf.Example\xff" * 3 if i in garbage_at else feats.serialize_example(ex))
+    writer.close()
+    records.write_metadata(path, "bad", feats, {"train": [len(examples)]})
+    return path
+
+
+def _png(value, size=20):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+    good = [{"image": _png(10 * i), "captions": [f"image {i}"], "key": f"g{i}", "label": i % 2} for i in range(10)]
+    bad = [
+        {"image": _png(200)[:40], "captions": ["truncated png"], "key": "b0", "label": 0},
+        {"image": b"", "captions": ["zero bytes"], "key": "b1", "label": 0},
+        {"image": _png(220), "captions": ["", "  "], "key": "b2", "label": 1},
+        {"image": b"plain text", "captions": ["not an image"], "key": "b3", "label": 1},
+        {"image": _png(1), "captions": ["garbage record"], "key": "b4", "label": 1},
+    ]
+    path = _write_dataset(tmp_path / "bad", good + bad, garbage_at={14})
+    it = _train(f"dir:{path}", global_batch_size=5)
+    batches = _take(it, 4)  # 20 good samples: two epochs of 15 slots, 10 good each
+    state = it.get_state()
+    assert all(b["image"].shape == (5, 64, 64, 3) for b in batches)
+    assert state["sample"] == 20 + state["skipped"] and it.skipped == state["skipped"]
+    assert 5 <= state["skipped"] <= 10
+    ev = pipeline.make_eval_dataset(f"dir:{path}", "train", image_size=32, batch_size=4)
+    out = list(ev)
+    assert ev.skipped == 4  # empty captions are fine for eval; undecodable images and records are not
+    assert sum(int(b["mask"].sum()) for b in out) == 11
+
+
+def test_eval_batches_padded_with_split_labels(ds_a):
+    spec = f"dir:{ds_a}"
+    ev = pipeline.make_eval_dataset(spec, "heldout", image_size=48, batch_size=10)
+    batches = list(ev)
+    assert len(batches) == len(ev) == 3 and [int(b["mask"].sum()) for b in batches] == [10, 10, 5]
+    last = batches[-1]
+    assert (last["label"][5:] == -1).all() and not last["image"][5:].any() and last["captions"][5:] == [[]] * 5
+    names = pipeline.get_classnames(spec, "heldout")
+    assert ev.classnames == names
+    src = sources.open_source(spec, "heldout")
+    for i in range(25):
+        b, r = batches[i // 10], i % 10
+        rec = src.record(i)
+        assert names[b["label"][r]] == scenes.CLASSNAMES[rec.label] and b["captions"][r] == rec.captions
+        np.testing.assert_array_equal(b["image"][r], pp.preprocess(rec.image, 48))
+    glob = pipeline.make_eval_dataset(spec, "heldout", image_size=48, batch_size=10, label_space="all")
+    assert [scenes.CLASSNAMES[x] for x in next(iter(glob))["label"]] == [names[x] for x in batches[0]["label"]]
+
+
+def test_spec_errors_name_the_spec(tmp_path):
+    with pytest.raises(sources.DatasetError, match="no_such_dataset_xyz"):
+        pipeline.make_eval_dataset("no_such_dataset_xyz", "test", image_size=32, batch_size=2)
+    with pytest.raises(sources.DatasetError, match="does not exist"):
+        _train(f"dir:{tmp_path / 'missing'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(sources.DatasetError, match="no dataset_info.json"):
+        _train(f"dir:{tmp_path / 'empty'}")
+    path = _write_dataset(tmp_path / "zero", [])
+    with pytest.raises(sources.DatasetError, match="empty"):
+        _train(f"dir:{path}")
+    with pytest.raises(sources.DatasetError, match="weights"):
+        _train({f"dir:{path}": 0.0})
