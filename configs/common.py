@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = "clip"  # "clip" | "siglip" | "clip_tiled"
     c.accum_steps = 1
     c.frozen = ()  # parameter prefixes to lock, e.g. ("visual",) for LiT
+    c.reinit = ()  # prefixes that keep their fresh init over init_from (LiT: ("text",))
     c.init_from = ""  # weights to start from: anything clipjax.load accepts
     c.init_config = ""  # its config when clipjax.load needs one
     c.max_nonfinite_steps = 10

@@ -130,3 +130,10 @@ def test_scanned_layers_give_the_same_outputs(fixtures_dir):
     cfg = clipjax.models.get_model_config(str(d / "open_clip_config.json")).replace(scan_layers=True)
     model = clipjax.load(d / "model.safetensors", cfg)
     _check(model, _io(fixtures_dir, "openclip_vit"))
+
+
+def test_open_clip_directory_layout(fixtures_dir):
+    """A folder with model.safetensors + open_clip_config.json (export / fine-tune output) loads without config."""
+    model = clipjax.load(fixtures_dir / "openclip_rn")
+    assert model.config.vision.is_resnet
+    _check(model, _io(fixtures_dir, "openclip_rn"), tol=2e-5)

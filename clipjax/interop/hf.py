@@ -48,12 +48,13 @@ def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
     eos = 2 if t.eot_token_id is None else t.eot_token_id
     return {
         "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
-        "logit_scale_init_value": cfg.init_logit_scale, "initializer_factor": 1.0, "torch_dtype": "float32",
+        "logit_scale_init_value": cfg.init_logit_scale, "initializer_factor": 1.0, "dtype": "float32",
         "text_config": {"model_type": "clip_text_model", "vocab_size": t.vocab_size, "hidden_size": t.width,
                         "intermediate_size": int(t.width * t.mlp_ratio), "num_hidden_layers": t.layers,
                         "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
                         "hidden_act": act, "layer_norm_eps": 1e-5, "projection_dim": cfg.embed_dim,
-                        "bos_token_id": 49406, "eos_token_id": eos, "pad_token_id": 1},
+                        **({"bos_token_id": 49406} if t.vocab_size == 49408 else {}),
+                        "eos_token_id": eos, "pad_token_id": 1},
         "vision_config": {"model_type": "clip_vision_model", "hidden_size": v.width,
                           "intermediate_size": int(v.width * v.mlp_ratio), "num_hidden_layers": v.layers,
                           "num_attention_heads": v.heads, "image_size": v.image_size, "patch_size": v.patch_size,

@@ -3,7 +3,9 @@
 Formats, recognised from the path:
 - a Hugging Face `CLIPModel` directory (config.json + model.safetensors): config read from it;
 - a clipjax training workdir (config.json + checkpoints/): the latest checkpoint;
-- an open_clip state dict (.safetensors/.bin/.pt/.pth) with `config` = an open_clip model name or JSON path/dict;
+- an open_clip state dict (.safetensors/.bin/.pt/.pth) with `config` = an open_clip model name or JSON path/dict,
+  or a directory holding `model.safetensors` + `open_clip_config.json` (what `clipjax.export --format open_clip`
+  and `clipjax.finetune` write);
 - an OpenAI checkpoint .pt (TorchScript archive or state dict): config inferred from the tensors (QuickGELU).
 `.pt`/`.bin` files are read without torch and without executing pickled code.
 """
@@ -155,6 +157,11 @@ def load(path: str | os.PathLike, config: str | os.PathLike | dict | CLIPConfig 
             from clipjax.checkpoint import load_workdir  # training workdir
 
             return load_workdir(p)
+        if (p / "open_clip_config.json").is_file() and (p / "model.safetensors").is_file():
+            # open_clip layout: weights + model-config JSON side by side (also what clipjax.finetune writes)
+            cfg = _resolve_config(config if config is not None else p / "open_clip_config.json")
+            state = read_state_dict(p / "model.safetensors")
+            return Pretrained(cfg, variables_from_state(state, cfg, str(p)), str(p))
         cfg_file = p / "config.json"
         weights = p / "model.safetensors"
         if not cfg_file.is_file() or not weights.is_file():
