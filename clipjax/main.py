@@ -4,6 +4,10 @@ Trains with the given ml-collections config, writes `DIR/metrics.jsonl`, TensorB
 checkpoints into `DIR/checkpoints`, and resumes from there by itself. Multi-process runs (one process per host)
 call `jax.distributed.initialize()` — automatically on TPU pods / SLURM, or via --coordinator/--num_processes/
 --process_id for a manual launch.
+
+Errors in the input (config, data, weights, checkpoint directory) and a run stopped by non-finite updates print one
+line `error: ...` and exit with status 2; anything else is a bug and shows its traceback (as do input errors with
+CLIPJAX_DEBUG=1). SIGTERM/SIGINT checkpoint the current step and exit 0.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import difflib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -24,6 +29,51 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes of a m
 _PID = flags.DEFINE_integer("process_id", None, "This process's index in a manual multi-process launch.")
 _LOCAL_DEVICES = flags.DEFINE_integer("local_device_count", None,
                                       "Simulate this many CPU devices in this process (testing scaling on a CPU).")
+
+
+USER_ERROR_STATUS = 2
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR_STATUS)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that describe bad input or a refused run, not a bug (imported late: they pull in JAX)."""
+    from clipjax.checkpoint import CheckpointError
+    from clipjax.data.sources import DatasetError
+    from clipjax.interop.torch_pickle import UnsafeCheckpointError
+    from clipjax.train import ConfigError, NonFiniteError
+
+    return ConfigError, CheckpointError, DatasetError, UnsafeCheckpointError, NonFiniteError
+
+
+class _NoStorageTracebacks(logging.Filter):
+    """Orbax's writer threads log a full traceback for a failed write (disk full, read-only), and asyncio reports its
+    abandoned write tasks at exit; clipjax reports the failure itself in one line, so keep only orbax's message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio":
+            return "orbax" not in record.getMessage()
+        if record.exc_info and "orbax" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_storage_tracebacks() -> None:
+    """After a failed checkpoint read or write, orbax's threads log tracebacks and its abandoned coroutines report
+    themselves; the failure itself is reported by clipjax (one line), so these are reduced to orbax's message."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_NoStorageTracebacks())
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is None or "orbax" not in code.co_filename:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _config_keys(cfg, prefix=""):
@@ -45,11 +95,14 @@ def _check_overrides(argv_all: list[str]) -> None:
         return
     file, _, arg = path.partition(":")
     if not os.path.isfile(file):
-        raise SystemExit(f"error: config file {file!r} not found")
+        _fail(f"config file {file!r} not found")
     spec = importlib.util.spec_from_file_location("_clipjax_config", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = module.get_config(arg) if arg else module.get_config()
+    try:
+        cfg = module.get_config(arg) if arg else module.get_config()
+    except ValueError as e:  # e.g. an unknown `file.py:arg`
+        _fail(f"{file}: {e}")
     keys = set(_config_keys(cfg))
     for a in argv_all:
         if a.startswith("--config.") and "=" in a:
@@ -57,7 +110,7 @@ def _check_overrides(argv_all: list[str]) -> None:
             if key not in keys:
                 close = difflib.get_close_matches(key, sorted(keys), n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise SystemExit(f"error: unknown config key {key!r} in {file}{hint}")
+                _fail(f"unknown config key {key!r} in {file}{hint}")
 
 
 def main(argv: list[str]) -> None:
@@ -78,7 +131,14 @@ def main(argv: list[str]) -> None:
 
     apply_cpu_defaults()
     logging.getLogger("absl").setLevel(logging.WARNING)
-    train(_CONFIG.value, _WORKDIR.value)
+    if not os.environ.get("CLIPJAX_DEBUG"):
+        _quiet_storage_tracebacks()
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except _user_errors() as e:
+        if os.environ.get("CLIPJAX_DEBUG"):
+            raise
+        _fail(str(e))
 
 
 def run() -> None:

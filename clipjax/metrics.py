@@ -88,42 +88,52 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-# ---- analytic FLOPs (matmuls and convolutions; 2 FLOPs per multiply-add; training = 3 × forward) ---------------
+# ---- analytic FLOPs (matmuls and convolutions; 2 FLOPs per multiply-add) ------------------------------------------
+# Checked against the dot_general/convolution FLOPs of the traced train step (experiments/bench_train.py records
+# both): equal to < 0.01 %. Causal attention is counted in full: both clipjax and open_clip compute all L×L scores
+# and mask them. XLA's `cost_analysis` counts ~2-3 % more (it adds element-wise ops).
 
-def _transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float, causal: bool) -> float:
+def _transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> float:
     d, l = width, tokens
     per_layer = 2 * l * d * 3 * d + 2 * l * d * d + 2 * 2 * l * d * int(d * mlp_ratio)  # qkv, out, mlp
     attn = 2 * 2 * l * l * d  # scores + weighted sum
-    if causal:
-        attn /= 2
     return layers * (per_layer + attn)
+
+
+def _conv(out_side: int, cin: int, cout: int, k: int) -> float:
+    return 2.0 * out_side * out_side * cin * cout * k * k
 
 
 def _resnet_flops(cfg: CLIPConfig) -> float:
     v = cfg.vision
     s, w = v.image_size, v.width
     total = 0.0
-
-    def conv(out_side: int, cin: int, cout: int, k: int) -> float:
-        return 2.0 * out_side * out_side * cin * cout * k * k
-
     side = s // 2
-    total += conv(side, 3, w // 2, 3) + conv(side, w // 2, w // 2, 3) + conv(side, w // 2, w, 3)
+    total += _conv(side, 3, w // 2, 3) + _conv(side, w // 2, w // 2, 3) + _conv(side, w // 2, w, 3)
     side //= 2
     inplanes = w
     for stage, depth in enumerate(v.layers):
         planes = w * 2 ** stage
         for i in range(depth):
             stride = 2 if (stage > 0 and i == 0) else 1
-            total += conv(side, inplanes, planes, 1) + conv(side, planes, planes, 3)
+            total += _conv(side, inplanes, planes, 1) + _conv(side, planes, planes, 3)
             side_out = side // stride
-            total += conv(side_out, planes, planes * 4, 1)
+            total += _conv(side_out, planes, planes * 4, 1)
             if stride > 1 or inplanes != planes * 4:
-                total += conv(side_out, inplanes, planes * 4, 1)
+                total += _conv(side_out, inplanes, planes * 4, 1)
             side, inplanes = side_out, planes * 4
     c, n = inplanes, side * side + 1
     total += 2 * c * c + 2 * 2 * n * c * c + 2 * 2 * n * c + 2 * c * cfg.embed_dim  # q, k/v, attention, c_proj
     return total
+
+
+def _input_layer_flops(cfg: CLIPConfig) -> float:
+    """Forward FLOPs of the layer that reads the pixels (patch conv / first stem conv) for one image."""
+    v = cfg.vision
+    if v.is_resnet:
+        return _conv(v.image_size // 2, 3, v.width // 2, 3)
+    n = (v.image_size // v.patch_size) ** 2
+    return 2.0 * n * 3 * v.patch_size ** 2 * v.width
 
 
 def forward_flops_per_sample(cfg: CLIPConfig, text_tokens: int | None = None) -> float:
@@ -133,15 +143,16 @@ def forward_flops_per_sample(cfg: CLIPConfig, text_tokens: int | None = None) ->
         image = _resnet_flops(cfg)
     else:
         n = (v.image_size // v.patch_size) ** 2
-        image = 2 * n * 3 * v.patch_size ** 2 * v.width  # patch conv
-        image += _transformer_flops(n + 1, v.width, v.layers, v.mlp_ratio, causal=False)
+        image = _input_layer_flops(cfg)  # patch conv
+        image += _transformer_flops(n + 1, v.width, v.layers, v.mlp_ratio)
         image += 2 * v.width * cfg.embed_dim
     length = text_tokens or t.context_length
-    text = _transformer_flops(length, t.width, t.layers, t.mlp_ratio, causal=True) + 2 * t.width * cfg.embed_dim
+    text = _transformer_flops(length, t.width, t.layers, t.mlp_ratio) + 2 * t.width * cfg.embed_dim
     return float(image + text)
 
 
 def train_flops_per_step(cfg: CLIPConfig, global_batch: int) -> float:
-    """Training FLOPs per step: 3 × forward for both towers, plus the B×B similarity matmuls of the loss."""
-    loss = 3 * 2 * 2 * global_batch * global_batch * cfg.embed_dim
-    return 3 * forward_flops_per_sample(cfg) * global_batch + loss
+    """Training FLOPs per step: forward + backward (2 × forward: gradients w.r.t. inputs and weights) for both
+    towers, less the pixel gradient nobody needs, plus the N×N similarity matmul of the loss and its two gradients."""
+    loss = 3 * 2 * global_batch * global_batch * cfg.embed_dim
+    return (3 * forward_flops_per_sample(cfg) - _input_layer_flops(cfg)) * global_batch + loss

@@ -8,13 +8,13 @@ Letters: N global batch, B per-device batch, A accumulation steps, E embed dim.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
 import math
 import pathlib
 import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -28,7 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipjax import sharding as shd
-from clipjax.checkpoint import Checkpointer
+from clipjax.checkpoint import CheckpointError, Checkpointer, check_writable
 from clipjax.losses import get_loss
 from clipjax.metrics import MetricWriter, Progress, train_flops_per_step
 from clipjax.models.clip import CLIP
@@ -37,6 +37,24 @@ from clipjax.models.specs import get_model_config
 from clipjax.optim import FROZEN, clamp_logit_scale, make_optimizer, make_schedule, param_labels
 
 log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A training config that cannot run as given (unknown names, shapes that do not fit, wrong weights)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped after `config.max_nonfinite_steps` consecutive skipped (non-finite) updates."""
+
+
+def _from_config(what: str, fn: Callable, *args, **kwargs):
+    """`fn(*args, **kwargs)`, reporting a ValueError as a ConfigError about `what` (a config key)."""
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from e
 
 
 # =============================================================================================== model & optimizer
@@ -62,6 +80,41 @@ def make_tx(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTra
                           grad_clip_norm=o.get("grad_clip_norm"), frozen=tuple(config.get("frozen", ())))
 
 
+def _flat_dict(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def load_init_variables(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> dict:
+    """The weights named by `config.init_from`, checked tensor by tensor and field by field against `cfg`; raises
+    ConfigError naming the first mismatch. Their own config is read from the source when it has one (HF directory,
+    OpenAI .pt, workdir), else `config.init_config`, else (a bare .safetensors state dict) the training model's."""
+    from clipjax.interop.load import check_shapes, load
+
+    source = config.init_from
+    plain = cfg.replace(scan_layers=False, remat="none")
+    bare = str(source).endswith(".safetensors")
+    try:
+        pretrained = load(source, config.get("init_config") or (plain if bare else None))
+        check_shapes(pretrained.variables, plain, f"{source} (for config.model {config.model.name!r})")
+    except (OSError, ValueError, CheckpointError) as e:  # missing file, refused pickle, wrong tensors, no checkpoint
+        raise ConfigError(f"config.init_from: {e}") from e
+    theirs = _flat_dict(pretrained.config.replace(dtype=cfg.dtype, init_logit_scale=cfg.init_logit_scale).to_dict())
+    ours = _flat_dict(plain.to_dict())
+    diff = [f"{k}: {theirs.get(k)!r} in the weights, {ours[k]!r} in config.model" for k in sorted(ours)
+            if theirs.get(k) != ours[k]]
+    if diff:
+        raise ConfigError(f"config.init_from={source}: architecture differs from config.model: {'; '.join(diff)}")
+    variables = pretrained.variables
+    if cfg.scan_layers:
+        from clipjax.models.layers import stack_layers
+
+        variables = stack_layers(variables)
+    return variables
+
+
 # ============================================================================================ train state
 
 @flax.struct.dataclass
@@ -81,11 +134,12 @@ def _dummy_inputs(cfg: CLIPConfig) -> tuple[jax.Array, jax.Array]:
 
 
 def make_train_state(model: CLIP, tx_fn: Callable[[Any], optax.GradientTransformation], seed: int, mesh: Mesh,
-                     init_variables: dict | None = None):
+                     init_variables: dict | None = None, reinit: tuple[str, ...] = ()):
     """Create the train state directly with its final shardings (nothing is materialised unsharded).
 
     Returns (state, state_shardings, tx). Shapes come from `jax.eval_shape`; parameters are sharded by their
-    logical axis names through `clipjax.sharding`; optimizer moments follow their parameters.
+    logical axis names through `clipjax.sharding`; optimizer moments follow their parameters. Variables under a
+    `reinit` prefix ("text", "visual/ln_post") keep their fresh initialisation instead of `init_variables`.
     """
     images, tokens = _dummy_inputs(model.config)
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, tokens)
@@ -97,7 +151,14 @@ def make_train_state(model: CLIP, tx_fn: Callable[[Any], optax.GradientTransform
         rng, init_rng = jax.random.split(rng)
         variables = nn.meta.unbox(model.init(init_rng, images, tokens))
         if init_variables is not None:  # start from given weights (fine-tuning); shapes were checked on load
-            variables = {**variables, **init_variables}
+            fresh, variables = variables, {**variables, **init_variables}
+            unmatched = [p for p in reinit if FROZEN not in jax.tree.leaves(param_labels(fresh["params"], (p,)))]
+            if unmatched:
+                raise ConfigError(f"reinit prefixes {unmatched} match no parameter (top: {sorted(fresh['params'])})")
+            for col in variables if reinit else ():  # e.g. LiT: a pretrained image tower, a text tower from scratch
+                labels = param_labels(variables[col], reinit)
+                variables[col] = jax.tree.map(lambda g, f, lab: f if lab == FROZEN else g, variables[col], fresh[col],
+                                              labels)
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           batch_stats=variables.get("batch_stats", {}), rng=rng,
@@ -239,11 +300,26 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: CLIP, t
     return new_state, metrics
 
 
-def jit_train_step(model, tx, config, mesh: Mesh, state_shardings):
+def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags: bool = False):
+    """`train_step` jitted with its shardings and the state donated.
+
+    `stop_flags`: the batch also carries "stop": int32 [N], each process's rows set to 1 when it was asked to stop;
+    metrics["stop_requested"] is their maximum, the same on every process, so all processes agree on when to stop.
+    """
     step = functools.partial(train_step, model=model, tx=tx, loss_fn=get_loss(config.get("loss", "clip")),
                              mesh=mesh, accum_steps=int(config.get("accum_steps", 1)),
                              frozen=tuple(config.get("frozen", ())))
     batch_shardings = {"image": shd.batch_sharding(mesh, 4), "text": shd.batch_sharding(mesh, 2)}
+    if stop_flags:
+        batch_shardings["stop"] = shd.batch_sharding(mesh, 1)
+        inner = step
+
+        def step(state, batch):
+            batch = dict(batch)
+            stop = jnp.max(batch.pop("stop"))  # [N] → scalar: did any process ask to stop?
+            state, metrics = inner(state, batch)
+            return state, {**metrics, "stop_requested": stop}
+
     return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
@@ -260,7 +336,8 @@ def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int):
     if spec == "synthetic":
         from clipjax.data.synthetic import SyntheticIterator
 
-        return SyntheticIterator(vocab_size=cfg.text.vocab_size, **kw)
+        return SyntheticIterator(vocab_size=cfg.text.vocab_size, nan_steps=tuple(d.get("synthetic_nan_steps", ())),
+                                 seconds_per_batch=float(d.get("synthetic_seconds_per_batch", 0.0)), **kw)
     from clipjax.data.pipeline import make_train_iterator
     from clipjax.data.tokenizer import get_tokenizer
 
@@ -271,128 +348,227 @@ def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int):
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Per-host slices → global arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(shd.batch_sharding(mesh, v.ndim), v)
-            for k, v in batch.items() if k in ("image", "text")}
+            for k, v in batch.items() if k in ("image", "text", "stop")}
 
 
 # ============================================================================================ train loop
 
-@dataclasses.dataclass
 class _Preemption:
-    requested: bool = False
+    """SIGTERM / SIGINT → finish the step in flight, checkpoint and stop (exit status 0).
+
+    The handler only sets a flag. Every batch carries the flag of the process that built it and the step reduces
+    them (`jit_train_step(stop_flags=True)`), so all processes learn of a signal that reached any one of them at the
+    same step and checkpoint that step together. This replaces JAX's own SIGTERM preemption notifier. A second SIGINT
+    raises KeyboardInterrupt at once (the last complete checkpoint is kept).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        def handler(signum, frame):  # noqa: ARG001
-            log.warning("signal %d received: checkpointing and stopping after this step", signum)
-            self.requested = True
-
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("train() runs outside the main thread: SIGTERM/SIGINT will not checkpoint before stopping")
+            return
         for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("%s received: checkpointing and stopping after the step in flight", signal.Signals(signum).name)
+        self.requested = True
+
+    def flags(self, rows: int) -> np.ndarray:
+        """This process's stop flag for each of its `rows` batch rows: int32 [b]."""
+        return np.full((rows,), int(self.requested), np.int32)
+
+
+class _StepCounters:
+    """Reads the counters of a finished step (one tiny device→host copy): skipped non-finite updates, which stop the
+    run after `max_streak` in a row, and stop requests."""
+
+    def __init__(self, max_streak: int, ckpt: Checkpointer):
+        self.max_streak, self.ckpt, self.total = max_streak, ckpt, 0
+        self.error: NonFiniteError | None = None
+
+    def check(self, step: int, metrics: dict[str, jax.Array]) -> bool:
+        """Returns whether any process asked to stop; records a NonFiniteError after too many skipped updates."""
+        streak, total, stop = (int(x) for x in jax.device_get(
+            (metrics["nonfinite_streak"], metrics["nonfinite_total"], metrics["stop_requested"])))
+        if total > self.total:
+            log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row, %d in all)", step,
+                        streak, total)
+        self.total = total
+        if streak >= self.max_streak and self.error is None:
+            self.error = NonFiniteError(
+                f"step {step}: {streak} non-finite updates in a row (config.max_nonfinite_steps={self.max_streak}); "
+                f"stopped. Parameters were not updated by those steps; checkpoints (newest: step "
+                f"{self.ckpt.latest_step()}) hold finite values")
+        return bool(stop)
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _sum_over_processes(value: int) -> int:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.int32(value))))
+
+
+def _write_metrics(writer: MetricWriter, step: int, values: dict[str, float]) -> None:
+    try:
+        writer.write(step, values)
+    except OSError as e:  # metrics are a log, not state: a full disk must not end the run (checkpoints decide that)
+        log.warning("could not append step %d to %s: %s", step, writer.path, e.strerror or e)
+
+
+def _close(ckpt: Checkpointer | None, writer: MetricWriter | None, failing: bool) -> None:
+    """Wait for pending checkpoint writes and close; while another error propagates, only log close failures."""
+    for obj in (ckpt, writer):
+        if obj is None:
+            continue
+        try:
+            obj.close()
+        except Exception as e:  # noqa: BLE001
+            if not failing:
+                raise
+            log.error("while stopping: %s", e)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train (resuming from `workdir` if it holds checkpoints). Returns the last logged metrics."""
-    workdir_p = pathlib.Path(workdir)
-    workdir_p.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-    cfg = model_config(config)
-    if is_main:
-        with open(workdir_p / "config.json", "w") as f:
-            json.dump({"config": json.loads(config.to_json_best_effort()), "model_config": cfg.to_dict()}, f,
-                      indent=2)
+    """Train (resuming from `workdir` if it holds checkpoints). Returns the last logged metrics.
 
-    mesh = shd.make_mesh(dict(config.mesh) if isinstance(config.mesh, ml_collections.ConfigDict) else config.mesh)
+    SIGTERM/SIGINT end the run after the current step with a checkpoint of it; see docs/reliability.md.
+    """
+    preempt = _Preemption()
+    preempt.install()  # first, so that a signal during set-up or compilation still ends in a checkpoint
+    try:
+        return _train(config, pathlib.Path(workdir), preempt)
+    finally:
+        preempt.uninstall()
+
+
+def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: _Preemption) -> dict[str, float]:
+    is_main = jax.process_index() == 0
+    cfg = _from_config("config.model", model_config, config)
+    try:
+        workdir_p.mkdir(parents=True, exist_ok=True)
+        if is_main:
+            with open(workdir_p / "config.json", "w") as f:
+                json.dump({"config": json.loads(config.to_json_best_effort()), "model_config": cfg.to_dict()}, f,
+                          indent=2)
+    except OSError as e:
+        raise CheckpointError(f"workdir {workdir_p} is not writable: {e.strerror or e}") from None
+    check_writable(workdir_p / "checkpoints")  # fail now rather than at the first save
+
+    mesh = _from_config("config.mesh", shd.make_mesh,
+                        dict(config.mesh) if isinstance(config.mesh, ml_collections.ConfigDict) else config.mesh)
     n_batch_devices = shd.batch_device_count(mesh)
     accum = int(config.get("accum_steps", 1))
     if config.batch_size % (n_batch_devices * accum):
-        raise ValueError(f"batch_size={config.batch_size} must be divisible by the batch devices × accum_steps "
-                         f"({n_batch_devices} × {accum})")
+        raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the batch devices × "
+                          f"accum_steps ({n_batch_devices} × {accum})")
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    _from_config("config.loss", get_loss, config.get("loss", "clip"))  # bad names fail before anything compiles
+    data = _from_config("config.data", make_data, config, cfg, config.seed)
 
     model = CLIP(cfg)
-    init_variables = None
-    if config.get("init_from"):
-        from clipjax.interop.load import load
-
-        pretrained = load(config.init_from, config.get("init_config") or None)
-        if pretrained.config.replace(dtype=cfg.dtype, remat=cfg.remat, scan_layers=cfg.scan_layers) != cfg:
-            raise ValueError(f"init_from={config.init_from}: its architecture {pretrained.config} differs from "
-                             f"config.model ({cfg})")
-        init_variables = pretrained.variables
-        if cfg.scan_layers:
-            from clipjax.models.layers import stack_layers
-
-            init_variables = stack_layers(init_variables)
+    init_variables = load_init_variables(config, cfg) if config.get("init_from") else None
     state, state_shardings, tx = make_train_state(model, lambda p: make_tx(config, p), config.seed, mesh,
-                                                  init_variables)
+                                                  init_variables, tuple(config.get("reinit", ())))
     report = shd.sharded_fraction(state.params)
     log.info("parameters: %.1fM (%.0f%% of bytes sharded)", report.total_bytes / 4e6, 100 * report.fraction)
-    step_fn = jit_train_step(model, tx, config, mesh, state_shardings)
+    step_fn = jit_train_step(model, tx, config, mesh, state_shardings, stop_flags=True)
     schedule = make_schedule(config.lr, config.warmup_steps, config.total_steps)
-
-    data = make_data(config, cfg, config.seed)
 
     # Resume order: 1. this workdir's newest readable checkpoint; 2. `init_from` weights; 3. from scratch.
     ckpt = Checkpointer(workdir_p / "checkpoints", keep=config.get("keep_checkpoints", 3),
                         async_save=config.get("async_checkpoints", True))
-    restored = ckpt.restore(abstract_with_shardings(state_shardings, state))
-    if restored is not None:
-        start, state, data_state = restored
-        if data_state and hasattr(data, "set_state"):
-            data.set_state(data_state)
-        log.info("resumed from step %d in %s", start, ckpt.directory)
-    start = int(jax.device_get(state.step))
+    writer = None
+    try:
+        restored = ckpt.restore(abstract_with_shardings(state_shardings, state))
+        if restored is not None:
+            start, state, data_state = restored
+            if data_state and hasattr(data, "set_state"):
+                _from_config(f"config.data (the input position saved at step {start})", data.set_state, data_state)
+            log.info("resumed from step %d in %s (fingerprints verified)", start, ckpt.directory)
+        writer = MetricWriter(workdir_p, enabled=is_main)
+        last = _loop(config, cfg, mesh, state, step_fn, schedule, data, ckpt, writer, preempt)
+    except BaseException:
+        _close(ckpt, writer, failing=True)
+        raise
+    _close(ckpt, writer, failing=False)
+    return last
 
+
+def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, step_fn, schedule, data, ckpt: Checkpointer,
+          writer: MetricWriter, preempt: _Preemption) -> dict[str, float]:
+    """Steps from the state's step to `config.total_steps`; logs, evaluates and checkpoints on schedule."""
+    start = int(jax.device_get(state.step))
+    is_main = jax.process_index() == 0
     evaluators = _make_evaluators(config, cfg)
-    writer = MetricWriter(workdir_p, enabled=is_main)
     flops = train_flops_per_step(cfg, config.batch_size)
     peak = float(config.get("peak_flops_per_device") or 0.0) * mesh.size
     progress = Progress(config.total_steps, start)
-    preempt = _Preemption()
-    preempt.install()
-    max_streak = int(config.get("max_nonfinite_steps", 10))
+    counters = _StepCounters(int(config.get("max_nonfinite_steps", 10)), ckpt)
+    single = jax.process_count() == 1
     last: dict[str, float] = {}
     t_last, steps_since = time.perf_counter(), 0
-    step = start
-    try:
-        while step < config.total_steps:
-            batch = to_global(next(data), mesh)
-            with jax.transfer_guard("disallow"):
-                state, metrics = step_fn(state, batch)
-            step += 1
-            steps_since += 1
-            if step % config.log_every == 0 or step == config.total_steps or step == start + 1:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = (time.perf_counter() - t_last) / steps_since
-                t_last, steps_since = time.perf_counter(), 0
-                m.update(lr=float(schedule(step - 1)), step_time=dt, samples_per_sec=config.batch_size / dt,
-                         tflops_per_device=flops / dt / mesh.size / 1e12)
-                if peak:
-                    m["mfu"] = flops / dt / peak
-                if hasattr(data, "skipped"):
-                    m["data_skipped"] = float(data.skipped)
-                if not math.isfinite(m["loss"]):
-                    log.warning("step %d: non-finite loss, update skipped (%d in a row)", step,
-                                int(m["nonfinite_streak"]))
-                if m["nonfinite_streak"] >= max_streak:
-                    raise FloatingPointError(f"step {step}: {int(m['nonfinite_streak'])} non-finite updates in a row "
-                                             f"(max_nonfinite_steps={max_streak}); last good checkpoint kept")
-                writer.write(step, m)
-                last = m
-                if is_main:
-                    log.info(progress.line(step, {k: m[k] for k in ("loss", "temperature", "samples_per_sec")}))
-            if evaluators and (step % config.get("eval_every", 10 ** 9) == 0 or step == config.total_steps):
-                results = _run_evals(evaluators, state, cfg)
-                writer.write(step, results)
-                last.update(results)
-            if step % config.ckpt_every == 0 or step == config.total_steps or preempt.requested:
-                ckpt.save(step, state, data.get_state() if hasattr(data, "get_state") else None,
-                          force=preempt.requested or step == config.total_steps)
-            if preempt.requested:
-                log.warning("stopped at step %d after a signal; resume by re-running the same command", step)
-                break
-    finally:
-        ckpt.close()
-        writer.close()
+    step, unchecked, stop = start, None, False  # unchecked: (step, metrics) whose counters were not read yet
+    while step < config.total_steps:
+        local = next(data)
+        batch = to_global({**local, "stop": preempt.flags(len(local["image"]))}, mesh)
+        with jax.transfer_guard("disallow"):
+            state, metrics = step_fn(state, batch)
+        step += 1
+        steps_since += 1
+        if unchecked is not None:  # the previous step's counters: reading them does not wait for this step
+            stop = counters.check(*unchecked) or stop
+            counters.raise_if_failed()
+        unchecked = (step, metrics)
+        stop = stop or (single and preempt.requested)  # several processes stop only when all know (flags)
+        log_now = step % config.log_every == 0 or step == config.total_steps or step == start + 1
+        save = step % config.ckpt_every == 0 or step == config.total_steps or stop
+        if save or log_now:  # never log past, or checkpoint, a run that must stop (read this step's counters)
+            stop = counters.check(*unchecked) or stop
+            unchecked = None
+            save = save or stop
+        if log_now:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            dt = (time.perf_counter() - t_last) / steps_since
+            t_last, steps_since = time.perf_counter(), 0
+            m.update(lr=float(schedule(step - 1)), step_time=dt, samples_per_sec=config.batch_size / dt,
+                     tflops_per_device=flops / dt / mesh.size / 1e12)
+            if peak:
+                m["mfu"] = flops / dt / peak
+            if hasattr(data, "skipped"):
+                m["data_skipped"] = float(_sum_over_processes(int(data.skipped)))
+            _write_metrics(writer, step, m)
+            last = m
+            if is_main:
+                log.info(progress.line(step, {k: m[k] for k in ("loss", "temperature", "samples_per_sec")}))
+        counters.raise_if_failed()  # after logging the step that failed, before evaluating or checkpointing it
+        if evaluators and (step % config.get("eval_every", 10 ** 9) == 0 or step == config.total_steps):
+            results = _run_evals(evaluators, state, cfg)
+            _write_metrics(writer, step, results)
+            last.update(results)
+        if save:
+            ckpt.save(step, state, data.get_state() if hasattr(data, "get_state") else None,
+                      force=stop or step == config.total_steps)
+        if stop:
+            log.warning("stopped at step %d after a signal, with a checkpoint; re-run the same command to resume",
+                        step)
+            break
     return last
 
 

@@ -1,0 +1,134 @@
+"""Command line: evaluate any model `clipjax.load` accepts, and write a CLIP_benchmark-style JSON summary.
+
+    python -m clipjax.evaluate --model PATH [--config NAME_OR_JSON] --task zeroshot|retrieval|linear_probe \\
+        --data SPEC [--split SPLIT] [--templates FILE|imagenet|simple|single|...] [--classnames FILE|imagenet|...] \\
+        [--tokenizer clip|sentencepiece:PATH|folded] [--batch-size 256] [--max-examples N] [--out results.json]
+
+--data: "scenes" (zero-shot defaults to its held-out split of unseen colour–shape pairs), "dir:PATH" or PATH of
+an ingested dataset, PATH of an ImageFolder (class names from the folder names, or --classnames), or a prepared
+TFDS name. The summary is {"dataset", "model", "pretrained", "task", "metrics": {...}, "language": "en"} with
+CLIP_benchmark's metric names (acc1, acc5, mean_per_class_recall; image_retrieval_recall@K,
+text_retrieval_recall@K; lp_acc1, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "linear_probe": "linear_probe"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m clipjax.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="anything clipjax.load accepts (HF dir, .pt, .safetensors, workdir)")
+    p.add_argument("--config", default=None, help="model config name or open_clip JSON, when the weights need one")
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--data", required=True, help="scenes | dir:PATH | PATH (ingested dataset or ImageFolder) | TFDS")
+    p.add_argument("--split", default=None, help="split to evaluate (default: scenes→heldout for zero-shot, else test)")
+    p.add_argument("--train-split", default="train", help="linear probe: the split the classifier is fitted on")
+    p.add_argument("--templates", default=None, help="template set name, file (one per line with {}) or a template")
+    p.add_argument("--classnames", default=None, help="class-name list name (imagenet, cifar10, ...) or file")
+    p.add_argument("--tokenizer", default=None,
+                   help="clip (default) | sentencepiece:PATH | folded (CLIP ids folded into a small test vocabulary)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-examples", type=int, default=None, help="evaluate at most this many examples")
+    p.add_argument("--max-train-examples", type=int, default=None, help="linear probe: cap the training examples")
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/clipjax/zeroshot"),
+                   help="zero-shot classifier cache ('' disables)")
+    p.add_argument("--out", default=None, help="write the JSON summary here")
+    return p.parse_args(argv)
+
+
+def _tokenizer_of(args: argparse.Namespace, model_path: str) -> str | None:
+    """--tokenizer, else the tokenizer a clipjax training workdir was trained with."""
+    if args.tokenizer:
+        return args.tokenizer
+    cfg_file = pathlib.Path(model_path) / "config.json"
+    if (pathlib.Path(model_path) / "checkpoints").is_dir() and cfg_file.is_file():
+        with open(cfg_file) as f:
+            return json.load(f).get("config", {}).get("data", {}).get("tokenizer")
+    return None
+
+
+def _model_key(path: str, source: str) -> str:
+    p = pathlib.Path(path)
+    stamp = max((q.stat().st_mtime_ns for q in [p, *p.iterdir()]), default=0) if p.is_dir() else p.stat().st_mtime_ns
+    return f"{os.path.abspath(path)}|{source}|{stamp}"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from clipjax.evaluate.linear_probe import LinearProbeEvaluator
+    from clipjax.evaluate.retrieval import RetrievalEvaluator
+    from clipjax.evaluate.zeroshot import ClassifierCache, ZeroShotEvaluator
+    from clipjax.interop.load import load
+
+    model = load(args.model, args.config)
+    cfg, tokenizer = model.config, _tokenizer_of(args, args.model)
+    common = dict(data=args.data, split=args.split, batch_size=args.batch_size, max_examples=args.max_examples,
+                  progress=True, cache_images=False)
+    if args.task == "zeroshot":
+        ev = ZeroShotEvaluator("cli", cfg, templates=args.templates, classnames=args.classnames, tokenizer=tokenizer,
+                               cache=ClassifierCache(args.cache_dir or None),
+                               model_key=_model_key(args.model, model.source), **common)
+    elif args.task == "retrieval":
+        ev = RetrievalEvaluator("cli", cfg, tokenizer=tokenizer, **common)
+    else:
+        ev = LinearProbeEvaluator("cli", cfg, train_split=args.train_split,
+                                  max_train_examples=args.max_train_examples, **common)
+    start = time.perf_counter()
+    metrics = ev.evaluate(model.variables)
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    metrics["split"] = ev.split
+    return {"dataset": args.data, "model": args.config or _model_name(cfg), "pretrained": os.fspath(args.model),
+            "task": TASKS[args.task], "metrics": _json_safe(metrics), "language": "en",
+            "model_config": cfg.to_open_clip()}
+
+
+def _model_name(cfg) -> str:
+    """The registered name of `cfg`'s architecture, or "custom"."""
+    from clipjax.models.specs import get_model_config, list_models
+
+    plain = cfg.replace(dtype="float32", remat="none", scan_layers=False)
+    for name in list_models():
+        if get_model_config(name).replace(init_logit_scale=plain.init_logit_scale) == plain:
+            return name
+    return "custom"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from clipjax.cpu import apply_cpu_defaults
+
+    apply_cpu_defaults()
+    try:
+        result = evaluate(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,181 @@
+"""Feature extraction for evaluation: jitted, batched image and text encoders and the tokenizer of a model.
+
+The encoders take the model variables as an argument, so one compiled function serves every evaluation during
+training (weights change, shapes do not). Batches always have the same size (the last one is padded and masked),
+so each encoder compiles once. When the variables live on several devices (a training mesh), image batches are
+sharded over the mesh's batch axes.
+
+Letters: N examples, B batch, E embed dim, L context length, S image side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from clipjax.models.clip import CLIP
+from clipjax.models.config import CLIPConfig
+
+Tokenizer = Callable[[Sequence[str]], np.ndarray]  # texts → int32 [N, L]
+
+CLIP_VOCAB_SIZE = 49408
+
+
+# ============================================================================================ tokenizers
+
+class FoldedTokenizer:
+    """CLIP BPE ids folded into a smaller vocabulary (for tiny test models whose vocabulary is not CLIP's).
+
+    Start/end of text become ``vocab - 2`` / ``vocab - 1`` (the end token stays the row maximum, so argmax pooling
+    still finds it); every other id ``i`` becomes ``1 + (i - 1) mod (vocab - 3)``. Meaningless as language, but
+    deterministic: it lets any model be evaluated end to end without its own tokenizer.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int):
+        if vocab_size < 4:
+            raise ValueError(f"FoldedTokenizer needs a vocabulary of at least 4 ids, got {vocab_size}")
+        from clipjax.data.tokenizer import ClipTokenizer, default_tokenizer
+
+        self.base: ClipTokenizer = default_tokenizer()
+        self.vocab_size, self.context_length = vocab_size, context_length
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        ids = self.base(list(texts), self.context_length).astype(np.int64)  # [N, L]
+        v = self.vocab_size
+        out = np.where(ids > 0, 1 + (ids - 1) % (v - 3), 0)
+        out = np.where(ids == self.base.sot_token_id, v - 2, out)
+        out = np.where(ids == self.base.eot_token_id, v - 1, out)
+        return out.astype(np.int32)  # [N, L]
+
+
+def make_tokenizer(spec: str | None, cfg: CLIPConfig) -> Tokenizer:
+    """The tokenizer for `cfg`'s text tower: None/"clip" (CLIP BPE), "sentencepiece:PATH", or "folded".
+
+    The CLIP tokenizer needs the CLIP vocabulary; a model with another vocabulary size needs its own tokenizer
+    (or "folded", which only makes sense for test models).
+    """
+    length, vocab = cfg.text.context_length, cfg.text.vocab_size
+    if spec == "folded":
+        return FoldedTokenizer(vocab, length)
+    if spec in (None, "", "clip") and vocab != CLIP_VOCAB_SIZE:
+        raise ValueError(f"the model's vocabulary has {vocab} ids, the CLIP tokenizer {CLIP_VOCAB_SIZE}: pass its "
+                         f"tokenizer ('sentencepiece:/path/model.model'), or 'folded' for a test model")
+    from clipjax.data.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(spec or None, context_length=length)
+    return lambda texts: np.asarray(tok(list(texts), length), np.int32)
+
+
+# ============================================================================================ encoders
+
+@functools.lru_cache(maxsize=16)
+def _encoders(cfg: CLIPConfig) -> tuple[Callable, Callable]:
+    model = CLIP(cfg)
+
+    def image(variables, images):  # [B, S, S, 3] → [B, E] unit norm
+        x = model.apply(variables, images, method=CLIP.encode_image)
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    def text(variables, tokens):  # [B, L] → [B, E] unit norm
+        x = model.apply(variables, tokens, method=CLIP.encode_text)
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    return jax.jit(image), jax.jit(text)
+
+
+def _batch_sharding(variables: Any, ndim: int, batch: int) -> Any:
+    """Shard a batch over the mesh the variables live on (None: let jit place it)."""
+    leaf = next((x for x in jax.tree.leaves(variables) if isinstance(x, jax.Array)), None)
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
+        return None
+    from clipjax import sharding as shd
+
+    if batch % shd.batch_device_count(sharding.mesh):
+        return None
+    return shd.batch_sharding(sharding.mesh, ndim)
+
+
+@dataclasses.dataclass
+class Encoder:
+    """Unit-norm image and text features of one model configuration, for any weights of that configuration."""
+
+    cfg: CLIPConfig
+
+    def _put(self, variables: Any, x: np.ndarray) -> Any:
+        sharding = _batch_sharding(variables, x.ndim, x.shape[0])
+        return jax.device_put(x, sharding) if sharding is not None else x
+
+    def images(self, variables: Any, images: np.ndarray) -> np.ndarray:
+        """float32 [B, S, S, 3] preprocessed images → float32 [B, E] unit-norm features."""
+        encode = _encoders(self.cfg)[0]
+        return np.asarray(encode(variables, self._put(variables, np.asarray(images, np.float32))))
+
+    def texts(self, variables: Any, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """int32 [N, L] → float32 [N, E] unit-norm features."""
+        encode = _encoders(self.cfg)[1]
+        return encode_in_batches(lambda t: np.asarray(encode(variables, self._put(variables, t))),
+                                 np.asarray(tokens, np.int32), batch_size, self.cfg.embed_dim)
+
+
+def encode_in_batches(fn: Callable[[np.ndarray], Any], x: np.ndarray, batch_size: int, dim: int = 0) -> np.ndarray:
+    """`fn` over fixed-size chunks of `x` [N, ...] (the last one padded by repeating its final row, so `fn`
+    compiles once) → float32 [N, dim]."""
+    n = x.shape[0]
+    if n == 0:
+        return np.zeros((0, dim), np.float32)
+    b = min(batch_size, n)
+    out = []
+    for start in range(0, n, b):
+        chunk = x[start:start + b]  # [≤b, ...]
+        pad = b - chunk.shape[0]
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])  # [b, ...]
+        out.append(np.asarray(fn(chunk), np.float32)[:b - pad])  # [≤b, dim]
+    return np.concatenate(out)  # [N, dim]
+
+
+# ============================================================================================ datasets → features
+
+@dataclasses.dataclass
+class ImageFeatures:
+    """Unit-norm features of an eval split, with what each example carries."""
+
+    features: np.ndarray  # float32 [N, E]
+    labels: np.ndarray  # int32 [N]
+    captions: list[list[str]]  # N lists
+    keys: list[str]
+
+
+def collect_batches(batches: Iterable[dict]) -> list[dict]:
+    """The batches of a source kept in host memory, for evaluations that re-encode the same images."""
+    return list(batches)
+
+
+def image_features(encoder: Encoder, variables: Any, batches: Iterable[dict], *, progress: bool = False,
+                   total: int | None = None, desc: str = "images") -> ImageFeatures:
+    """Encode every valid row of `batches` ({"image", "label", "mask", "captions", "key"} batches)."""
+    feats, labels, captions, keys = [], [], [], []
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=total, desc=desc, unit="batch")
+    for batch in batches:
+        mask = np.asarray(batch["mask"], bool)  # [B]
+        if not mask.any():
+            continue
+        f = encoder.images(variables, batch["image"])  # [B, E]
+        feats.append(f[mask])
+        labels.append(np.asarray(batch["label"], np.int32)[mask])
+        captions += [list(c) for c, m in zip(batch["captions"], mask) if m]
+        keys += [k for k, m in zip(batch["key"], mask) if m]
+    if not feats:
+        raise ValueError("the evaluation data yielded no examples")
+    return ImageFeatures(np.concatenate(feats), np.concatenate(labels), captions, keys)

@@ -1,0 +1,96 @@
+"""`python -m clipjax.evaluate` end to end on the Hugging Face fixture model (vocabulary 1000, so prompts go through
+the folded CLIP tokenizer) over an ImageFolder read in place: the JSON summary has CLIP_benchmark's schema and
+its numbers equal a NumPy computation from the model's own encoders."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipjax.data.preprocess import preprocess
+from clipjax.evaluate.__main__ import main
+from clipjax.evaluate.features import FoldedTokenizer
+from clipjax.interop.load import load
+
+HF = pathlib.Path(__file__).parent / "fixtures" / "hf_clip"
+COLOURS = {"red_ball": (220, 30, 30), "green_leaf": (30, 190, 40), "blue_sky": (40, 60, 230)}
+
+
+def _unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir()
+        for i in range(2):
+            px = np.clip(np.array(rgb) + rng.integers(-40, 40, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(px).save(root / name / f"{i}.png")
+    return root
+
+
+def _reference(folder):
+    """Image and prompt features straight from the loaded model, and each image's label."""
+    model = load(HF)
+    paths = sorted(folder.glob("*/*.png"))
+    labels = np.array([sorted(COLOURS).index(p.parent.name) for p in paths])
+    img = np.asarray(model.encode_image(np.stack([preprocess(p, 32) for p in paths])))
+    tok = FoldedTokenizer(1000, 16)
+    prompts = [f"a photo of a {n.replace('_', ' ')}." for n in sorted(COLOURS)]
+    txt = np.asarray(model.encode_text(tok(prompts)))
+    return _unit(img), _unit(txt), labels
+
+
+def test_cli_zeroshot_on_hf_fixture(folder, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    result = main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--templates", "single",
+                   "--tokenizer", "folded", "--batch-size", "4", "--out", str(out), "--cache-dir", str(tmp_path)])
+    written = json.loads(out.read_text())
+    assert written == json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    assert {"dataset", "model", "pretrained", "task", "metrics", "language"} <= set(written)
+    assert written["task"] == "zeroshot_classification" and written["language"] == "en"
+    assert written["dataset"] == str(folder) and written["pretrained"] == str(HF)
+    m = written["metrics"]
+    assert m["num_examples"] == 6 and m["num_classes"] == 3 and "acc5" not in m
+    assert set(m["per_class_recall"]) == {"blue sky", "green leaf", "red ball"}
+
+    img, txt, labels = _reference(folder)
+    pred = (img @ txt.T).argmax(1)
+    assert m["acc1"] == pytest.approx(np.mean(pred == labels))
+    # the cached classifier gives the same answer on a second run
+    again = main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--templates", "single",
+                  "--tokenizer", "folded", "--batch-size", "4", "--cache-dir", str(tmp_path)])
+    assert again["metrics"]["acc1"] == m["acc1"]
+    assert list(tmp_path.glob("classifier-*.npy"))
+
+
+def test_cli_retrieval_on_hf_fixture(folder):
+    result = main(["--model", str(HF), "--task", "retrieval", "--data", str(folder), "--tokenizer", "folded",
+                   "--batch-size", "4"])
+    m = result["metrics"]
+    assert result["task"] == "zeroshot_retrieval" and m["num_images"] == 6 and m["num_texts"] == 6
+    img, txt, labels = _reference(folder)  # one caption per image: "a photo of a {class}."
+    cap = txt[labels]  # [6, E] the caption of each image
+    s = cap @ img.T  # [texts, images]
+    t2i = np.mean([np.argsort(-s[t], kind="stable")[0] == t for t in range(6)])
+    assert m["image_retrieval_recall@1"] == pytest.approx(t2i)
+    assert m["image_retrieval_recall@10"] == 1.0 and m["text_retrieval_recall@10"] == 1.0
+
+
+def test_cli_errors(folder, tmp_path):
+    with pytest.raises(SystemExit, match="vocabulary has 1000 ids.*'folded'"):
+        main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder)])
+    names = tmp_path / "names.txt"
+    names.write_text("one\ntwo\n")
+    with pytest.raises(SystemExit, match="2 class names given for 3 class folders"):
+        main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--tokenizer", "folded",
+              "--classnames", str(names)])
+    with pytest.raises(SystemExit, match="unknown templates 'imagenett'"):
+        main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--tokenizer", "folded",
+              "--templates", "imagenett"])
