@@ -66,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.mix = ml_collections.ConfigDict()  # {spec: weight}; when set, replaces `train`
     c.data.tokenizer = "clip"  # "clip" | "sentencepiece:/path/to/model"
     c.data.crop_scale = (0.9, 1.0)
+    c.data.synthetic_nan_steps = ()  # fault injection (synthetic source): all-NaN images at these steps
+    c.data.synthetic_seconds_per_batch = 0.0  # simulate a slow input pipeline (synthetic source)
 
     c.evals = ml_collections.ConfigDict()
     return c
