@@ -1,21 +1,26 @@
 """The CPU demo: a tiny CLIP learns the embedded `scenes` dataset and classifies unseen colour–shape pairs zero-shot.
 
     python -m clipjax.main --config=configs/demo.py --workdir=runs/demo
+    python -m clipjax.evaluate --model runs/demo --task zeroshot --data scenes     # the held-out pairs again
 
-Trains "ViT-T-demo" on `scenes` (38 seen colour–shape pairs) and evaluates zero-shot on its held-out split: 10
-colour–shape combinations never seen together in training (chance 0.10), every `eval_every` steps and at the end.
-Measured result, time and curves: experiments/DEMO.md.
+Trains a small CLIP (ModifiedResNet image tower, 3-layer text tower, 12 M parameters, 9.8 M of them the token
+embedding) for 600 steps of 128 pairs on `scenes` (38 colour–shape pairs seen in training) and evaluates zero-shot,
+every 100 steps and at the end, on
+    heldout  the 10 colour–shape combinations never seen together in training (chance 0.10)
+    seen     the 38 seen combinations, on test images (chance 0.026)
+Measured (experiments/DEMO.md): held-out top-1 0.95 and seen top-1 0.94 after about six minutes on two CPU cores.
+A ViT image tower of the same cost learns colour at once but shape far more slowly (held-out ~0.87, seen ~0.5 at
+600 steps): held-out pairs that share a colour (blue triangle / blue cross) then stay at chance.
 
-Your own captioned images, ingested with one command (CSV/JSONL of image,caption, img2dataset tar shards, or an
-ImageFolder):
+Your own captioned images, ingested with one command (CSV/JSONL of image + caption(s), img2dataset tar shards, or
+an ImageFolder):
 
-    python -m clipjax.data.ingest my_images.csv --output data/mine
-    python -m clipjax.main --config=configs/demo.py --workdir=runs/mine --config.data.train=dir:data/mine
+    python -m clipjax.data.ingest my_images.jsonl --output data/mine
+    python -m clipjax.main --config=configs/demo.py:evals=0 --workdir=runs/mine --config.data.train=dir:data/mine
 
-The periodic eval follows `data.train`: zero-shot on the dataset's test split (or train, if it has no other) with
-its class names — an ImageFolder ingest has them; for captions without class labels use
-`--config.evals.heldout.type=retrieval` (image↔text recall) or `configs/demo.py:evals=0`.
-Arguments (`--config=configs/demo.py:steps=300,batch=64,evals=0`): steps, batch, evals.
+then `python -m clipjax.evaluate --model runs/mine ...` (or keep periodic evals and point them at your data:
+`--config.evals.heldout.data=PATH/OF/IMAGEFOLDER --config.evals.heldout.templates=FILE`).
+Arguments (`--config=configs/demo.py:steps=300,batch=64,evals=0`): steps, batch, evals (0: no periodic evals).
 """
 
 import os
@@ -26,16 +31,26 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(__file__))
 from common import base_config, parse_arg  # noqa: E402
 
+# ModifiedResNet [1, 1, 1, 1] × width 32 at 64 px (attention pool over 1024 channels); text context 16 (the longest
+# scenes caption is 15 tokens with start and end), width 128, 4 heads, 3 layers; embeddings of 128.
+DEMO_MODEL = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 32, "patch_size": None},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+}
+
 
 def get_config(arg=None):
     a = parse_arg(arg, steps=600, batch=128, evals=True)
     c = base_config()
-    c.model.name = "ViT-T-demo"
+    c.model.name = "demo"  # the architecture is model.open_clip_config (clear it to use a named model instead)
+    c.model.open_clip_config = ml_collections.ConfigDict(DEMO_MODEL)
     c.total_steps = a.steps
     c.batch_size = a.batch
     c.lr = 1e-3
     c.warmup_steps = min(50, a.steps // 10)
     c.optimizer.weight_decay = 0.1
+    c.optimizer.b2, c.optimizer.eps = 0.999, 1e-8  # the paper's ResNet settings
     c.log_every = 10
     c.ckpt_every = 10 ** 9  # a checkpoint at the end (and on SIGTERM/SIGINT)
     c.keep_checkpoints = 1
@@ -43,11 +58,8 @@ def get_config(arg=None):
     c.data.train = "scenes"
     c.data.crop_scale = (0.8, 1.0)
     if a.evals:
-        c.evals.heldout = ml_collections.ConfigDict(dict(
-            type="zeroshot",
-            split="",  # "": the dataset's default (scenes → heldout, the unseen pairs; else test, else train)
-            templates="",  # "": the dataset's own set (scenes → its 8 caption-style templates; else ImageNet's 80)
-            batch_size=250, max_examples=500))
-        c.evals.heldout.data = c.data.get_ref("train")
-        c.evals.heldout.tokenizer = c.data.get_ref("tokenizer")
+        for name, split in (("heldout", "heldout"), ("seen", "test")):
+            c.evals[name] = ml_collections.ConfigDict(dict(
+                type="zeroshot", data="scenes", split=split, templates="scenes", batch_size=250, max_examples=0))
+            c.evals[name].tokenizer = c.data.get_ref("tokenizer")  # prompts tokenised as the training captions
     return c

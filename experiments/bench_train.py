@@ -184,10 +184,12 @@ def ab(case: str, variants: list[str], rounds: int, per_round: int, warmup: int)
         kw: dict[str, Any] = {}
         for item in filter(None, opts.split(",")):
             k, v = item.split("=")
-            kw[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
+            kw[k] = v if k.startswith("env_") else {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
         env = {"XLA_FLAGS": flags.strip(), "BENCH_CPU_DEFAULTS": str(kw.pop("cpu_defaults", 1))}
         if "pkg" in kw:  # a copy of the clipjax package to import instead (A/B of model code)
             env["PYTHONPATH"] = kw.pop("pkg")
+        for key in [k for k in kw if k.startswith("env_")]:  # env_NAME=value → environment variable NAME
+            env[key[4:]] = str(kw.pop(key))
         w = TorchWorker(python=sys.executable, script=__file__, args=["--worker"], env=env)
         info = w("setup_train", case=case, **kw)
         w("train_steps", n=warmup)

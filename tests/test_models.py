@@ -88,6 +88,41 @@ def test_scanned_layers_match_unrolled_in_value_and_gradient():
     assert jax.tree.structure(unstack_layers(stack_layers(params))) == jax.tree.structure(params)
 
 
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_layer_loop_scan_equals_unrolled_program(remat):
+    """Per-layer parameters run under lax.scan (the CPU default) or one block after another: same numbers."""
+    from clipjax.models.layers import Transformer
+
+    x = jax.random.normal(jax.random.key(1), (3, 7, 32))
+    kw = dict(layers=3, heads=4, causal=True, remat=remat)
+    params = Transformer(**kw, loop="unroll").init(jax.random.key(0), x)["params"]
+    assert sorted(params) == ["resblocks_0", "resblocks_1", "resblocks_2"]
+
+    def run(loop):
+        f = lambda p, h: jnp.mean(jnp.square(Transformer(**kw, loop=loop).apply({"params": p}, h)))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
+
+    (l0, (gp0, gx0)), (l1, (gp1, gx1)) = run("unroll"), run("scan")
+    assert float(l1) == pytest.approx(float(l0), rel=1e-5)  # float32 reassociation inside the scan
+    np.testing.assert_allclose(gx1, gx0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(gp0), jax.tree.leaves(gp1)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="loop='sideways'"):
+        Transformer(**kw, loop="sideways").apply({"params": params}, x)
+
+
+def test_layer_loop_environment_override(monkeypatch):
+    from clipjax.cpu import scan_unrolled_layers
+
+    monkeypatch.setenv("CLIPJAX_LAYER_LOOP", "unroll")
+    assert scan_unrolled_layers() is False
+    monkeypatch.setenv("CLIPJAX_LAYER_LOOP", "scan")
+    assert scan_unrolled_layers() is True
+    monkeypatch.setenv("CLIPJAX_LAYER_LOOP", "bogus")
+    with pytest.raises(ValueError, match="CLIPJAX_LAYER_LOOP='bogus'"):
+        scan_unrolled_layers()
+
+
 def test_bfloat16_compute_keeps_float32_params_and_stays_close():
     cfg16 = CFG.replace(dtype="bfloat16")
     v = init(cfg16)

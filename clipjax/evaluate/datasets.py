@@ -145,7 +145,10 @@ def open_eval_data(spec: str, split: str | None, *, task: str, image_size: int, 
                    classnames: Sequence[str] | None = None, max_examples: int | None = None,
                    label_space: str = "split"):
     """(batches, classnames or None, split) for `spec`. `batches` is re-iterable; `max_examples` caps it;
-    `label_space` as in ``clipjax.data.pipeline.make_eval_dataset`` (an ImageFolder has one label space)."""
+    `label_space` as in ``clipjax.data.pipeline.make_eval_dataset`` (an ImageFolder has one label space).
+    `max_examples` None or ≤ 0: every example."""
+    if max_examples is not None and max_examples <= 0:
+        max_examples = None
     if is_image_folder(spec):
         data = ImageFolder(spec, image_size=image_size, batch_size=batch_size, classnames=classnames,
                            max_examples=max_examples)

@@ -142,7 +142,14 @@ _REMAT_POLICIES = {
 
 
 class Transformer(nn.Module):
-    """`layers` residual blocks, unrolled (params `resblocks_i`) or scanned (params `resblocks`, leading layer axis)."""
+    """`layers` residual blocks, unrolled (params `resblocks_i`) or scanned (params `resblocks`, leading layer axis).
+
+    With unrolled parameters, `loop` picks how the layers run: "unroll" (one block after the other in the program),
+    "scan" (the per-layer parameters are stacked on the fly and one block runs under `jax.lax.scan`: the same
+    parameters, names and results, a program L times smaller) or "auto" (`clipjax.cpu.scan_unrolled_layers()`:
+    scan on CPU, where XLA otherwise fuses the residual-stream gradient of all layers into quadratic-cost kernels;
+    see experiments/RESULTS.md).
+    """
 
     layers: int
     heads: int
@@ -153,23 +160,55 @@ class Transformer(nn.Module):
     remat: str = "none"
     scan: bool = False
     stds: tuple[float, float, float, float] | None = None
+    loop: str = "auto"  # "auto" | "unroll" | "scan" (unrolled parameters only)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        block = ResidualBlock
-        if self.remat != "none":
-            if self.remat not in _REMAT_POLICIES:
-                raise ValueError(f"remat={self.remat!r}: valid values are 'none', {sorted(_REMAT_POLICIES)}")
-            block = nn.remat(block, policy=_REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+        if self.remat != "none" and self.remat not in _REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: valid values are 'none', {sorted(_REMAT_POLICIES)}")
+        if self.loop not in ("auto", "unroll", "scan"):
+            raise ValueError(f"loop={self.loop!r}: valid values are 'auto', 'unroll', 'scan'")
         kw = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, quick_gelu=self.quick_gelu, causal=self.causal,
                   dtype=self.dtype, stds=self.stds)
+        block = ResidualBlock
+        if self.remat != "none":
+            block = nn.remat(block, policy=_REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
         if self.scan:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = stack(**kw, name="resblocks")(x, None)
             return x
+        if self._scan_unrolled():
+            return self._scan_over_unrolled(x, kw)
         for i in range(self.layers):
             x, _ = block(**kw, name=f"resblocks_{i}")(x)
+        return x
+
+    def _scan_unrolled(self) -> bool:
+        if self.is_initializing() or self.layers < 2:
+            return False  # init creates the per-layer parameters one block at a time
+        if self.loop == "auto":
+            from clipjax.cpu import scan_unrolled_layers
+
+            return scan_unrolled_layers()
+        return self.loop == "scan"
+
+    def _scan_over_unrolled(self, x: jax.Array, kw: dict) -> jax.Array:
+        names = [f"resblocks_{i}" for i in range(self.layers)]
+        params = nn.meta.unbox(self.variables["params"])
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise ValueError(f"Transformer parameters lack {missing} (has {sorted(params)})")
+        stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *[params[n] for n in names])  # [layers, ...] leaves
+        template = ResidualBlock(**kw, parent=None)
+
+        def body(h, layer_params):
+            h, _ = template.apply({"params": layer_params}, h)
+            return h, None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, stacked)  # x: [B, L, D]
         return x
 
 
