@@ -2,6 +2,8 @@
 
 import io
 import json
+import math
+import pathlib
 import subprocess
 import sys
 import tarfile
@@ -186,3 +188,23 @@ def test_rerun_finishes_interrupted_ingestion_only(images, tmp_path):
     _write_csv(root, extra_rows=[("pics/plain.jpg", "a new caption")])
     with pytest.raises(ValueError, match="different source listing"):
         ingest.ingest(src, out, shard_size=2, workers=0, progress=False)
+
+
+def test_ingested_csv_trains_with_the_demo_config(images, tmp_path):
+    """The README path for one's own images: ingest a CSV with one command, train it with configs/demo.py."""
+    root, _ = images
+    csv_path = _write_csv(root)
+    ingest_cmd = [sys.executable, "-m", "clipjax.data.ingest", str(csv_path), "--output", str(tmp_path / "mine")]
+    proc = subprocess.run(ingest_cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+    train_cmd = [sys.executable, "-m", "clipjax.main", f"--config={config}:steps=6,batch=4,evals=0",
+                 f"--workdir={tmp_path / 'run'}", f"--config.data.train=dir:{tmp_path / 'mine'}",
+                 "--config.log_every=1"]
+    proc = subprocess.run(train_cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(x) for x in losses) and len(set(losses)) > 1  # the model trains on the images
+    assert (tmp_path / "run" / "checkpoints" / "6").is_dir()

@@ -114,13 +114,15 @@ def test_layer_loop_scan_equals_unrolled_program(remat):
 def test_layer_loop_environment_override(monkeypatch):
     from clipjax.cpu import scan_unrolled_layers
 
+    monkeypatch.delenv("CLIPJAX_LAYER_LOOP", raising=False)
+    assert scan_unrolled_layers(12) is True and scan_unrolled_layers(6) is False  # the CPU default by depth
     monkeypatch.setenv("CLIPJAX_LAYER_LOOP", "unroll")
-    assert scan_unrolled_layers() is False
+    assert scan_unrolled_layers(12) is False
     monkeypatch.setenv("CLIPJAX_LAYER_LOOP", "scan")
-    assert scan_unrolled_layers() is True
+    assert scan_unrolled_layers(2) is True
     monkeypatch.setenv("CLIPJAX_LAYER_LOOP", "bogus")
     with pytest.raises(ValueError, match="CLIPJAX_LAYER_LOOP='bogus'"):
-        scan_unrolled_layers()
+        scan_unrolled_layers(12)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_stays_close():

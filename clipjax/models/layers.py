@@ -146,9 +146,9 @@ class Transformer(nn.Module):
 
     With unrolled parameters, `loop` picks how the layers run: "unroll" (one block after the other in the program),
     "scan" (the per-layer parameters are stacked on the fly and one block runs under `jax.lax.scan`: the same
-    parameters, names and results, a program L times smaller) or "auto" (`clipjax.cpu.scan_unrolled_layers()`:
-    scan on CPU, where XLA otherwise fuses the residual-stream gradient of all layers into quadratic-cost kernels;
-    see experiments/RESULTS.md).
+    parameters, names and results, a program L times smaller) or "auto" (`clipjax.cpu.scan_unrolled_layers`:
+    scan on CPU for deep stacks, where XLA otherwise fuses the residual-stream gradient of all layers into
+    quadratic-cost kernels; see experiments/RESULTS.md).
     """
 
     layers: int
@@ -190,7 +190,7 @@ class Transformer(nn.Module):
         if self.loop == "auto":
             from clipjax.cpu import scan_unrolled_layers
 
-            return scan_unrolled_layers()
+            return scan_unrolled_layers(self.layers)
         return self.loop == "scan"
 
     def _scan_over_unrolled(self, x: jax.Array, kw: dict) -> jax.Array:
