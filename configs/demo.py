@@ -3,7 +3,7 @@
     python -m clipjax.main --config=configs/demo.py --workdir=runs/demo
     python -m clipjax.evaluate --model runs/demo --task zeroshot --data scenes     # the held-out pairs again
 
-Trains a small CLIP (ModifiedResNet image tower, 3-layer text tower, 12 M parameters, 9.8 M of them the token
+Trains a small CLIP (ModifiedResNet image tower, 3-layer text tower, 12.2 M parameters, 6.3 M of them the token
 embedding) for 600 steps of 128 pairs on `scenes` (38 colour–shape pairs seen in training) and evaluates zero-shot,
 every 100 steps and at the end, on
     heldout  the 10 colour–shape combinations never seen together in training (chance 0.10)
@@ -20,7 +20,8 @@ an ImageFolder):
 
 then `python -m clipjax.evaluate --model runs/mine ...` (or keep periodic evals and point them at your data:
 `--config.evals.heldout.data=PATH/OF/IMAGEFOLDER --config.evals.heldout.templates=FILE`).
-Arguments (`--config=configs/demo.py:steps=300,batch=64,evals=0`): steps, batch, evals (0: no periodic evals).
+Arguments (`--config=configs/demo.py:steps=300,batch=64,evals=0`): steps, batch, evals (0: no periodic evals),
+tower (resnet | vit: the ViT image tower of the ablation in experiments/DEMO.md).
 """
 
 import os
@@ -38,19 +39,25 @@ DEMO_MODEL = {
     "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 32, "patch_size": None},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
+# `tower=vit`: the ablation of experiments/DEMO.md, a ViT image tower of similar cost (4 layers × width 128, patch 8).
+VIT_TOWER = {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32}
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, steps=600, batch=128, evals=True)
+    a = parse_arg(arg, steps=600, batch=128, evals=True, tower="resnet")
+    if a.tower not in ("resnet", "vit"):
+        raise ValueError(f"configs/demo.py: tower={a.tower!r}; valid: resnet, vit")
     c = base_config()
     c.model.name = "demo"  # the architecture is model.open_clip_config (clear it to use a named model instead)
-    c.model.open_clip_config = ml_collections.ConfigDict(DEMO_MODEL)
+    model = {**DEMO_MODEL, "vision_cfg": VIT_TOWER} if a.tower == "vit" else DEMO_MODEL
+    c.model.open_clip_config = ml_collections.ConfigDict(model)
     c.total_steps = a.steps
     c.batch_size = a.batch
     c.lr = 1e-3
     c.warmup_steps = min(50, a.steps // 10)
     c.optimizer.weight_decay = 0.1
-    c.optimizer.b2, c.optimizer.eps = 0.999, 1e-8  # the paper's ResNet settings
+    if a.tower == "resnet":
+        c.optimizer.b2, c.optimizer.eps = 0.999, 1e-8  # the paper's ResNet settings (ViT: base_config's 0.98, 1e-6)
     c.log_every = 10
     c.ckpt_every = 10 ** 9  # a checkpoint at the end (and on SIGTERM/SIGINT)
     c.keep_checkpoints = 1
