@@ -191,13 +191,20 @@ def _global_loss(loss_fn, mesh: Mesh):
     return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())
 
 
-def _apply(model: CLIP, params, batch_stats, images, tokens):
+def _apply(model: CLIP, params, batch_stats, images, tokens, frozen: tuple[str, ...] = ()):
+    """Forward pass in training mode; a locked image tower (`frozen` names all of "visual", as in LiT) runs in
+    inference mode, so its BatchNorm uses and keeps its running statistics."""
+    train = not _image_tower_locked(frozen)
     variables = {"params": params}
     if batch_stats:
-        out, updated = model.apply({**variables, "batch_stats": batch_stats}, images, tokens, train=True,
+        out, updated = model.apply({**variables, "batch_stats": batch_stats}, images, tokens, train=train,
                                    mutable=["batch_stats"])
         return out, updated["batch_stats"]
-    return model.apply(variables, images, tokens, train=True), batch_stats
+    return model.apply(variables, images, tokens, train=train), batch_stats
+
+
+def _image_tower_locked(frozen: tuple[str, ...]) -> bool:
+    return any(f.strip("/") == "visual" for f in frozen)
 
 
 def _bias(params) -> jax.Array:
@@ -215,7 +222,7 @@ def _freeze(params, frozen: tuple[str, ...]):
 def _full_batch_grads(state, batch, model, global_loss, frozen):
     def loss_of(params):
         params = _freeze(params, frozen)
-        out, new_bs = _apply(model, params, state.batch_stats, batch["image"], batch["text"])
+        out, new_bs = _apply(model, params, state.batch_stats, batch["image"], batch["text"], frozen)
         loss = global_loss(out["image_embeds"], out["text_embeds"], params["logit_scale"], _bias(params))
         return loss, new_bs
 
@@ -242,7 +249,7 @@ def _accumulated_grads(state, batch, model, global_loss, frozen, accum: int, mes
     params = _freeze(state.params, frozen)
 
     def embed(p, bs, m):
-        out, bs = _apply(model, p, bs, m["image"], m["text"])
+        out, bs = _apply(model, p, bs, m["image"], m["text"], frozen)
         return (out["image_embeds"], out["text_embeds"]), bs
 
     def forward(bs, m):

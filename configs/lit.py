@@ -9,7 +9,7 @@ CPU smoke: python -m clipjax.main --config=configs/lit.py:runlocal --workdir=/tm
 Recipe: the paper's "Lu" setting — locked image tower, unlocked randomly initialised text tower: the image tower
 gets no gradients and no optimizer state (`frozen`), the text tower's weights are re-drawn (`reinit`). Contrastive
 softmax loss, AdamW (the paper uses lr 1e-3 and weight decay 1e-4 with its large batches), cosine schedule.
-A ViT tower stays bit-identical; a ResNet's BatchNorm running statistics still follow the training batches.
+The locked tower runs in inference mode: a ViT stays bit-identical, a ResNet keeps its BatchNorm running statistics.
 """
 
 import sys, os  # noqa: E401

@@ -258,3 +258,29 @@ def test_wise_ft_rejects_different_architectures(finetuned, fixtures_dir, capsys
                          str(d / "open_clip_config.json"), "--finetuned", str(finetuned[0])])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "different architectures" in err
+
+
+def test_lit_with_a_resnet_keeps_the_locked_towers_batchnorm_statistics():
+    """A locked ResNet runs in inference mode: its BatchNorm statistics are used, not updated (LiT)."""
+    cfg = CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=32, layers=(1, 1, 1, 1), width=8, patch_size=None),
+                     text=TextConfig(context_length=8, vocab_size=64, width=32, heads=2, layers=1))
+    config = get_config("lit", "runlocal")
+    mesh = shd.make_mesh("dp", devices=jax.devices()[:1])
+    model = CLIP(cfg)
+    variables = random_variables(cfg, seed=1)
+    variables["batch_stats"] = jax.tree.map(lambda x: x + 0.5, variables["batch_stats"])  # not the init values
+    rng = np.random.default_rng(0)
+    text = rng.integers(1, 63, (8, 8)).astype(np.int32)
+    text[:, -1] = 63
+    batch = {"image": rng.standard_normal((8, 32, 32, 3)).astype(np.float32), "text": text}
+    for frozen, stats_kept in ((tuple(config.frozen), True), ((), False)):
+        tx_config = config.copy_and_resolve_references()
+        tx_config.frozen = frozen
+        state, _, tx = make_train_state(model, lambda p, c=tx_config: make_tx(c, p), 0, mesh, variables, ())
+        step = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_fn=get_loss(config.loss), mesh=mesh,
+                                         frozen=frozen))
+        state, metrics = step(state, batch)
+        assert np.isfinite(float(metrics["loss"]))
+        same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.batch_stats),
+                                                     jax.tree.leaves(variables["batch_stats"]))]
+        assert all(same) if stats_kept else not any(same)
