@@ -44,7 +44,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from clipjax.checkpoint import CheckpointError
     from clipjax.data.sources import DatasetError
     from clipjax.interop.torch_pickle import UnsafeCheckpointError
-    from clipjax.train import ConfigError, NonFiniteError
+    from clipjax.run_control import NonFiniteError
+    from clipjax.train import ConfigError
 
     return ConfigError, CheckpointError, DatasetError, UnsafeCheckpointError, NonFiniteError
 

@@ -13,8 +13,6 @@ import json
 import logging
 import math
 import pathlib
-import signal
-import threading
 import time
 from typing import Any, Callable
 
@@ -35,16 +33,13 @@ from clipjax.models.clip import CLIP
 from clipjax.models.config import CLIPConfig
 from clipjax.models.specs import get_model_config
 from clipjax.optim import FROZEN, clamp_logit_scale, make_optimizer, make_schedule, param_labels
+from clipjax.run_control import Preemption, StepCounters, sum_over_processes
 
 log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     """A training config that cannot run as given (unknown names, shapes that do not fit, wrong weights)."""
-
-
-class NonFiniteError(FloatingPointError):
-    """Training stopped after `config.max_nonfinite_steps` consecutive skipped (non-finite) updates."""
 
 
 def _from_config(what: str, fn: Callable, *args, **kwargs):
@@ -363,78 +358,6 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
 
 # ============================================================================================ train loop
 
-class _Preemption:
-    """SIGTERM / SIGINT → finish the step in flight, checkpoint and stop (exit status 0).
-
-    The handler only sets a flag. Every batch carries the flag of the process that built it and the step reduces
-    them (`jit_train_step(stop_flags=True)`), so all processes learn of a signal that reached any one of them at the
-    same step and checkpoint that step together. This replaces JAX's own SIGTERM preemption notifier. A second SIGINT
-    raises KeyboardInterrupt at once (the last complete checkpoint is kept).
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("train() runs outside the main thread: SIGTERM/SIGINT will not checkpoint before stopping")
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        log.warning("%s received: checkpointing and stopping after the step in flight", signal.Signals(signum).name)
-        self.requested = True
-
-    def flags(self, rows: int) -> np.ndarray:
-        """This process's stop flag for each of its `rows` batch rows: int32 [b]."""
-        return np.full((rows,), int(self.requested), np.int32)
-
-
-class _StepCounters:
-    """Reads the counters of a finished step (one tiny device→host copy): skipped non-finite updates, which stop the
-    run after `max_streak` in a row, and stop requests."""
-
-    def __init__(self, max_streak: int, ckpt: Checkpointer):
-        self.max_streak, self.ckpt, self.total = max_streak, ckpt, 0
-        self.error: NonFiniteError | None = None
-
-    def check(self, step: int, metrics: dict[str, jax.Array]) -> bool:
-        """Returns whether any process asked to stop; records a NonFiniteError after too many skipped updates."""
-        streak, total, stop = (int(x) for x in jax.device_get(
-            (metrics["nonfinite_streak"], metrics["nonfinite_total"], metrics["stop_requested"])))
-        if total > self.total:
-            log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row, %d in all)", step,
-                        streak, total)
-        self.total = total
-        if streak >= self.max_streak and self.error is None:
-            self.error = NonFiniteError(
-                f"step {step}: {streak} non-finite updates in a row (config.max_nonfinite_steps={self.max_streak}); "
-                f"stopped. Parameters were not updated by those steps; checkpoints (newest: step "
-                f"{self.ckpt.latest_step()}) hold finite values")
-        return bool(stop)
-
-    def raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-def _sum_over_processes(value: int) -> int:
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return int(np.sum(multihost_utils.process_allgather(np.int32(value))))
-
-
 def _write_metrics(writer: MetricWriter, step: int, values: dict[str, float]) -> None:
     try:
         writer.write(step, values)
@@ -460,7 +383,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     SIGTERM/SIGINT end the run after the current step with a checkpoint of it; see docs/reliability.md.
     """
-    preempt = _Preemption()
+    preempt = Preemption()
     preempt.install()  # first, so that a signal during set-up or compilation still ends in a checkpoint
     try:
         return _train(config, pathlib.Path(workdir), preempt)
@@ -468,7 +391,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         preempt.uninstall()
 
 
-def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: _Preemption) -> dict[str, float]:
+def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: Preemption) -> dict[str, float]:
     is_main = jax.process_index() == 0
     cfg = _from_config("config.model", model_config, config)
     try:
@@ -522,7 +445,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: 
 
 
 def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, step_fn, schedule, data, ckpt: Checkpointer,
-          writer: MetricWriter, preempt: _Preemption) -> dict[str, float]:
+          writer: MetricWriter, preempt: Preemption) -> dict[str, float]:
     """Steps from the state's step to `config.total_steps`; logs, evaluates and checkpoints on schedule."""
     start = int(jax.device_get(state.step))
     is_main = jax.process_index() == 0
@@ -530,7 +453,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, step_fn, sched
     flops = train_flops_per_step(cfg, config.batch_size)
     peak = float(config.get("peak_flops_per_device") or 0.0) * mesh.size
     progress = Progress(config.total_steps, start)
-    counters = _StepCounters(int(config.get("max_nonfinite_steps", 10)), ckpt)
+    counters = StepCounters(int(config.get("max_nonfinite_steps", 10)), ckpt)
     single = jax.process_count() == 1
     last: dict[str, float] = {}
     t_last, steps_since = time.perf_counter(), 0
@@ -562,7 +485,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, step_fn, sched
             if peak:
                 m["mfu"] = flops / dt / peak
             if hasattr(data, "skipped"):
-                m["data_skipped"] = float(_sum_over_processes(int(data.skipped)))
+                m["data_skipped"] = float(sum_over_processes(int(data.skipped)))
             _write_metrics(writer, step, m)
             last = m
             if is_main:
