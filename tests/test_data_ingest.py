@@ -210,3 +210,13 @@ def test_ingested_csv_trains_with_the_demo_config(images, tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(x) for x in losses) and len(set(losses)) > 1  # the model trains on the images
     assert (tmp_path / "run" / "checkpoints" / "6").is_dir()
+    # the trained workdir evaluates through the CLI on the ingested captions (image <-> text retrieval)
+    eval_cmd = [sys.executable, "-m", "clipjax.evaluate", "--model", str(tmp_path / "run"), "--task", "retrieval",
+                "--data", str(tmp_path / "mine"), "--out", str(tmp_path / "retrieval.json")]
+    proc = subprocess.run(eval_cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "retrieval.json").read_text())
+    assert result["task"] == "zeroshot_retrieval" and result["pretrained"] == str(tmp_path / "run")
+    m = result["metrics"]
+    assert m["num_images"] == len(GOOD) and m["num_texts"] == len(GOOD) + 3  # plain.jpg and rgba.png: extra captions
+    assert 0.0 <= m["image_retrieval_recall@1"] <= m["image_retrieval_recall@5"] <= m["image_retrieval_recall@10"]
