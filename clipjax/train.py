@@ -521,7 +521,8 @@ def _run_evals(evaluators: dict[str, Any], state: TrainState, cfg: CLIPConfig) -
         variables["batch_stats"] = state.batch_stats
     results: dict[str, float] = {}
     for name, ev in evaluators.items():
-        for key, value in ev.run(variables).items():
-            results[f"{key}"] = float(value)
-        log.info("eval %s: %s", name, {k: round(v, 4) for k, v in results.items()})
+        t0 = time.perf_counter()
+        mine = {key: float(value) for key, value in ev.run(variables).items()}
+        log.info("eval %s (%.1f s): %s", name, time.perf_counter() - t0, {k: round(v, 4) for k, v in mine.items()})
+        results.update(mine)
     return results
