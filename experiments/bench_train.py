@@ -24,7 +24,7 @@ from bench_common import TorchWorker, command_line, interleave, median, stamp, w
 CASES = {"small": ("ViT-S-16-small", 128), "b32": ("ViT-B-32", 32)}
 
 
-def _train_config(model_name: str, batch: int, scan: bool, remat: str):
+def _train_config(model_name: str, batch: int, scan: bool, remat: str, dtype: str = "float32"):
     import sys
 
     from bench_common import ROOT
@@ -33,7 +33,7 @@ def _train_config(model_name: str, batch: int, scan: bool, remat: str):
     from configs.common import base_config
 
     c = base_config()
-    c.model.name, c.model.scan_layers, c.model.remat = model_name, scan, remat
+    c.model.name, c.model.scan_layers, c.model.remat, c.model.dtype = model_name, scan, remat, dtype
     c.batch_size, c.total_steps, c.warmup_steps = batch, 10_000, 10
     return c
 
@@ -53,7 +53,8 @@ def _cost_flops(compiled) -> float:
 class JaxTrain:
     """A compiled clipjax train step on a fixed synthetic batch."""
 
-    def __init__(self, model_name: str, batch: int, *, scan: bool = False, remat: str = "none", devices: int = 1):
+    def __init__(self, model_name: str, batch: int, *, scan: bool = False, remat: str = "none", devices: int = 1,
+                 dtype: str = "float32"):
         import jax
         import numpy as np
 
@@ -61,7 +62,7 @@ class JaxTrain:
         from clipjax.models import CLIP
         from clipjax.train import jit_train_step, make_train_state, make_tx, model_config
 
-        config = _train_config(model_name, batch, scan, remat)
+        config = _train_config(model_name, batch, scan, remat, dtype)
         self.config = config
         self.cfg = model_config(config)
         mesh = shd.make_mesh({"data": devices}, devices=jax.devices()[:devices])
