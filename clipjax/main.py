@@ -56,10 +56,20 @@ class _NoStorageTracebacks(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "asyncio":
-            return "orbax" not in record.getMessage()
+            return "orbax" not in record.getMessage() and not _raised_in_orbax(record.exc_info)
         if record.exc_info and "orbax" in record.pathname:
             record.exc_info, record.exc_text = None, None
         return True
+
+
+def _raised_in_orbax(exc_info) -> bool:
+    """Whether a logged exception was raised inside orbax (e.g. a future of an abandoned write, reported at exit)."""
+    tb = exc_info[2] if exc_info and len(exc_info) == 3 else None
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _quiet_storage_tracebacks() -> None:
