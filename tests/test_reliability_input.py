@@ -289,10 +289,6 @@ def test_unwritable_checkpoint_directory_fails_fast_and_keeps_checkpoints(setup,
 
 
 @pytest.mark.slow
-# orbax leaves its per-shard read coroutines unawaited when a restore's event loop is torn down; they are collected
-# here as "exception ignored" noise (one per array), not failures of ours
-@pytest.mark.filterwarnings("ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put"
-                            ":pytest.PytestUnraisableExceptionWarning")
 def test_full_disk_keeps_previous_checkpoints_and_resumes_exactly(setup, tmp_path):
     """Row "disk full": the disk fills up after the step-2 checkpoint; the next (async) write fails and stops the run
     with one error line naming that step; step 2 is kept; with space again, the run resumes from it on the
