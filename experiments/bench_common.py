@@ -60,6 +60,26 @@ class TorchWorker:
         self.close()
 
 
+def serve(handlers: dict[str, Callable[..., dict]]) -> None:
+    """The worker side of `TorchWorker`'s protocol: one JSON request per stdin line → one JSON reply per stdout line,
+    {"ok": True, ...handler's result} or {"ok": False, "error": ...}; {"cmd": "quit"} ends. Library prints go to
+    stderr so they cannot corrupt the protocol."""
+    out, sys.stdout = sys.stdout, sys.stderr
+    for line in sys.stdin:
+        msg = json.loads(line)
+        cmd = msg.pop("cmd")
+        if cmd == "quit":
+            break
+        try:
+            if cmd not in handlers:
+                raise ValueError(f"unknown command {cmd!r}")
+            reply = {"ok": True, **handlers[cmd](**msg)}
+        except Exception as e:  # reported to the orchestrator, which raises
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
 def timed(fn: Callable[[], Any], n: int) -> list[float]:
     """Wall time of `n` calls of `fn` (which must block until its result is ready)."""
     out = []

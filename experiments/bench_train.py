@@ -19,7 +19,7 @@ import os
 import time
 from typing import Any
 
-from bench_common import TorchWorker, command_line, interleave, median, stamp, write_json
+from bench_common import TorchWorker, command_line, interleave, median, serve, stamp, write_json
 
 CASES = {"small": ("ViT-S-16-small", 128), "b32": ("ViT-B-32", 32)}
 
@@ -140,39 +140,26 @@ def _summary(times: list[float], batch: int, flops: float) -> dict:
 
 # ---- exploration: clipjax variants (XLA flags, model options) A/B'd in subprocesses, interleaved -----------------
 
-def serve() -> None:
+def serve_variant() -> None:
     """JSON-lines worker (same protocol as torch_worker.py) running one clipjax variant; its XLA_FLAGS come from
     the environment the orchestrator gave it."""
-    import sys
-
     from clipjax.cpu import apply_cpu_defaults
 
     if os.environ.get("BENCH_CPU_DEFAULTS", "1") == "1":
         apply_cpu_defaults(compilation_cache=False)
-    out, sys.stdout = sys.stdout, sys.stderr
-    jx = None
-    for line in sys.stdin:
-        msg = json.loads(line)
-        cmd = msg.pop("cmd")
-        if cmd == "quit":
-            break
-        try:
-            if cmd == "setup_train":
-                model_name, batch = CASES[msg.pop("case")]
-                jx = JaxTrain(model_name, batch, **msg)
-                import clipjax
+    worker: dict[str, JaxTrain] = {}
 
-                reply = {"compile": jx.compile, "xla_flops": jx.xla_flops, "xla_flags": os.environ.get("XLA_FLAGS"),
-                         "clipjax": os.path.dirname(clipjax.__file__)}
-            elif cmd == "train_steps":
-                reply = {"times": jx.steps(msg["n"]), "loss": jx.loss}
-            else:
-                raise ValueError(f"unknown command {cmd!r}")
-            reply = {"ok": True, **reply}
-        except Exception as e:  # reported to the orchestrator, which raises
-            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
+    def setup_train(case: str, **options) -> dict:
+        import clipjax
+
+        jx = worker["train"] = JaxTrain(*CASES[case], **options)
+        return {"compile": jx.compile, "xla_flops": jx.xla_flops, "xla_flags": os.environ.get("XLA_FLAGS"),
+                "clipjax": os.path.dirname(clipjax.__file__)}
+
+    def train_steps(n: int) -> dict:
+        return {"times": worker["train"].steps(n), "loss": worker["train"].loss}
+
+    serve({"setup_train": setup_train, "train_steps": train_steps})
 
 
 def ab(case: str, variants: list[str], rounds: int, per_round: int, warmup: int) -> list[dict]:
@@ -231,7 +218,7 @@ def main() -> None:
                          "--xla_cpu_experimental_ynn_fusion_type=|scan=true'")
     args = ap.parse_args()
     if args.worker:
-        return serve()
+        return serve_variant()
     if args.ab:
         rows = ab((args.case or ["small"])[0], args.ab, args.rounds, args.per_round, args.warmup)
         if args.out:

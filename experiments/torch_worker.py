@@ -20,15 +20,15 @@ logit-scale clamp to ln 100. Data is one fixed synthetic batch, as on the JAX si
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
 
 import torch
 
 import open_clip
 from open_clip.loss import ClipLoss
+
+from bench_common import serve
 
 _state: dict = {}
 
@@ -129,21 +129,8 @@ def info() -> dict:
 
 
 def main() -> None:
-    handlers = {"info": info, "setup_train": setup_train, "train_steps": train_steps, "setup_infer": setup_infer,
-                "infer_steps": infer_steps, "matmul": matmul}
-    out = sys.stdout
-    sys.stdout = sys.stderr  # library prints must not corrupt the protocol
-    for line in sys.stdin:
-        msg = json.loads(line)
-        cmd = msg.pop("cmd")
-        if cmd == "quit":
-            break
-        try:
-            reply = {"ok": True, **handlers[cmd](**msg)}
-        except Exception as e:  # reported to the harness, which raises
-            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
+    serve({"info": info, "setup_train": setup_train, "train_steps": train_steps, "setup_infer": setup_infer,
+           "infer_steps": infer_steps, "matmul": matmul})
 
 
 if __name__ == "__main__":
