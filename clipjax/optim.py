@@ -58,6 +58,11 @@ def _split_prefixes(frozen: Iterable[str]) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(p.split("/")) for p in frozen)
 
 
+def is_frozen(path: str, frozen: Iterable[str] = ()) -> bool:
+    """Whether every parameter under the "/"-joined `path` (e.g. "visual") is frozen by the prefixes `frozen`."""
+    return _is_frozen(tuple(path.split("/")), _split_prefixes(frozen))
+
+
 def param_labels(params: Params, frozen: Iterable[str] = ()) -> Any:
     """Pytree of "trainable"/"frozen" labels like `params`; a leaf is frozen when its path starts with a prefix.
 

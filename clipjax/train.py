@@ -32,7 +32,7 @@ from clipjax.metrics import MetricWriter, Progress, train_flops_per_step
 from clipjax.models.clip import CLIP
 from clipjax.models.config import CLIPConfig
 from clipjax.models.specs import get_model_config
-from clipjax.optim import FROZEN, clamp_logit_scale, make_optimizer, make_schedule, param_labels
+from clipjax.optim import FROZEN, clamp_logit_scale, is_frozen, make_optimizer, make_schedule, param_labels
 from clipjax.run_control import Preemption, StepCounters, sum_over_processes
 
 log = logging.getLogger(__name__)
@@ -189,17 +189,13 @@ def _global_loss(loss_fn, mesh: Mesh):
 def _apply(model: CLIP, params, batch_stats, images, tokens, frozen: tuple[str, ...] = ()):
     """Forward pass in training mode; a locked image tower (`frozen` names all of "visual", as in LiT) runs in
     inference mode, so its BatchNorm uses and keeps its running statistics."""
-    train = not _image_tower_locked(frozen)
+    train = not is_frozen("visual", frozen)
     variables = {"params": params}
     if batch_stats:
         out, updated = model.apply({**variables, "batch_stats": batch_stats}, images, tokens, train=train,
                                    mutable=["batch_stats"])
         return out, updated["batch_stats"]
     return model.apply(variables, images, tokens, train=train), batch_stats
-
-
-def _image_tower_locked(frozen: tuple[str, ...]) -> bool:
-    return any(f.strip("/") == "visual" for f in frozen)
 
 
 def _bias(params) -> jax.Array:
