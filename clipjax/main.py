@@ -135,8 +135,10 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
     elif any(v in os.environ for v in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS")):
         jax.distributed.initialize()
+    if _CONFIG.value is None:
+        _fail("--config is required (e.g. --config=configs/demo.py)")
     if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
+        _fail("--workdir is required (the directory for checkpoints and metrics; re-using it resumes)")
     from clipjax.cpu import apply_cpu_defaults
     from clipjax.train import train
 
@@ -152,8 +154,17 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
 
 
+_HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
+
+
 def run() -> None:
+    """The console entry point (also `python -m clipjax.finetune`): help exits 0, user errors 2 with one line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if any(a in _HELP_FLAGS for a in sys.argv[1:]):
+        try:
+            app.run(main)
+        except SystemExit as e:  # absl ends --help with status 1
+            sys.exit(0 if e.code == 1 else e.code)
     _check_overrides(sys.argv[1:])
     app.run(main)
 

@@ -135,29 +135,6 @@ def flax_rules() -> tuple[tuple[str, Any], ...]:
     return RULES
 
 
-def match_by_path(tree: Any, param_shardings: Any, param_shapes: Any, mesh: Mesh) -> Any:
-    """Shardings for an optimizer-state-like tree: a leaf whose dict-key path ends with a parameter's path and has its
-    shape gets that parameter's sharding; everything else (counts, scalars) is replicated."""
-    by_path: dict[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]] = {}
-    for (path, sh), (_, shape) in zip(jax.tree_util.tree_leaves_with_path(param_shardings),
-                                      jax.tree_util.tree_leaves_with_path(param_shapes)):
-        by_path[_dict_keys(path)] = (tuple(shape.shape), sh)
-
-    def one(path, leaf):
-        keys = _dict_keys(path)
-        for i in range(len(keys)):
-            hit = by_path.get(keys[i:])
-            if hit is not None and hit[0] == tuple(np.shape(leaf)):
-                return hit[1]
-        return replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def _dict_keys(path) -> tuple[str, ...]:
-    return tuple(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
-
-
 @dataclasses.dataclass(frozen=True)
 class ShardingReport:
     total_bytes: int

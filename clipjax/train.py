@@ -1,9 +1,18 @@
-"""The CLIP trainer. Reads top to bottom in fixed sections:
+"""The one trainer: contrastive pretraining (CLIP / SigLIP, LiT) and classifier fine-tuning. Reads top to bottom in
+fixed sections:
 
-    model & optimizer → train state (born sharded) → update step → data → checkpoint & resume → evals → loop
+    config checks → model & optimizer → train state (born sharded) → update step → data → checkpoint & resume
+    → evals → loop
+
+The task is `config.task`:
+    "contrastive"  the towers' embeddings under the global-batch contrastive loss (`config.loss`)
+    "classify"     the image tower under a linear head on unit-norm features, started as the zero-shot classifier of
+                   the dataset's class names (WiSE-FT / FLYP recipe; `clipjax.finetune` holds the head and its files)
+Both share the train state, the sharded step, checkpoints, exact resume, preemption handling and the loop.
 
 `make_train_state`, `train_step` and `train` are importable; `python -m clipjax.main` calls `train`.
-Letters: N global batch, B per-device batch, A accumulation steps, E embed dim.
+Every key read here has its default in configs/common.py `base_config` (the one place defaults live).
+Letters: N global batch, B per-device batch, A accumulation steps, E embed dim, K classes.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import functools
 import json
 import logging
 import math
+import os
 import pathlib
 import time
 from typing import Any, Callable
@@ -36,6 +46,8 @@ from clipjax.optim import FROZEN, clamp_logit_scale, is_frozen, make_optimizer, 
 from clipjax.run_control import Preemption, StepCounters, sum_over_processes
 
 log = logging.getLogger(__name__)
+TASKS = ("contrastive", "classify")
+HEAD = "head"  # the classification head's entry in the parameters (task "classify")
 
 
 class ConfigError(ValueError):
@@ -52,19 +64,63 @@ def _from_config(what: str, fn: Callable, *args, **kwargs):
         raise ConfigError(f"{what}: {e}") from e
 
 
+# ============================================================================================ config checks
+
+def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config as it will run: numbers that cannot work are a ConfigError naming the key; a warm-up that does not
+    fit a short run (e.g. `--config.total_steps=5` on a recipe with 50 warm-up steps) is clipped, with a warning.
+    Returns a copy (the caller's config is not changed)."""
+    config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+    for key in ("total_steps", "batch_size", "accum_steps", "log_every", "ckpt_every", "eval_every"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.{key}={value!r}: must be a positive integer")
+    if config.warmup_steps < 0:
+        raise ConfigError(f"config.warmup_steps={config.warmup_steps}: must be ≥ 0")
+    if config.warmup_steps >= config.total_steps:
+        clipped = config.total_steps // 10
+        log.warning("config.warmup_steps=%d does not fit config.total_steps=%d: warm-up clipped to %d steps",
+                    config.warmup_steps, config.total_steps, clipped)
+        config.warmup_steps = clipped
+    if config.task not in TASKS:
+        raise ConfigError(f"config.task={config.task!r}; valid: {', '.join(TASKS)}")
+    if config.max_nonfinite_steps < 1:
+        raise ConfigError(f"config.max_nonfinite_steps={config.max_nonfinite_steps}: must be ≥ 1")
+    return config
+
+
+def frozen_prefixes(config: ml_collections.ConfigDict, params: Any) -> tuple[str, ...]:
+    """Parameter prefixes that do not train: `config.frozen`, plus, when classifying, everything of the CLIP but its
+    image tower (the text tower and temperature only built the head's starting point)."""
+    frozen = tuple(config.frozen)
+    if config.task == "classify":
+        frozen += tuple(k for k in sorted(params) if k not in ("visual", HEAD) and k not in frozen)
+    return frozen
+
+
 # =============================================================================================== model & optimizer
 
-def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
-    """The CLIPConfig of a training config: a named/JSON architecture plus numerics options."""
+def model_config(config: ml_collections.ConfigDict, pretrained: Any = None) -> CLIPConfig:
+    """The CLIPConfig of a training config: a named/JSON architecture plus numerics options. An empty
+    `model.name` (and no `model.open_clip_config`) takes the architecture of the `init_from` weights."""
     m = config.model
-    cfg = get_model_config(m.name if not m.get("open_clip_config") else m.open_clip_config.to_dict())
-    kw: dict[str, Any] = dict(dtype=m.get("dtype", "float32"), remat=m.get("remat", "none"),
-                              scan_layers=bool(m.get("scan_layers", False)))
-    if m.get("quick_gelu") is not None:
+    if m.open_clip_config:
+        cfg = get_model_config(m.open_clip_config.to_dict())
+    elif m.name:
+        cfg = get_model_config(m.name)
+    elif pretrained is not None:
+        cfg = pretrained.config.replace(scan_layers=False, remat="none")
+    else:
+        raise ConfigError("config.model.name is empty and config.init_from is not set: name an architecture "
+                          "(clipjax.list_models()) or give the weights to start from")
+    kw: dict[str, Any] = dict(dtype=m.dtype, remat=m.remat, scan_layers=bool(m.scan_layers))
+    if m.quick_gelu is not None:
         kw["quick_gelu"] = bool(m.quick_gelu)
-    if config.get("loss", "clip") == "siglip":
-        kw["init_logit_bias"] = float(m.get("init_logit_bias", -10.0))
-        kw["init_logit_scale"] = float(m.get("init_logit_scale", math.log(10.0)))
+    if config.loss == "siglip":
+        kw["init_logit_bias"] = float(m.init_logit_bias)
+        kw["init_logit_scale"] = float(m.init_logit_scale if m.init_logit_scale is not None else math.log(10.0))
+    elif m.init_logit_scale is not None:
+        kw["init_logit_scale"] = float(m.init_logit_scale)
     return cfg.replace(**kw)
 
 
@@ -72,29 +128,41 @@ def make_tx(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTra
     o = config.optimizer
     return make_optimizer(params, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.total_steps,
                           weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                          grad_clip_norm=o.get("grad_clip_norm"), frozen=tuple(config.get("frozen", ())))
+                          grad_clip_norm=o.grad_clip_norm, frozen=frozen_prefixes(config, params))
+
+
+def load_pretrained(config: ml_collections.ConfigDict):
+    """The weights named by `config.init_from` (a `clipjax.interop.load.Pretrained`), or None when it is empty."""
+    if not config.init_from:
+        return None
+    from clipjax.interop.load import load
+
+    source = config.init_from
+    named = bool(config.model.name or config.model.open_clip_config)
+    bare = str(source).endswith(".safetensors")
+    try:  # a bare state dict without init_config is read with the training model's architecture
+        plain = model_config(config).replace(scan_layers=False, remat="none") if bare and named else None
+        return load(source, config.init_config or plain)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, CheckpointError) as e:  # missing file, refused pickle, wrong tensors, no checkpoint
+        raise ConfigError(f"config.init_from: {e}") from e
 
 
 def _flat_dict(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
+    return {f"{prefix}{k}": v for k, v in flax.traverse_util.flatten_dict(d, sep=".").items()}
 
 
-def load_init_variables(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> dict:
-    """The weights named by `config.init_from`, checked tensor by tensor and field by field against `cfg`; raises
-    ConfigError naming the first mismatch. Their own config is read from the source when it has one (HF directory,
-    OpenAI .pt, workdir), else `config.init_config`, else (a bare .safetensors state dict) the training model's."""
-    from clipjax.interop.load import check_shapes, load
+def init_variables_from(pretrained: Any, config: ml_collections.ConfigDict, cfg: CLIPConfig) -> dict:
+    """`pretrained`'s variables, checked tensor by tensor and field by field against `cfg`; raises ConfigError
+    naming the first mismatch."""
+    from clipjax.interop.load import check_shapes
 
     source = config.init_from
     plain = cfg.replace(scan_layers=False, remat="none")
-    bare = str(source).endswith(".safetensors")
     try:
-        pretrained = load(source, config.get("init_config") or (plain if bare else None))
         check_shapes(pretrained.variables, plain, f"{source} (for config.model {config.model.name!r})")
-    except (OSError, ValueError, CheckpointError) as e:  # missing file, refused pickle, wrong tensors, no checkpoint
+    except ValueError as e:
         raise ConfigError(f"config.init_from: {e}") from e
     theirs = _flat_dict(pretrained.config.replace(dtype=cfg.dtype, init_logit_scale=cfg.init_logit_scale).to_dict())
     ours = _flat_dict(plain.to_dict())
@@ -110,12 +178,17 @@ def load_init_variables(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> d
     return variables
 
 
+def load_init_variables(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> dict:
+    """The weights named by `config.init_from`, checked against `cfg` (see `init_variables_from`)."""
+    return init_variables_from(load_pretrained(config), config, cfg)
+
+
 # ============================================================================================ train state
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: Any
+    params: Any  # the CLIP's parameters (+ "head" {"kernel" [E, K], "bias" [K]} when classifying)
     opt_state: Any
     batch_stats: Any  # BatchNorm running statistics (ModifiedResNet); {} for ViT
     rng: jax.Array
@@ -128,25 +201,42 @@ def _dummy_inputs(cfg: CLIPConfig) -> tuple[jax.Array, jax.Array]:
     return jnp.zeros((1, s, s, 3), jnp.float32), jnp.zeros((1, cfg.text.context_length), jnp.int32)
 
 
+def _head_init(embed_dim: int, num_classes: int) -> dict[str, Any]:
+    """A zero classification head, boxed with logical axes like the model's parameters (kernel [E, K], bias [K])."""
+    return {"kernel": nn.LogicallyPartitioned(jnp.zeros((embed_dim, num_classes), jnp.float32), ("joint", None)),
+            "bias": nn.LogicallyPartitioned(jnp.zeros((num_classes,), jnp.float32), (None,))}
+
+
 def make_train_state(model: CLIP, tx_fn: Callable[[Any], optax.GradientTransformation], seed: int, mesh: Mesh,
-                     init_variables: dict | None = None, reinit: tuple[str, ...] = ()):
+                     init_variables: dict | None = None, reinit: tuple[str, ...] = (), num_classes: int = 0):
     """Create the train state directly with its final shardings (nothing is materialised unsharded).
 
-    Returns (state, state_shardings, tx). Shapes come from `jax.eval_shape`; parameters are sharded by their
-    logical axis names through `clipjax.sharding`; optimizer moments follow their parameters. Variables under a
+    Returns (state, state_shardings, tx). Shapes come from `jax.eval_shape`; parameters carry logical axis names
+    (Flax partitioning boxes) and are sharded through `clipjax.sharding`; the optimizer state is initialised on the
+    boxed parameters, so its moments carry the same names and shard like their parameters. Variables under a
     `reinit` prefix ("text", "visual/ln_post") keep their fresh initialisation instead of `init_variables`.
+    `num_classes` > 0 adds a classification head `params["head"]` (zeros unless `init_variables` holds one).
     """
     images, tokens = _dummy_inputs(model.config)
-    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, tokens)
-    param_shardings = shd.logical_shardings(boxed["params"], mesh)
+
+    def boxed_init(rng):
+        variables = model.init(rng, images, tokens)
+        if num_classes:
+            variables = {**variables, "params": {**variables["params"],
+                                                 HEAD: _head_init(model.config.embed_dim, num_classes)}}
+        return variables
+
+    boxed = jax.eval_shape(boxed_init, jax.random.PRNGKey(0))
     abstract_params = nn.meta.unbox(boxed["params"])
     tx = tx_fn(abstract_params)
 
     def init(rng):
         rng, init_rng = jax.random.split(rng)
-        variables = nn.meta.unbox(model.init(init_rng, images, tokens))
+        variables = nn.meta.unbox(boxed_init(init_rng))
         if init_variables is not None:  # start from given weights (fine-tuning); shapes were checked on load
-            fresh, variables = variables, {**variables, **init_variables}
+            fresh = variables
+            variables = {**variables, **init_variables,
+                         "params": {**variables["params"], **init_variables["params"]}}
             unmatched = [p for p in reinit if FROZEN not in jax.tree.leaves(param_labels(fresh["params"], (p,)))]
             if unmatched:
                 raise ConfigError(f"reinit prefixes {unmatched} match no parameter (top: {sorted(fresh['params'])})")
@@ -162,8 +252,8 @@ def make_train_state(model: CLIP, tx_fn: Callable[[Any], optax.GradientTransform
     abstract = jax.eval_shape(init, jax.random.PRNGKey(seed))
     rep = shd.replicated(mesh)
     shardings = TrainState(
-        step=rep, params=param_shardings,
-        opt_state=shd.match_by_path(abstract.opt_state, param_shardings, abstract_params, mesh),
+        step=rep, params=shd.logical_shardings(boxed["params"], mesh),
+        opt_state=shd.logical_shardings(jax.eval_shape(tx.init, boxed["params"]), mesh),
         batch_stats=jax.tree.map(lambda _: rep, abstract.batch_stats), rng=rep, nonfinite_streak=rep,
         nonfinite_total=rep)
     state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
@@ -172,6 +262,14 @@ def make_train_state(model: CLIP, tx_fn: Callable[[Any], optax.GradientTransform
 
 def abstract_with_shardings(state_shardings: Any, state: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+
+
+def clip_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    """The CLIP model's variables from a train state's parameters (without a classification head)."""
+    variables = {"params": {k: v for k, v in params.items() if k != HEAD}}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    return variables
 
 
 # ============================================================================================ update step
@@ -188,14 +286,17 @@ def _global_loss(loss_fn, mesh: Mesh):
 
 def _apply(model: CLIP, params, batch_stats, images, tokens, frozen: tuple[str, ...] = ()):
     """Forward pass in training mode; a locked image tower (`frozen` names all of "visual", as in LiT) runs in
-    inference mode, so its BatchNorm uses and keeps its running statistics."""
+    inference mode, so its BatchNorm uses and keeps its running statistics. `tokens` None: the image tower only."""
     train = not is_frozen("visual", frozen)
-    variables = {"params": params}
+    variables = clip_variables(params, batch_stats)
+    if tokens is None:
+        method, args = CLIP.encode_image, (images, train)
+    else:
+        method, args = CLIP.__call__, (images, tokens, train)
     if batch_stats:
-        out, updated = model.apply({**variables, "batch_stats": batch_stats}, images, tokens, train=train,
-                                   mutable=["batch_stats"])
+        out, updated = model.apply(variables, *args, method=method, mutable=["batch_stats"])
         return out, updated["batch_stats"]
-    return model.apply(variables, images, tokens, train=train), batch_stats
+    return model.apply(variables, *args, method=method), batch_stats
 
 
 def _bias(params) -> jax.Array:
@@ -215,10 +316,18 @@ def _full_batch_grads(state, batch, model, global_loss, frozen):
         params = _freeze(params, frozen)
         out, new_bs = _apply(model, params, state.batch_stats, batch["image"], batch["text"], frozen)
         loss = global_loss(out["image_embeds"], out["text_embeds"], params["logit_scale"], _bias(params))
-        return loss, new_bs
+        return loss, (new_bs, {})
 
-    (loss, new_bs), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    return loss, grads, new_bs
+    (loss, (new_bs, aux)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    return loss, grads, new_bs, aux
+
+
+def _split_micro(batch, accum: int, mesh: Mesh):
+    """[N, ...] → [A, N/A, ...]; micro-batch a = rows i·A + a, so each one spans every device."""
+    n = batch["image"].shape[0]
+    micro = jax.tree.map(lambda x: x.reshape(n // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+    return jax.lax.with_sharding_constraint(
+        micro, jax.tree.map(lambda x: NamedSharding(mesh, P(None, shd.BATCH_AXES)), micro))
 
 
 def _accumulated_grads(state, batch, model, global_loss, frozen, accum: int, mesh: Mesh):
@@ -228,15 +337,13 @@ def _accumulated_grads(state, batch, model, global_loss, frozen, accum: int, mes
     statistics are per micro-batch)."""
     n = batch["image"].shape[0]
 
-    def split(x):  # [N, ...] → [A, N/A, ...]; micro-batch a = rows i·A + a, so each one spans every device
+    def split(x):  # [N, ...] → [A, N/A, ...]
         return x.reshape(n // accum, accum, *x.shape[1:]).swapaxes(0, 1)
 
     def merge(x):  # inverse of split
         return x.swapaxes(0, 1).reshape(n, *x.shape[2:])
 
-    micro = jax.tree.map(split, batch)
-    micro = jax.lax.with_sharding_constraint(
-        micro, jax.tree.map(lambda x: NamedSharding(mesh, P(None, shd.BATCH_AXES)), micro))
+    micro = _split_micro(batch, accum, mesh)
     params = _freeze(state.params, frozen)
 
     def embed(p, bs, m):
@@ -262,20 +369,57 @@ def _accumulated_grads(state, batch, model, global_loss, frozen, accum: int, mes
     grads = {**grads, "logit_scale": grads["logit_scale"] + g_scale}
     if "logit_bias" in grads:
         grads["logit_bias"] = grads["logit_bias"] + g_bias
-    return loss, grads, new_bs
+    return loss, grads, new_bs, {}
+
+
+def _classify_loss(params, batch_stats, batch, *, model, frozen, label_smoothing):
+    """Softmax cross-entropy of the head on the image tower's unit-norm features → (loss, (batch_stats, metrics))."""
+    from clipjax.finetune import head_logits
+
+    params = _freeze(params, frozen)
+    feats, new_bs = _apply(model, params, batch_stats, batch["image"], None, frozen)  # [B, E]
+    logits = head_logits(feats, params[HEAD])  # [B, K]
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)  # [B, K]
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    accuracy = (logits.argmax(-1) == batch["label"]).mean()
+    return loss, (new_bs, {"accuracy": accuracy})
+
+
+def _classify_grads(state, batch, model, frozen, label_smoothing: float, accum: int, mesh: Mesh):
+    """Loss and gradient of the mean cross-entropy; with A > 1 the mean of A equal micro-batches' (exact: the loss is
+    a mean over examples)."""
+    loss_of = functools.partial(_classify_loss, model=model, frozen=frozen, label_smoothing=label_smoothing)
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    if accum == 1:
+        (loss, (new_bs, aux)), grads = grad_fn(state.params, state.batch_stats, batch)
+        return loss, grads, new_bs, aux
+
+    def body(carry, m):
+        grads, bs = carry
+        (loss, (bs, aux)), g = grad_fn(state.params, bs, m)
+        return (jax.tree.map(jnp.add, grads, g), bs), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, new_bs), (losses, aux) = jax.lax.scan(body, (zeros, state.batch_stats), _split_micro(batch, accum, mesh))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    return losses.mean(), grads, new_bs, jax.tree.map(jnp.mean, aux)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: CLIP, tx: optax.GradientTransformation,
-               loss_fn: Callable, mesh: Mesh, accum_steps: int = 1, frozen: tuple[str, ...] = ()):
-    """One optimizer step on a global batch {"image": [N, H, W, 3], "text": [N, L]} → (new state, metrics).
+               loss_fn: Callable | None, mesh: Mesh, accum_steps: int = 1, frozen: tuple[str, ...] = (),
+               task: str = "contrastive", label_smoothing: float = 0.0):
+    """One optimizer step on a global batch → (new state, metrics). Contrastive: {"image": [N, H, W, 3], "text":
+    [N, L]} under `loss_fn`; classify: {"image", "label": [N]} under the head's cross-entropy (`loss_fn` unused).
 
     A non-finite loss or gradient skips the update (params, optimizer and BatchNorm state unchanged) and is counted.
     """
-    global_loss = _global_loss(loss_fn, mesh)
-    if accum_steps > 1:
-        loss, grads, new_bs = _accumulated_grads(state, batch, model, global_loss, frozen, accum_steps, mesh)
+    if task == "classify":
+        loss, grads, new_bs, aux = _classify_grads(state, batch, model, frozen, label_smoothing, accum_steps, mesh)
+    elif accum_steps > 1:
+        global_loss = _global_loss(loss_fn, mesh)
+        loss, grads, new_bs, aux = _accumulated_grads(state, batch, model, global_loss, frozen, accum_steps, mesh)
     else:
-        loss, grads, new_bs = _full_batch_grads(state, batch, model, global_loss, frozen)
+        loss, grads, new_bs, aux = _full_batch_grads(state, batch, model, _global_loss(loss_fn, mesh), frozen)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -286,8 +430,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: CLIP, t
     def skip(_):
         return state.params, state.opt_state, state.batch_stats
 
-    # A branch, not a `where` over every leaf: the skip costs nothing and the program stays small (ViT-B-32 compile
-    # 19 s → 10 s on CPU; experiments/RESULTS.md).
+    # A branch, not a `where` over every leaf: the skip costs nothing and the program stays small (compile time:
+    # experiments/RESULTS.md).
     params, opt_state, batch_stats = jax.lax.cond(finite, update, skip, None)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats,
@@ -295,10 +439,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: CLIP, t
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
     metrics = {"loss": loss, "grad_norm": grad_norm, "logit_scale": params["logit_scale"],
                "temperature": jnp.exp(params["logit_scale"]), "nonfinite_total": new_state.nonfinite_total,
-               "nonfinite_streak": new_state.nonfinite_streak}
+               "nonfinite_streak": new_state.nonfinite_streak, **aux}
     if "logit_bias" in params:
         metrics["logit_bias"] = params["logit_bias"]
     return new_state, metrics
+
+
+def batch_shardings(mesh: Mesh, task: str) -> dict[str, NamedSharding]:
+    """Shardings of a global batch: every field split over the batch axes."""
+    fields = {"image": 4, "label": 1} if task == "classify" else {"image": 4, "text": 2}
+    return {name: shd.batch_sharding(mesh, ndim) for name, ndim in fields.items()}
 
 
 def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags: bool = False):
@@ -307,12 +457,13 @@ def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags
     `stop_flags`: the batch also carries "stop": int32 [N], each process's rows set to 1 when it was asked to stop;
     metrics["stop_requested"] is their maximum, the same on every process, so all processes agree on when to stop.
     """
-    step = functools.partial(train_step, model=model, tx=tx, loss_fn=get_loss(config.get("loss", "clip")),
-                             mesh=mesh, accum_steps=int(config.get("accum_steps", 1)),
-                             frozen=tuple(config.get("frozen", ())))
-    batch_shardings = {"image": shd.batch_sharding(mesh, 4), "text": shd.batch_sharding(mesh, 2)}
+    step = functools.partial(
+        train_step, model=model, tx=tx, loss_fn=get_loss(config.loss) if config.task == "contrastive" else None,
+        mesh=mesh, accum_steps=int(config.accum_steps), frozen=frozen_prefixes(config, state_shardings.params),
+        task=config.task, label_smoothing=float(config.label_smoothing))
+    in_batch = batch_shardings(mesh, config.task)
     if stop_flags:
-        batch_shardings["stop"] = shd.batch_sharding(mesh, 1)
+        in_batch["stop"] = shd.batch_sharding(mesh, 1)
         inner = step
 
         def step(state, batch):
@@ -321,38 +472,85 @@ def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags
             state, metrics = inner(state, batch)
             return state, {**metrics, "stop_requested": stop}
 
-    return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+    return jax.jit(step, in_shardings=(state_shardings, in_batch),
                    out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
 
 # ============================================================================================ data
 
 def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int):
-    """The per-host training iterator named by `config.data.train` (or a mix)."""
+    """The per-host training iterator named by `config.data.train` (or a mix); with labels when classifying."""
     d = config.data
     kw = dict(global_batch_size=config.batch_size, image_size=cfg.vision.image_size,
               context_length=cfg.text.context_length, seed=seed,
               process_index=jax.process_index(), process_count=jax.process_count())
-    spec = d.train if not d.get("mix") else dict(d.mix)
+    spec = d.train if not d.mix else dict(d.mix)
     if spec == "synthetic":
+        if config.task == "classify":
+            raise ConfigError("config.data.train='synthetic' has no labels: classifying needs a labelled dataset")
         from clipjax.data.synthetic import SyntheticIterator
 
-        return SyntheticIterator(vocab_size=cfg.text.vocab_size, nan_steps=tuple(d.get("synthetic_nan_steps", ())),
-                                 seconds_per_batch=float(d.get("synthetic_seconds_per_batch", 0.0)), **kw)
+        return SyntheticIterator(vocab_size=cfg.text.vocab_size, nan_steps=tuple(d.synthetic_nan_steps),
+                                 seconds_per_batch=float(d.synthetic_seconds_per_batch), **kw)
     from clipjax.data.pipeline import make_train_iterator
     from clipjax.data.tokenizer import get_tokenizer
 
-    return make_train_iterator(spec, tokenizer=get_tokenizer(d.get("tokenizer")), scale=tuple(d.get("crop_scale",
-                               (0.9, 1.0))), **kw)
+    if config.task == "classify":  # labels, no captions
+        if d.mix:
+            raise ConfigError("config.data.mix: classifying reads one labelled dataset (config.data.train)")
+        return make_train_iterator(spec, tokenizer=_no_text, scale=tuple(d.crop_scale), num_threads=d.num_threads,
+                                   split=d.train_split, labels=True, **kw)
+    return make_train_iterator(spec, tokenizer=get_tokenizer(d.tokenizer or None), scale=tuple(d.crop_scale),
+                               num_threads=d.num_threads, split=d.train_split, **kw)
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Per-host slices → global arrays sharded over the batch axes."""
+def _no_text(texts, context_length: int) -> np.ndarray:
+    """The tokenizer of a run that reads no text (classifying): zeros [N, L], never sent to the device."""
+    return np.zeros((len(texts), context_length), np.int32)
+
+
+def _warn_small_dataset(data: Any, batch_size: int) -> None:
+    sizes = [len(s) for s in getattr(data, "sources", ())]
+    if sizes and batch_size > sum(sizes):
+        log.warning("config.batch_size=%d is larger than the training data (%d records): every batch repeats "
+                    "records", batch_size, sum(sizes))
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh,
+              fields: tuple[str, ...] = ("image", "text", "stop")) -> dict[str, jax.Array]:
+    """Per-host slices of `fields` → global arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(shd.batch_sharding(mesh, v.ndim), v)
-            for k, v in batch.items() if k in ("image", "text", "stop")}
+            for k, v in batch.items() if k in fields}
 
 
-# ============================================================================================ train loop
+# ============================================================================================ workdir
+
+def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, cfg: CLIPConfig) -> None:
+    """config.json: the config as it runs and the resolved model config (written atomically)."""
+    text = json.dumps({"config": json.loads(config.to_json_best_effort()), "model_config": cfg.to_dict()}, indent=2)
+    tmp = workdir / f".config.json.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(text + "\n")
+        os.replace(tmp, workdir / "config.json")
+    except OSError as e:
+        raise CheckpointError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+def _check_same_model(workdir: pathlib.Path, cfg: CLIPConfig) -> None:
+    """A workdir with checkpoints resumes only the architecture it was trained with (its config.json says which)."""
+    try:
+        saved = json.loads((workdir / "config.json").read_text())["model_config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable record: the checkpoint restore checks the shapes
+    numerics = ("dtype", "remat", "scan_layers")  # may change between runs: the parameters stay the same
+    ours = {k: v for k, v in _flat_dict(json.loads(json.dumps(cfg.to_dict()))).items() if k not in numerics}
+    theirs = {k: v for k, v in _flat_dict(saved).items() if k not in numerics}
+    diff = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in sorted(set(ours) | set(theirs))
+            if ours.get(k) != theirs.get(k)]
+    if diff:
+        raise ConfigError(f"workdir {workdir} holds checkpoints of another model ({'; '.join(diff[:3])}): use a new "
+                          f"--workdir, or the config it was trained with")
+
 
 def _write_metrics(writer: MetricWriter, step: int, values: dict[str, float]) -> None:
     try:
@@ -361,10 +559,10 @@ def _write_metrics(writer: MetricWriter, step: int, values: dict[str, float]) ->
         log.warning("could not append step %d to %s: %s", step, writer.path, e.strerror or e)
 
 
-def _close(ckpt: Checkpointer | None, writer: MetricWriter | None, failing: bool) -> None:
+def _close(ckpt: Checkpointer | None, writer: MetricWriter | None, data: Any, failing: bool) -> None:
     """Wait for pending checkpoint writes and close; while another error propagates, only log close failures."""
-    for obj in (ckpt, writer):
-        if obj is None:
+    for obj in (ckpt, writer, data):
+        if obj is None or not hasattr(obj, "close"):
             continue
         try:
             obj.close()
@@ -373,6 +571,8 @@ def _close(ckpt: Checkpointer | None, writer: MetricWriter | None, failing: bool
                 raise
             log.error("while stopping: %s", e)
 
+
+# ============================================================================================ train
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train (resuming from `workdir` if it holds checkpoints). Returns the last logged metrics.
@@ -389,74 +589,98 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: Preemption) -> dict[str, float]:
     is_main = jax.process_index() == 0
-    cfg = _from_config("config.model", model_config, config)
-    try:
-        workdir_p.mkdir(parents=True, exist_ok=True)
-        if is_main:
-            with open(workdir_p / "config.json", "w") as f:
-                json.dump({"config": json.loads(config.to_json_best_effort()), "model_config": cfg.to_dict()}, f,
-                          indent=2)
-    except OSError as e:
-        raise CheckpointError(f"workdir {workdir_p} is not writable: {e.strerror or e}") from None
-    check_writable(workdir_p / "checkpoints")  # fail now rather than at the first save
+    config = check_config(config)
+    if workdir_p.exists() and not workdir_p.is_dir():
+        raise CheckpointError(f"workdir {workdir_p} is a file, not a directory")
+    check_writable(workdir_p / "checkpoints")  # fail now rather than at the first save (writes nothing that stays)
 
     mesh = _from_config("config.mesh", shd.make_mesh,
                         dict(config.mesh) if isinstance(config.mesh, ml_collections.ConfigDict) else config.mesh)
     n_batch_devices = shd.batch_device_count(mesh)
-    accum = int(config.get("accum_steps", 1))
-    if config.batch_size % (n_batch_devices * accum):
+    if config.batch_size % (n_batch_devices * config.accum_steps):
         raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the batch devices × "
-                          f"accum_steps ({n_batch_devices} × {accum})")
+                          f"accum_steps ({n_batch_devices} × {config.accum_steps})")
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
-    _from_config("config.loss", get_loss, config.get("loss", "clip"))  # bad names fail before anything compiles
+    if config.task == "contrastive":
+        _from_config("config.loss", get_loss, config.loss)  # bad names fail before anything compiles
+    pretrained = load_pretrained(config)
+    cfg = _from_config("config.model", model_config, config, pretrained)
     data = _from_config("config.data", make_data, config, cfg, config.seed)
+    _warn_small_dataset(data, config.batch_size)
 
-    model = CLIP(cfg)
-    init_variables = load_init_variables(config, cfg) if config.get("init_from") else None
-    state, state_shardings, tx = make_train_state(model, lambda p: make_tx(config, p), config.seed, mesh,
-                                                  init_variables, tuple(config.get("reinit", ())))
-    report = shd.sharded_fraction(state.params)
-    log.info("parameters: %.1fM (%.0f%% of bytes sharded)", report.total_bytes / 4e6, 100 * report.fraction)
-    step_fn = jit_train_step(model, tx, config, mesh, state_shardings, stop_flags=True)
-    schedule = make_schedule(config.lr, config.warmup_steps, config.total_steps)
-
-    # Resume order: 1. this workdir's newest readable checkpoint; 2. `init_from` weights; 3. from scratch.
-    ckpt = Checkpointer(workdir_p / "checkpoints", keep=config.get("keep_checkpoints", 3),
-                        async_save=config.get("async_checkpoints", True))
-    writer = None
+    ckpt = writer = head_task = None
     try:
-        restored = ckpt.restore(abstract_with_shardings(state_shardings, state))
+        model = CLIP(cfg)
+        ckpt = Checkpointer(workdir_p / "checkpoints", keep=config.keep_checkpoints,
+                            async_save=config.async_checkpoints)
+        resuming = ckpt.latest_step() is not None
+        if resuming:
+            _check_same_model(workdir_p, cfg)
+        init_variables = init_variables_from(pretrained, config, cfg) if pretrained is not None else None
+        num_classes = 0
+        if config.task == "classify":
+            from clipjax.finetune import ClassifyTask
+
+            head_task = _from_config("config.data", ClassifyTask.from_config, config, cfg)
+            num_classes = len(head_task.classnames)
+            if not resuming:  # the head starts as the zero-shot classifier (a resumed run restores its own)
+                init_variables = head_task.with_zeroshot_head(init_variables, pretrained, cfg)
+        state, state_shardings, tx = _from_config(
+            "config", make_train_state, model, lambda p: _from_config("config.frozen", make_tx, config, p),
+            config.seed, mesh, init_variables, tuple(config.reinit), num_classes)
+        report = shd.sharded_fraction(state.params)
+        log.info("parameters: %.1fM (%.0f%% of bytes sharded)", report.total_bytes / 4e6, 100 * report.fraction)
+        step_fn = jit_train_step(model, tx, config, mesh, state_shardings, stop_flags=True)
+        schedule = make_schedule(config.lr, config.warmup_steps, config.total_steps)
+
+        # Resume order: 1. this workdir's newest readable checkpoint; 2. `init_from` weights; 3. from scratch.
+        # Nothing in the workdir is rewritten before the resume succeeded.
+        start = 0
+        restored = ckpt.restore(abstract_with_shardings(state_shardings, state)) if resuming else None
         if restored is not None:
             start, state, data_state = restored
             if data_state and hasattr(data, "set_state"):
                 _from_config(f"config.data (the input position saved at step {start})", data.set_state, data_state)
             log.info("resumed from step %d in %s (fingerprints verified)", start, ckpt.directory)
+        if is_main:
+            _write_config(workdir_p, config, cfg)
         writer = MetricWriter(workdir_p, enabled=is_main)
-        last = _loop(config, cfg, mesh, state, step_fn, schedule, data, ckpt, writer, preempt)
+        if is_main:
+            writer.truncate_after(start)  # rows of steps that no checkpoint kept are written again
+        last = _loop(config, cfg, mesh, state, step_fn, schedule, data, ckpt, writer, preempt, head_task)
     except BaseException:
-        _close(ckpt, writer, failing=True)
+        _close(ckpt, writer, data, failing=True)
         raise
-    _close(ckpt, writer, failing=False)
+    _close(ckpt, writer, data, failing=False)
+    if is_main:
+        log.info("done: step %s of %d; checkpoints in %s, metrics in %s", ckpt.latest_step(), config.total_steps,
+                 ckpt.directory, writer.path)
     return last
 
 
 def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, step_fn, schedule, data, ckpt: Checkpointer,
-          writer: MetricWriter, preempt: Preemption) -> dict[str, float]:
+          writer: MetricWriter, preempt: Preemption, head_task: Any = None) -> dict[str, float]:
     """Steps from the state's step to `config.total_steps`; logs, evaluates and checkpoints on schedule."""
     start = int(jax.device_get(state.step))
     is_main = jax.process_index() == 0
     evaluators = _make_evaluators(config, cfg)
     flops = train_flops_per_step(cfg, config.batch_size)
-    peak = float(config.get("peak_flops_per_device") or 0.0) * mesh.size
+    peak = float(config.peak_flops_per_device) * mesh.size
     progress = Progress(config.total_steps, start)
-    counters = StepCounters(int(config.get("max_nonfinite_steps", 10)), ckpt)
+    counters = StepCounters(int(config.max_nonfinite_steps), ckpt)
     single = jax.process_count() == 1
     last: dict[str, float] = {}
+    if head_task is not None and start == 0:  # the zero-shot head before any step
+        last = _run_evals({}, state, cfg, head_task)
+        _write_metrics(writer, 0, last)
+    fields = (*batch_shardings(mesh, config.task), "stop")
     t_last, steps_since = time.perf_counter(), 0
     step, unchecked, stop = start, None, False  # unchecked: (step, metrics) whose counters were not read yet
+    if start < config.total_steps and is_main:
+        log.info("compiling the train step (the first step includes it)…")
     while step < config.total_steps:
         local = next(data)
-        batch = to_global({**local, "stop": preempt.flags(len(local["image"]))}, mesh)
+        batch = to_global({**local, "stop": preempt.flags(len(local["image"]))}, mesh, fields)
         with jax.transfer_guard("disallow"):
             state, metrics = step_fn(state, batch)
         step += 1
@@ -485,12 +709,14 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, step_fn, sched
             _write_metrics(writer, step, m)
             last = m
             if is_main:
-                log.info(progress.line(step, {k: m[k] for k in ("loss", "temperature", "samples_per_sec")}))
+                shown = ("loss", "accuracy") if head_task is not None else ("loss", "temperature")
+                log.info(progress.line(step, {k: m[k] for k in (*shown, "samples_per_sec")}))
         counters.raise_if_failed()  # after logging the step that failed, before evaluating or checkpointing it
-        if evaluators and (step % config.get("eval_every", 10 ** 9) == 0 or step == config.total_steps):
-            results = _run_evals(evaluators, state, cfg)
-            _write_metrics(writer, step, results)
-            last.update(results)
+        if step % config.eval_every == 0 or step == config.total_steps:
+            results = _run_evals(evaluators, state, cfg, head_task)
+            if results:
+                _write_metrics(writer, step, results)
+                last.update(results)
         if save:
             ckpt.save(step, state, data.get_state() if hasattr(data, "get_state") else None,
                       force=stop or step == config.total_steps)
@@ -498,24 +724,31 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, step_fn, sched
             log.warning("stopped at step %d after a signal, with a checkpoint; re-run the same command to resume",
                         step)
             break
+    if head_task is not None and step == config.total_steps:
+        ckpt.wait()
+        head_task.write_outputs(writer.path.parent, cfg, state, config)
     return last
 
 
 # ============================================================================================ evals
 
 def _make_evaluators(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> dict[str, Any]:
-    if not config.get("evals"):
+    if not config.evals:
         return {}
     from clipjax.evaluate.registry import make_evaluators
 
-    return make_evaluators(config.evals, cfg)
+    return _from_config("config.evals", make_evaluators, config.evals, cfg)
 
 
-def _run_evals(evaluators: dict[str, Any], state: TrainState, cfg: CLIPConfig) -> dict[str, float]:
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
+def _run_evals(evaluators: dict[str, Any], state: TrainState, cfg: CLIPConfig,
+               head_task: Any = None) -> dict[str, float]:
+    variables = clip_variables(state.params, state.batch_stats)
     results: dict[str, float] = {}
+    if head_task is not None and head_task.evaluates:
+        t0 = time.perf_counter()
+        mine = head_task.evaluate(cfg, state)
+        log.info("eval head (%.1f s): %s", time.perf_counter() - t0, {k: round(v, 4) for k, v in mine.items()})
+        results.update(mine)
     for name, ev in evaluators.items():
         t0 = time.perf_counter()
         mine = {key: float(value) for key, value in ev.run(variables).items()}

@@ -1,4 +1,5 @@
-"""Shared config pieces: the common keys every recipe has, and `parse_arg` for `--config=file.py:a=1,b=x`."""
+"""Shared config pieces: every key the trainer reads, with its default (the one place defaults live), and
+`parse_arg` for `--config=file.py:a=1,b=x`. Importable as `clipjax.configs.common` when clipjax is installed."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def parse_arg(arg: str | None, **defaults):
 def base_config() -> ml_collections.ConfigDict:
     """Every key a recipe may set, with defaults; recipes override what differs."""
     c = ml_collections.ConfigDict()
+    c.task = "contrastive"  # "contrastive" (CLIP / SigLIP / LiT) | "classify" (fine-tune a classifier head)
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 256  # global
@@ -37,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     c.eval_every = 500
-    c.loss = "clip"  # "clip" | "siglip" | "clip_tiled"
+    c.loss = "clip"  # "clip" | "siglip" | "clip_tiled" (task "contrastive")
+    c.label_smoothing = 0.0  # task "classify"
     c.accum_steps = 1
     c.frozen = ()  # parameter prefixes to lock, e.g. ("visual",) for LiT
     c.reinit = ()  # prefixes that keep their fresh init over init_from (LiT: ("text",))
@@ -52,7 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # computation dtype; "bfloat16" on accelerators
     c.model.remat = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     c.model.scan_layers = False
-    c.model.quick_gelu = ml_collections.FieldReference(None, field_type=bool)
+    c.model.quick_gelu = ml_collections.FieldReference(None, field_type=bool)  # None: the architecture's own
+    c.model.open_clip_config = ml_collections.ConfigDict()  # an open_clip model config; replaces model.name when set
+    c.model.init_logit_scale = ml_collections.FieldReference(None, field_type=float)  # None: ln(1/0.07); SigLIP ln 10
+    c.model.init_logit_bias = -10.0  # SigLIP only
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.weight_decay = 0.2
@@ -62,12 +68,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.grad_clip_norm = 1.0
 
     c.data = ml_collections.ConfigDict()
-    c.data.train = "synthetic"  # "scenes" | "dir:/path" | a TFDS name | "synthetic"
+    c.data.train = "synthetic"  # "scenes" | "dir:/path" | an ImageFolder path | a TFDS name | "synthetic"
+    c.data.train_split = "train"
     c.data.mix = ml_collections.ConfigDict()  # {spec: weight}; when set, replaces `train`
     c.data.tokenizer = "clip"  # "clip" | "sentencepiece:/path/to/model"
     c.data.crop_scale = (0.9, 1.0)
-    c.data.synthetic_nan_steps = ()  # fault injection (synthetic source): all-NaN images at these steps
-    c.data.synthetic_seconds_per_batch = 0.0  # simulate a slow input pipeline (synthetic source)
+    c.data.num_threads = 2  # decoding threads per host
+    # Fault injection for tests and drills, read by the synthetic source only: all-NaN images at these steps (the
+    # trainer must skip and count them) and a delay per batch (a slow input pipeline).
+    c.data.synthetic_nan_steps = ()
+    c.data.synthetic_seconds_per_batch = 0.0
+    # The head's evaluation when classifying (task "classify"): "" skips it; the zero-shot prompts that build the head
+    c.data.eval = ""
+    c.data.eval_split = "test"
+    c.data.eval_batch_size = 256
+    c.data.max_eval_examples = 0  # 0: the whole split
+    c.data.templates = ml_collections.FieldReference(None, field_type=object)  # None: the dataset's own set
 
     c.evals = ml_collections.ConfigDict()
     return c

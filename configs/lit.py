@@ -12,7 +12,8 @@ softmax loss, AdamW (the paper uses lr 1e-3 and weight decay 1e-4 with its large
 The locked tower runs in inference mode: a ViT stays bit-identical, a ResNet keeps its BatchNorm running statistics.
 """
 
-import sys, os  # noqa: E401
+import os
+import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import base_config, parse_arg  # noqa: E402

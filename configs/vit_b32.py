@@ -6,7 +6,8 @@ CPU smoke:  python -m clipjax.main --config=configs/vit_b32.py:runlocal --workdi
 Reference: OpenAI ViT-B-32 reaches the zero-shot ImageNet top-1 listed in clip-facts (paper, Table 11).
 """
 
-import sys, os  # noqa: E401
+import os
+import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import base_config, parse_arg, pod_recipe  # noqa: E402
