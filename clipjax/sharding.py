@@ -108,9 +108,8 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` (abstract or concrete)."""
 
     def one(x):
-        if isinstance(x, nn.LogicallyPartitioned):
-            value = x.value
-            return NamedSharding(mesh, spec_for(x.names, value.shape, mesh))
+        if isinstance(x, nn.LogicallyPartitioned) and hasattr(x.value, "shape"):  # not e.g. optax's MaskedNode
+            return NamedSharding(mesh, spec_for(x.names, x.value.shape, mesh))
         return NamedSharding(mesh, P())
 
     return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -193,9 +193,21 @@ def test_finetune_trains_the_image_tower_and_head_only(finetuned, hf_fixture, sc
     assert evals[0]["eval/top1"] == pytest.approx(float(np.mean(predictions == labels)), abs=1e-9)
 
 
-def test_finetune_refuses_an_output_that_holds_a_model(finetuned, hf_fixture, scenes_spec):
+def test_finetune_again_in_a_finished_workdir_resumes_and_keeps_the_outputs(finetuned, hf_fixture, scenes_spec):
+    """The workdir is the trainer's: running the same command again resumes (here: nothing left to do) and writes
+    the same outputs, instead of refusing or starting over."""
+    out = finetuned[0]
+    before = {f: (out / f).read_bytes() for f in ("model.safetensors", "head.safetensors", "classifier.json")}
+    finetune.finetune(finetune_config(hf_fixture, scenes_spec), out)
+    assert {f: (out / f).read_bytes() for f in before} == before
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # no row written twice
+
+
+def test_save_finetuned_refuses_a_directory_that_holds_a_model(finetuned):
+    model, head, meta = finetune.load_finetuned(finetuned[0])
     with pytest.raises(FileExistsError, match="already holds a model"):
-        finetune.finetune(finetune_config(hf_fixture, scenes_spec), finetuned[0])
+        finetune.save_finetuned(finetuned[0], model, head, meta)
 
 
 @pytest.mark.slow
