@@ -8,9 +8,8 @@ embedding) for 600 steps of 128 pairs on `scenes` (38 colour–shape pairs seen 
 every 100 steps and at the end, on
     heldout  the 10 colour–shape combinations never seen together in training (chance 0.10)
     seen     the 38 seen combinations, on test images (chance 0.026)
-Measured (experiments/DEMO.md): held-out top-1 0.95 and seen top-1 0.94 after about six minutes on two CPU cores.
-A ViT image tower of the same cost learns colour at once but shape far more slowly (held-out ~0.87, seen ~0.5 at
-600 steps): held-out pairs that share a colour (blue triangle / blue cross) then stay at chance.
+The measured accuracies, training time and machine, and an ablation with a ViT image tower (`tower=vit`), are in
+experiments/DEMO.md.
 
 Your own captioned images, ingested with one command (CSV/JSONL of image + caption(s), img2dataset tar shards, or
 an ImageFolder):

@@ -1,8 +1,10 @@
 """Shared pieces of the clipjax-vs-open_clip benchmarks: the torch worker client, machine/version facts, timing.
 
 Measurements are ratios taken in one run: the JAX side runs in this process, the open_clip side in a long-lived
-subprocess of /work/venv-parity (`torch_worker.py`) that sleeps on its stdin while JAX measures; rounds alternate
-between the two, and every figure is a median of >= 5 timed steps after warm-up.
+subprocess (`torch_worker.py`) of the parity venv that sleeps on its stdin while JAX measures; rounds alternate
+between the two, and every figure is a median of >= 5 timed steps after warm-up. The parity venv's python is
+$CLIPJAX_PARITY_PYTHON, by default `.venv-parity/bin/python` in the checkout
+(`python -m venv .venv-parity && .venv-parity/bin/pip install -e ".[parity]"`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Callable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "experiments" / "results"
-PARITY_PYTHON = os.environ.get("CLIPJAX_PARITY_PYTHON", "/work/venv-parity/bin/python")
+PARITY_PYTHON = os.environ.get("CLIPJAX_PARITY_PYTHON", str(ROOT / ".venv-parity" / "bin" / "python"))
 
 
 class TorchWorker:

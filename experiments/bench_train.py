@@ -6,7 +6,7 @@
 
 clipjax side: `clipjax.train.make_train_state` + `clipjax.train.jit_train_step` (jitted with shardings and state
 donation exactly as the trainer does) on a 1-device mesh, lowered and compiled ahead of time so compile time is
-measured apart from the steps. open_clip side: `torch_worker.py` in /work/venv-parity (forward, ClipLoss, backward,
+measured apart from the steps. open_clip side: `torch_worker.py` in the parity venv ($CLIPJAX_PARITY_PYTHON) (forward, ClipLoss, backward,
 clip-grad 1.0, AdamW, logit-scale clamp). Rounds alternate the two; each figure is a median of the timed steps after
 warm-up. FLOPs: the analytic `clipjax.metrics.train_flops_per_step` and XLA's own count (`cost_analysis`).
 """

@@ -1,4 +1,4 @@
-"""The open_clip side of the benchmarks: a long-lived worker that runs in /work/venv-parity (torch + open_clip).
+"""The open_clip side of the benchmarks: a long-lived worker that runs in the parity venv ($CLIPJAX_PARITY_PYTHON) (torch + open_clip).
 
 The JAX harness (`bench_common.TorchWorker`) starts it as a subprocess and sends one JSON command per line on stdin;
 each answer is one JSON line on stdout. While the JAX side measures, this process blocks on stdin, so the two never
