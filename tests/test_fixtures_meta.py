@@ -1,4 +1,5 @@
-"""The committed golden fixtures (tests/fixtures, made by make_fixtures.py and make_param_counts.py): every file is
+"""The committed golden fixtures (tests/fixtures, made by make_fixtures.py, make_param_counts.py and
+make_fidelity_fixtures.py): every file is
 present, the io.npz and losses.npz arrays have the documented shapes and dtypes, and the stored numbers agree with
 each other — logits with features and logit_scale, float32 features with their float64 reference, logit_scale with
 the weight file, the fp16 OpenAI-style files with the fp32 safetensors value for value, losses and gradients with
@@ -20,12 +21,19 @@ from clipjax.interop.torch_pickle import load_torch_file
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 BATCH, CONTEXT_LENGTH, EMBED_DIM = 4, 16, 32
 SOT_ID, EOT_ID = 998, 999
-IMAGE_SIDE = {"openclip_vit": 32, "openclip_rn": 64, "hf_clip": 32}
+IMAGE_SIDE = {"openclip_vit": 32, "openclip_rn": 64, "hf_clip": 32, "openclip_rn_head_width": 64}
 FILES = {
     "openclip_vit": ("open_clip_config.json", "model.safetensors", "openai_jit.pt", "io.npz"),
     "openclip_rn": ("open_clip_config.json", "model.safetensors", "openai_state.pt", "io.npz"),
     "hf_clip": ("config.json", "model.safetensors", "io.npz"),
 }
+# make_fidelity_fixtures.py: one more model in the same io.npz layout, and the transparency goldens
+FIDELITY_FILES = {
+    "openclip_rn_head_width": ("open_clip_config.json", "model.safetensors", "io.npz"),
+    "preprocess_alpha": ("expected.npz", "meta.json"),
+}
+MODELS = [*FILES, "openclip_rn_head_width"]
+FIDELITY_MAX_BYTES = 1_000_000  # per directory
 OPENAI_FILES = ("openclip_vit/openai_jit.pt", "openclip_rn/openai_state.pt")  # float16, as OpenAI ships weights
 TOP_LEVEL = ("README.md", "make_fixtures.py", "make_param_counts.py", "versions.json", "losses.npz",
              "param_counts.json")
@@ -43,14 +51,15 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "relpath", [f"{d}/{f}" for d, files in FILES.items() for f in files] + list(TOP_LEVEL)
+    "relpath", [f"{d}/{f}" for d, files in {**FILES, **FIDELITY_FILES}.items() for f in files]
+    + list(TOP_LEVEL) + ["make_fidelity_fixtures.py"]
 )
 def test_fixture_file_exists(relpath):
     path = FIXTURES / relpath
     assert path.is_file() and path.stat().st_size > 0, f"missing or empty fixture {path}"
 
 
-@pytest.mark.parametrize("name", FILES)
+@pytest.mark.parametrize("name", MODELS)
 def test_io_shapes_and_dtypes(name):
     io = load_npz(FIXTURES / name / "io.npz")
     side = IMAGE_SIDE[name]
@@ -71,7 +80,7 @@ def test_io_shapes_and_dtypes(name):
             assert np.all(np.isfinite(io[key])), f"{name}/io.npz {key} has non-finite values"
 
 
-@pytest.mark.parametrize("name", FILES)
+@pytest.mark.parametrize("name", MODELS)
 def test_token_layout(name):
     tokens = load_npz(FIXTURES / name / "io.npz")["tokens"]  # [B, L]
     assert np.all(tokens[:, 0] == SOT_ID)
@@ -85,7 +94,7 @@ def test_token_layout(name):
     assert len(set(eot.tolist())) == BATCH, "rows must have different lengths"
 
 
-@pytest.mark.parametrize("name", FILES)
+@pytest.mark.parametrize("name", MODELS)
 def test_logits_match_features(name):
     io = load_npz(FIXTURES / name / "io.npz")
     image = l2_normalize(io["image_features"].astype(np.float64))  # [B, E]
@@ -95,7 +104,7 @@ def test_logits_match_features(name):
     assert np.abs(logits - logits.mean(axis=0)).max() > 0.1, "logits barely depend on the image"
 
 
-@pytest.mark.parametrize("name", FILES)
+@pytest.mark.parametrize("name", MODELS)
 def test_float32_features_near_float64_reference(name):
     io = load_npz(FIXTURES / name / "io.npz")
     for key in ("image_features", "text_features"):
@@ -104,7 +113,7 @@ def test_float32_features_near_float64_reference(name):
         assert 0 < err <= 1e-5, f"{name}: float32 {key} vs float64 relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("name", FILES)
+@pytest.mark.parametrize("name", MODELS)
 def test_weights_agree_with_io_and_config(name):
     weights = load_file(str(FIXTURES / name / "model.safetensors"))
     io = load_npz(FIXTURES / name / "io.npz")
@@ -161,6 +170,28 @@ def test_total_size():
     paths += [FIXTURES / f for f in TOP_LEVEL]
     total = sum(p.stat().st_size for p in paths if p.is_file())
     assert total <= MAX_BYTES, f"model fixtures take {total / 1e6:.2f} MB, more than {MAX_BYTES / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("name", FIDELITY_FILES)
+def test_fidelity_fixture_size(name):
+    total = sum(p.stat().st_size for p in (FIXTURES / name).rglob("*") if p.is_file())
+    assert total <= FIDELITY_MAX_BYTES, f"{name} takes {total / 1e6:.2f} MB, more than {FIDELITY_MAX_BYTES / 1e6} MB"
+
+
+def test_preprocess_alpha_goldens_are_complete():
+    root = FIXTURES / "preprocess_alpha"
+    meta = json.loads((root / "meta.json").read_text())
+    expected = load_npz(root / "expected.npz")
+    other = json.loads((FIXTURES / "preprocess" / "meta.json").read_text())
+    assert meta["versions"] == other["versions"], "preprocessing goldens made with different package versions"
+    assert sorted(p.name for p in (root / "images").iterdir()) == sorted(meta["images"])
+    for name, info in meta["images"].items():
+        w, h = info["size"]
+        assert expected[f"{name}:rgb"].shape == (h, w, 3) and expected[f"{name}:rgb"].dtype == np.uint8, name
+        for s in info["image_sizes"]:
+            for key in (f"{name}@{s}", f"{name}@{s}:imagefolder"):
+                assert expected[key].shape == (s, s, 3) and expected[key].dtype == np.uint8, key
+    assert len(expected) == sum(1 + 2 * len(info["image_sizes"]) for info in meta["images"].values())
 
 
 def test_losses_match_numpy():

@@ -1,15 +1,21 @@
 """Image loading and CLIP preprocessing on the host (PIL + NumPy), channels last.
 
-`preprocess` is open_clip's eval transform (`image_transform(size, is_train=False)`): resize the shortest side to
-`image_size` with PIL bicubic (the long side is `int(size * long / short)`, truncated, as torchvision computes it),
-center crop with torchvision's offsets (`round((H - size) / 2)`, Python rounding), scale to [0, 1] and normalise.
-`train_transform` is open_clip's training transform: torchvision RandomResizedCrop's sampling (10 tries, then a
-center-crop fallback) driven by a NumPy Generator, bicubic resize, normalise.
+`preprocess` is open_clip's eval transform (`image_transform(size, is_train=False)`) applied to the image as
+decoded, as in `preprocess(Image.open(path))`: resize the shortest side to `image_size` with PIL bicubic, in the
+image's own mode (the long side is `int(size * long / short)`, truncated, as torchvision computes it; PIL itself
+resizes RGBA and LA with premultiplied alpha, and palette and 1-bit images with nearest neighbour), center crop with
+torchvision's offsets (`round((H - size) / 2)`, Python rounding), then PIL's `convert("RGB")`, which drops alpha and
+transparency, scale to [0, 1] and normalise.
+`train_transform` is open_clip's training transform on RGB-decoded images (webdataset's "pilrgb" decoder):
+torchvision RandomResizedCrop's sampling (10 tries, then a center-crop fallback) driven by a NumPy Generator, bicubic
+resize, normalise.
 
-Every image is converted to RGB right after decoding, before any resize (as torchvision's ImageFolder loader and
-webdataset's "pilrgb" decoder do): transparency (RGBA, LA, PA, palette or RGB with a transparent colour) is
-composited over white, 16-bit and 32-bit grey is scaled to 8 bits, everything else goes through PIL's
-`convert("RGB")` (CMYK without colour management). EXIF orientation is not applied, as in open_clip.
+`load_image` (used by `train_transform` and the ingest check) converts to RGB right after decoding, as torchvision's
+ImageFolder loader and webdataset's "pilrgb" decoder do: PIL's `convert("RGB")`, which drops alpha and transparency
+without compositing (CMYK without colour management). Compositing transparency over white before resizing is an
+opt-in (`alpha_over_white=True`, what transformers' CLIPImageProcessor does); open_clip does not. One deliberate
+difference from PIL everywhere: 16-bit and 32-bit grey is scaled to 8 bits before anything else (PIL's
+`convert("RGB")` clips it at 255). EXIF orientation is not applied, as in open_clip.
 
 Shapes: H, W image height and width; S the output size; N images in a batch.
 """
@@ -19,7 +25,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -67,48 +73,85 @@ def _wide_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(grey, mode="L").convert("RGB")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any PIL mode to RGB (transparency composited over white)."""
-    if image.mode == "RGB" and "transparency" not in image.info:
+def has_transparency(image: Image.Image) -> bool:
+    """True for an alpha band (RGBA, LA, PA, premultiplied modes) or a transparent colour / palette entries."""
+    return "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info
+
+
+def drop_alpha(image: Image.Image) -> Image.Image:
+    """PIL's `convert("RGB")`: alpha and transparency are dropped, not composited (open_clip, ImageFolder, webdataset).
+
+    Byte-string palette transparency, which `convert("RGB")` drops with a warning, is removed first from a copy
+    (same pixels, no warning). Premultiplied La goes through LA, the only way PIL converts it.
+    """
+    if image.mode == "RGB":
         return image
-    if image.mode in _WIDE_INT_MODES:
-        return _wide_to_rgb(image)
-    if image.mode == "La":  # premultiplied; PIL converts it to RGBA only through LA
+    if isinstance(image.info.get("transparency"), bytes):
+        image = image.copy()  # leave the caller's image as it is
+        del image.info["transparency"]
+    if image.mode == "La":
         image = image.convert("LA")
-    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def load_image(source: ImageSource, *, min_short_side: int | None = None) -> Image.Image:
-    """Decodes `source` (path, encoded bytes or PIL image) and returns an RGB PIL image.
+def composite_over_white(image: Image.Image) -> Image.Image:
+    """Transparency composited over a white background → RGB (the opt-in `alpha_over_white=True`)."""
+    if image.mode == "La":  # premultiplied; PIL converts it to RGBA only through LA
+        image = image.convert("LA")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
-    `min_short_side`: for JPEG files and bytes only, lets libjpeg decode at 1/2, 1/4 or 1/8 scale (PIL `draft`) as
-    long as the short side stays >= this many pixels. Faster decoding, slightly different pixels; used by
-    `train_transform`, never by the eval `preprocess`.
-    """
+
+def to_rgb(image: Image.Image, *, alpha_over_white: bool = False) -> Image.Image:
+    """Any PIL mode → RGB: wide grey scaled to 8 bits; transparency dropped (`convert("RGB")`), or composited over
+    white with `alpha_over_white=True`."""
+    if image.mode in _WIDE_INT_MODES:
+        return _wide_to_rgb(image)
+    if alpha_over_white and has_transparency(image):
+        return composite_over_white(image)
+    return drop_alpha(image)
+
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _decoded(
+    source: ImageSource, convert: Callable[[Image.Image], Image.Image], min_short_side: int | None = None
+) -> Image.Image:
+    """Decodes `source` and returns `convert(image)`; errors name the source. Closes what it opened."""
     name = _describe(source)
-    decode_errors = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
     try:
         image = _open(source)
     except FileNotFoundError:
         raise
-    except decode_errors as e:
+    except _DECODE_ERRORS as e:
         raise ValueError(f"cannot decode image {name}: {e}") from e
     try:
         if min_short_side and image is not source and image.format in ("JPEG", "MPO"):
             image.draft(None, (min_short_side, min_short_side))  # keeps both sides >= min_short_side
         image.load()
-        rgb = to_rgb(image)
-        if rgb is not image and image is not source:
+        out = convert(image)
+        if out is not image and image is not source:
             image.close()  # multi-frame files keep their file open until closed
-        return rgb
-    except decode_errors as e:
+        return out
+    except _DECODE_ERRORS as e:
         if image is not source:
             image.close()
         raise ValueError(f"cannot decode image {name}: {e}") from e
+
+
+def load_image(
+    source: ImageSource, *, min_short_side: int | None = None, alpha_over_white: bool = False
+) -> Image.Image:
+    """Decodes `source` (path, encoded bytes or PIL image) and returns an RGB PIL image (`to_rgb`: alpha dropped as
+    PIL's `convert("RGB")` does, unless `alpha_over_white`).
+
+    `min_short_side`: for JPEG files and bytes only, lets libjpeg decode at 1/2, 1/4 or 1/8 scale (PIL `draft`) as
+    long as the short side stays >= this many pixels. Faster decoding, slightly different pixels; used by
+    `train_transform`, never by the eval `preprocess`.
+    """
+    return _decoded(source, lambda im: to_rgb(im, alpha_over_white=alpha_over_white), min_short_side)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -138,11 +181,14 @@ def resize_shortest(image: Image.Image, size: int) -> Image.Image:
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Square center crop with torchvision's offsets; pads with black if the image is smaller (torchvision too)."""
+    """Square center crop with torchvision's offsets; pads with zeros if the image is smaller (torchvision too: fill
+    0 in the image's own mode, palette index 0 for palette images)."""
     w, h = image.size
     if size > w or size > h:
         pad_left, pad_top = max(size - w, 0) // 2, max(size - h, 0) // 2
         canvas = Image.new(image.mode, (max(w, size), max(h, size)))
+        if image.mode == "P":
+            canvas.putpalette(image.getpalette())
         canvas.paste(image, (pad_left, pad_top))
         image, (w, h) = canvas, canvas.size
     top = int(round((h - size) / 2.0))
@@ -150,16 +196,30 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def eval_view(image: Image.Image, image_size: int, *, alpha_over_white: bool = False) -> Image.Image:
+    """open_clip's eval geometry on a decoded image: resize (own mode), center crop, then `convert("RGB")`.
+
+    Wide grey is scaled to 8 bits first; with `alpha_over_white`, transparency is composited over white first.
+    """
+    if image.mode in _WIDE_INT_MODES or (alpha_over_white and has_transparency(image)):
+        image = to_rgb(image, alpha_over_white=alpha_over_white)
+    return drop_alpha(center_crop(resize_shortest(image, image_size), image_size))  # RGB [S, S]
+
+
 def preprocess(
     image: ImageSource,
     image_size: int = 224,
     mean: Sequence[float] = OPENAI_MEAN,
     std: Sequence[float] = OPENAI_STD,
+    *,
+    alpha_over_white: bool = False,
 ) -> np.ndarray:
-    """open_clip's eval transform → float32 [S, S, 3]."""
-    rgb = load_image(image)
-    cropped = center_crop(resize_shortest(rgb, image_size), image_size)
-    return normalize(np.asarray(cropped, dtype=np.uint8), mean, std)  # [S, S, 3]
+    """open_clip's eval transform on `image` as decoded → float32 [S, S, 3].
+
+    `alpha_over_white=True` composites transparency over white before resizing instead (not open_clip's numbers).
+    """
+    view = _decoded(image, lambda im: eval_view(im, image_size, alpha_over_white=alpha_over_white))
+    return normalize(np.asarray(view, dtype=np.uint8), mean, std)  # [S, S, 3]
 
 
 def preprocess_batch(
@@ -167,11 +227,14 @@ def preprocess_batch(
     image_size: int = 224,
     mean: Sequence[float] = OPENAI_MEAN,
     std: Sequence[float] = OPENAI_STD,
+    *,
+    alpha_over_white: bool = False,
 ) -> np.ndarray:
     """`preprocess` on each image → float32 [N, S, S, 3]."""
     if len(images) == 0:
         return np.zeros((0, image_size, image_size, 3), np.float32)
-    return np.stack([preprocess(im, image_size, mean, std) for im in images])  # [N, S, S, 3]
+    return np.stack([preprocess(im, image_size, mean, std, alpha_over_white=alpha_over_white)
+                     for im in images])  # [N, S, S, 3]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -244,11 +307,16 @@ def train_transform(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     mean: Sequence[float] = OPENAI_MEAN,
     std: Sequence[float] = OPENAI_STD,
+    *,
+    alpha_over_white: bool = False,
 ) -> np.ndarray:
     """open_clip's training transform → float32 [S, S, 3]; deterministic given `rng`'s state.
 
-    JPEG paths/bytes are decoded at reduced scale when even the smallest possible crop keeps >= image_size pixels.
+    The image is decoded to RGB first (`load_image`: alpha dropped, as webdataset's "pilrgb" decoder does, unless
+    `alpha_over_white`). JPEG paths/bytes are decoded at reduced scale when even the smallest possible crop keeps
+    >= image_size pixels.
     """
-    rgb = load_image(image, min_short_side=draft_min_short_side(image_size, scale, ratio))
+    rgb = load_image(image, min_short_side=draft_min_short_side(image_size, scale, ratio),
+                     alpha_over_white=alpha_over_white)
     crop = random_resized_crop(rgb, image_size, rng, scale, ratio)
     return normalize(np.asarray(crop, dtype=np.uint8), mean, std)  # [S, S, 3]

@@ -28,7 +28,9 @@ def infer_config(state: dict[str, np.ndarray], source: str = "checkpoint") -> CL
             layers = tuple(_count(state, f"visual.layer{b}.", ".conv1.weight") for b in (1, 2, 3, 4))
             width = state["visual.layer1.0.conv1.weight"].shape[0]
             out_width = round(math.sqrt(state["visual.attnpool.positional_embedding"].shape[0] - 1))
-            vision = VisionConfig(image_size=out_width * 32, layers=layers, width=width, patch_size=None)
+            # openai/CLIP's build_model: attention-pool heads = width * 32 // 64, i.e. head_width 64
+            vision = VisionConfig(image_size=out_width * 32, layers=layers, width=width, patch_size=None,
+                                  head_width=64)
         text_width = state["ln_final.weight"].shape[0]
         text = TextConfig(context_length=state["positional_embedding"].shape[0],
                           vocab_size=state["token_embedding.weight"].shape[0], width=text_width,

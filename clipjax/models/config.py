@@ -12,8 +12,9 @@ import math
 import os
 from typing import Any
 
-# open_clip config keys we understand, and the values of the ones we accept but do not implement (the OpenAI
-# architecture). Any other value for these keys is refused with a clear message instead of silently ignored.
+# open_clip config keys. Each key of a `vision_cfg` / `text_cfg` is either read (_READ_KEYS), accepted only at a
+# value that gives the numbers of the architecture clipjax implements (_*_DEFAULTS_REQUIRED, _SUPPORTED_VALUES), or
+# ignored because it cannot change the model's outputs (_IGNORED_KEYS). Anything else is refused with a clear message.
 _VISION_DEFAULTS_REQUIRED = {
     "ls_init_value": None,
     "patch_dropout": 0.0,
@@ -27,6 +28,12 @@ _VISION_DEFAULTS_REQUIRED = {
     "attn_pooler_heads": None,
     "timm_model_name": None,
     "pos_embed_type": "learnable",
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
 }
 _TEXT_DEFAULTS_REQUIRED = {
     "ls_init_value": None,
@@ -40,12 +47,50 @@ _TEXT_DEFAULTS_REQUIRED = {
     "output_tokens": False,
     "hf_model_name": None,
     "attn_pooler_heads": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
 }
-_IGNORED_KEYS = {"hf_tokenizer_name", "tokenizer_kwargs", "hf_model_pretrained", "hf_proj_type", "hf_pooler_type",
-                 "act_kwargs", "norm_kwargs", "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias",
-                 "timm_drop", "timm_drop_path", "image_mean", "image_std", "image_interpolation",
-                 "image_resize_mode", "mlp_ratio", "width", "layers", "heads", "head_width", "patch_size",
-                 "image_size", "context_length", "vocab_size"}
+_READ_KEYS = {"mlp_ratio", "width", "layers", "heads", "head_width", "patch_size", "image_size", "context_length",
+              "vocab_size"}
+# Keys open_clip only reads for a tower clipjax refuses anyway (hf_model_name, timm_model_name must be unset) or
+# for the text pooling it does not use (eos_id: pool_type "eos" only).
+_IGNORED_KEYS = {"hf_model_pretrained", "hf_proj_type", "hf_pooler_type", "timm_model_pretrained", "timm_pool",
+                 "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path", "eos_id"}
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # as clipjax.data.preprocess, which applies them
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# Top level of an open_clip model config: read, accepted at one value, or without effect on the outputs.
+_TOP_READ_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias"}
+_TOP_DEFAULTS_REQUIRED = {"nonscalar_logit_scale": False}
+_TOP_IGNORED_KEYS = {"custom_text", "cast_dtype", "output_dict"}  # module layout and torch dtypes
+
+
+def _same_floats(value: Any, want: tuple[float, ...]) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == len(want)
+            and all(isinstance(v, (int, float)) and abs(v - w) <= 1e-7 for v, w in zip(value, want)))
+
+
+def _default_norm(value: Any) -> bool:
+    return not value or (isinstance(value, dict) and set(value) == {"eps"} and value["eps"] == 1e-5)
+
+
+# key -> (accepts(value), what is supported). Values these keys hold change the outputs or the preprocessing
+# clipjax applies (`preprocess` uses OpenAI's mean/std, bicubic, shortest-side resize), so others are refused.
+_SUPPORTED_VALUES = {
+    "image_mean": (lambda v: v is None or _same_floats(v, OPENAI_MEAN), f"None or OpenAI's {OPENAI_MEAN}"),
+    "image_std": (lambda v: v is None or _same_floats(v, OPENAI_STD), f"None or OpenAI's {OPENAI_STD}"),
+    "image_interpolation": (lambda v: v in (None, "bicubic"), "None or 'bicubic'"),
+    "image_resize_mode": (lambda v: v in (None, "shortest"), "None or 'shortest'"),
+    "norm_kwargs": (_default_norm, "None, {} or {'eps': 1e-05}"),
+    "act_kwargs": (lambda v: v in (None, {}), "None or {}"),
+    "hf_tokenizer_name": (lambda v: v is None, "None: clipjax tokenizes with OpenAI's BPE"),
+    "tokenizer_mode": (lambda v: v is None, "None: clipjax tokenizes with OpenAI's BPE"),
+    "tokenizer_kwargs": (lambda v: v in (None, {}), "None or {}: clipjax tokenizes with OpenAI's BPE as is"),
+    "block_type": (lambda v: v in (None, "default"), "None or 'default'"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +108,18 @@ class VisionConfig:
     def is_resnet(self) -> bool:
         return isinstance(self.layers, (tuple, list))
 
+    def __post_init__(self) -> None:
+        channels = self.width * 32 if self.is_resnet else self.width
+        if self.head_width <= 0 or channels % self.head_width:
+            what = "attention-pool channels (width*32)" if self.is_resnet else "width"
+            raise ValueError(f"vision head_width={self.head_width} must divide the {what}, {channels}")
+
     @property
     def heads(self) -> int:
-        if self.is_resnet:  # attention pool over width*32 channels, as OpenAI's ModifiedResNet
-            return self.width * 32 // 64
+        """Attention heads: width // head_width (ViT); width*32 // head_width for the ResNet's attention pool, as
+        open_clip builds ModifiedResNet (OpenAI's ResNets have head_width 64)."""
+        if self.is_resnet:
+            return self.width * 32 // self.head_width
         return self.width // self.head_width
 
 
@@ -126,6 +179,7 @@ class CLIPConfig:
             with open(cfg) as f:
                 cfg = json.load(f)
         v, t = dict(cfg.get("vision_cfg", {})), dict(cfg.get("text_cfg", {}))
+        _refuse_unsupported(cfg, _TOP_DEFAULTS_REQUIRED, source, _TOP_READ_KEYS | _TOP_IGNORED_KEYS)
         _refuse_unsupported(v, _VISION_DEFAULTS_REQUIRED, f"{source}: vision_cfg")
         _refuse_unsupported(t, _TEXT_DEFAULTS_REQUIRED, f"{source}: text_cfg")
         layers = v.get("layers", 12)
@@ -149,21 +203,24 @@ class CLIPConfig:
         bias = cfg.get("init_logit_bias")
         return cls(embed_dim=int(cfg["embed_dim"]), vision=vision, text=text,
                    quick_gelu=bool(cfg.get("quick_gelu", False)),
+                   init_logit_scale=float(cfg.get("init_logit_scale", math.log(1 / 0.07))),
                    init_logit_bias=None if bias is None else float(bias))
 
     def to_open_clip(self) -> dict[str, Any]:
         """The open_clip model-config dict of this architecture (for export)."""
         v = self.vision
         vision_cfg: dict[str, Any] = {"image_size": v.image_size, "layers": list(v.layers) if v.is_resnet else v.layers,
-                                      "width": v.width}
+                                      "width": v.width, "head_width": v.head_width}
         if not v.is_resnet:
-            vision_cfg.update(patch_size=v.patch_size, head_width=v.head_width, mlp_ratio=v.mlp_ratio)
+            vision_cfg.update(patch_size=v.patch_size, mlp_ratio=v.mlp_ratio)
         t = self.text
         text_cfg = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
                     "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio}
         out: dict[str, Any] = {"embed_dim": self.embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
         if self.quick_gelu:
             out["quick_gelu"] = True
+        if self.init_logit_scale != math.log(1 / 0.07):
+            out["init_logit_scale"] = self.init_logit_scale
         if self.init_logit_bias is not None:
             out["init_logit_bias"] = self.init_logit_bias
         return out
@@ -177,14 +234,21 @@ def _int_size(size: Any, source: str) -> int:
     return int(size)
 
 
-def _refuse_unsupported(cfg: dict[str, Any], required: dict[str, Any], where: str) -> None:
+def _refuse_unsupported(cfg: dict[str, Any], required: dict[str, Any], where: str,
+                        known: set[str] = _READ_KEYS | _IGNORED_KEYS) -> None:
+    """Raises a one-line ValueError naming the first key whose value clipjax would not reproduce."""
     for key, value in cfg.items():
         if key in required:
             ok = value == required[key] or (value is None and required[key] in (False, 0.0))
             if not ok:
                 raise ValueError(f"{where}: option {key}={value!r} is not supported by clipjax "
                                  f"(only {required[key]!r}, the OpenAI architecture)")
-        elif key not in _IGNORED_KEYS:
+        elif key in _SUPPORTED_VALUES:
+            accepts, supported = _SUPPORTED_VALUES[key]
+            if not accepts(value):
+                raise ValueError(f"{where}: option {key}={value!r} is not supported by clipjax "
+                                 f"(only {supported}); it would change the outputs")
+        elif key not in known:
             raise ValueError(f"{where}: unknown option {key!r}")
 
 
