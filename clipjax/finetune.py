@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 
 from clipjax.interop.load import Pretrained, load
-from clipjax.models.clip import l2_normalize
+from clipjax.step import head_logits  # noqa: F401  (re-exported: the head's function lives with the update step)
 
 log = logging.getLogger(__name__)
 WEIGHTS, OPEN_CLIP_CONFIG = "model.safetensors", "open_clip_config.json"
@@ -78,8 +78,6 @@ def zeroshot_head(model: Pretrained, classnames: Sequence[str], templates: Seque
     return Head(np.float32(np.exp(model.logit_scale)) * w, np.zeros(w.shape[1], np.float32))
 
 
-def head_logits(features: jax.Array, head: dict[str, jax.Array]) -> jax.Array:
-    return l2_normalize(features) @ head["kernel"] + head["bias"]  # [B, E] @ [E, K] → [B, K]
 
 
 def save_head(head: Head, path: str | os.PathLike) -> None:

@@ -1,8 +1,8 @@
 """The one trainer: contrastive pretraining (CLIP / SigLIP, LiT) and classifier fine-tuning. Reads top to bottom in
 fixed sections:
 
-    config checks → model & optimizer → train state (born sharded) → update step → data → checkpoint & resume
-    → evals → loop
+    config checks → model & optimizer → jitted step (state and step: `clipjax.step`) → data → workdir
+    → train (checkpoint & resume) → loop → evals
 
 The task is `config.task`:
     "contrastive"  the towers' embeddings under the global-batch contrastive loss (`config.loss`)
@@ -10,7 +10,7 @@ The task is `config.task`:
                    the dataset's class names (WiSE-FT / FLYP recipe; `clipjax.finetune` holds the head and its files)
 Both share the train state, the sharded step, checkpoints, exact resume, preemption handling and the loop.
 
-`make_train_state`, `train_step` and `train` are importable; `python -m clipjax.main` calls `train`.
+`train` is importable (and `make_train_state` / `train_step` from `clipjax.step`); `python -m clipjax.main` calls it.
 Every key read here has its default in configs/common.py `base_config` (the one place defaults live).
 Letters: N global batch, B per-device batch, A accumulation steps, E embed dim, K classes.
 """
@@ -27,13 +27,12 @@ import time
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from clipjax import sharding as shd
 from clipjax.checkpoint import CheckpointError, Checkpointer, check_writable
@@ -42,12 +41,13 @@ from clipjax.metrics import MetricWriter, Progress, train_flops_per_step
 from clipjax.models.clip import CLIP
 from clipjax.models.config import CLIPConfig
 from clipjax.models.specs import get_model_config
-from clipjax.optim import FROZEN, clamp_logit_scale, is_frozen, make_optimizer, make_schedule, param_labels
+from clipjax.optim import make_optimizer, make_schedule
 from clipjax.run_control import Preemption, StepCounters, sum_over_processes
+from clipjax.step import (HEAD, TrainState, abstract_with_shardings, batch_shardings, clip_variables,  # noqa: F401
+                          make_train_state, train_step)
 
 log = logging.getLogger(__name__)
 TASKS = ("contrastive", "classify")
-HEAD = "head"  # the classification head's entry in the parameters (task "classify")
 
 
 class ConfigError(ValueError):
@@ -181,274 +181,6 @@ def init_variables_from(pretrained: Any, config: ml_collections.ConfigDict, cfg:
 def load_init_variables(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> dict:
     """The weights named by `config.init_from`, checked against `cfg` (see `init_variables_from`)."""
     return init_variables_from(load_pretrained(config), config, cfg)
-
-
-# ============================================================================================ train state
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any  # the CLIP's parameters (+ "head" {"kernel" [E, K], "bias" [K]} when classifying)
-    opt_state: Any
-    batch_stats: Any  # BatchNorm running statistics (ModifiedResNet); {} for ViT
-    rng: jax.Array
-    nonfinite_streak: jax.Array  # consecutive skipped updates (non-finite loss or gradients)
-    nonfinite_total: jax.Array
-
-
-def _dummy_inputs(cfg: CLIPConfig) -> tuple[jax.Array, jax.Array]:
-    s = cfg.vision.image_size
-    return jnp.zeros((1, s, s, 3), jnp.float32), jnp.zeros((1, cfg.text.context_length), jnp.int32)
-
-
-def _head_init(embed_dim: int, num_classes: int) -> dict[str, Any]:
-    """A zero classification head, boxed with logical axes like the model's parameters (kernel [E, K], bias [K])."""
-    return {"kernel": nn.LogicallyPartitioned(jnp.zeros((embed_dim, num_classes), jnp.float32), ("joint", None)),
-            "bias": nn.LogicallyPartitioned(jnp.zeros((num_classes,), jnp.float32), (None,))}
-
-
-def make_train_state(model: CLIP, tx_fn: Callable[[Any], optax.GradientTransformation], seed: int, mesh: Mesh,
-                     init_variables: dict | None = None, reinit: tuple[str, ...] = (), num_classes: int = 0):
-    """Create the train state directly with its final shardings (nothing is materialised unsharded).
-
-    Returns (state, state_shardings, tx). Shapes come from `jax.eval_shape`; parameters carry logical axis names
-    (Flax partitioning boxes) and are sharded through `clipjax.sharding`; the optimizer state is initialised on the
-    boxed parameters, so its moments carry the same names and shard like their parameters. Variables under a
-    `reinit` prefix ("text", "visual/ln_post") keep their fresh initialisation instead of `init_variables`.
-    `num_classes` > 0 adds a classification head `params["head"]` (zeros unless `init_variables` holds one).
-    """
-    images, tokens = _dummy_inputs(model.config)
-
-    def boxed_init(rng):
-        variables = model.init(rng, images, tokens)
-        if num_classes:
-            variables = {**variables, "params": {**variables["params"],
-                                                 HEAD: _head_init(model.config.embed_dim, num_classes)}}
-        return variables
-
-    boxed = jax.eval_shape(boxed_init, jax.random.PRNGKey(0))
-    abstract_params = nn.meta.unbox(boxed["params"])
-    tx = tx_fn(abstract_params)
-
-    def init(rng):
-        rng, init_rng = jax.random.split(rng)
-        variables = nn.meta.unbox(boxed_init(init_rng))
-        if init_variables is not None:  # start from given weights (fine-tuning); shapes were checked on load
-            fresh = variables
-            variables = {**variables, **init_variables,
-                         "params": {**variables["params"], **init_variables["params"]}}
-            unmatched = [p for p in reinit if FROZEN not in jax.tree.leaves(param_labels(fresh["params"], (p,)))]
-            if unmatched:
-                raise ConfigError(f"reinit prefixes {unmatched} match no parameter (top: {sorted(fresh['params'])})")
-            for col in variables if reinit else ():  # e.g. LiT: a pretrained image tower, a text tower from scratch
-                labels = param_labels(variables[col], reinit)
-                variables[col] = jax.tree.map(lambda g, f, lab: f if lab == FROZEN else g, variables[col], fresh[col],
-                                              labels)
-        params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          batch_stats=variables.get("batch_stats", {}), rng=rng,
-                          nonfinite_streak=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32))
-
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(seed))
-    rep = shd.replicated(mesh)
-    shardings = TrainState(
-        step=rep, params=shd.logical_shardings(boxed["params"], mesh),
-        opt_state=shd.logical_shardings(jax.eval_shape(tx.init, boxed["params"]), mesh),
-        batch_stats=jax.tree.map(lambda _: rep, abstract.batch_stats), rng=rep, nonfinite_streak=rep,
-        nonfinite_total=rep)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
-    return state, shardings, tx
-
-
-def abstract_with_shardings(state_shardings: Any, state: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-
-
-def clip_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
-    """The CLIP model's variables from a train state's parameters (without a classification head)."""
-    variables = {"params": {k: v for k, v in params.items() if k != HEAD}}
-    if batch_stats:
-        variables["batch_stats"] = batch_stats
-    return variables
-
-
-# ============================================================================================ update step
-
-def _global_loss(loss_fn, mesh: Mesh):
-    """The contrastive loss over the *global* batch: each device scores its rows inside `jax.shard_map`."""
-    axes = shd.BATCH_AXES
-
-    def local(img, txt, scale, bias):
-        return loss_fn(img, txt, scale, bias, axes)
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())
-
-
-def _apply(model: CLIP, params, batch_stats, images, tokens, frozen: tuple[str, ...] = ()):
-    """Forward pass in training mode; a locked image tower (`frozen` names all of "visual", as in LiT) runs in
-    inference mode, so its BatchNorm uses and keeps its running statistics. `tokens` None: the image tower only."""
-    train = not is_frozen("visual", frozen)
-    variables = clip_variables(params, batch_stats)
-    if tokens is None:
-        method, args = CLIP.encode_image, (images, train)
-    else:
-        method, args = CLIP.__call__, (images, tokens, train)
-    if batch_stats:
-        out, updated = model.apply(variables, *args, method=method, mutable=["batch_stats"])
-        return out, updated["batch_stats"]
-    return model.apply(variables, *args, method=method), batch_stats
-
-
-def _bias(params) -> jax.Array:
-    return params.get("logit_bias", jnp.zeros((), jnp.float32))
-
-
-def _freeze(params, frozen: tuple[str, ...]):
-    """Stop gradients into frozen towers, so their backward pass is never computed."""
-    if not frozen:
-        return params
-    labels = param_labels(params, frozen)
-    return jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == FROZEN else p, params, labels)
-
-
-def _full_batch_grads(state, batch, model, global_loss, frozen):
-    def loss_of(params):
-        params = _freeze(params, frozen)
-        out, new_bs = _apply(model, params, state.batch_stats, batch["image"], batch["text"], frozen)
-        loss = global_loss(out["image_embeds"], out["text_embeds"], params["logit_scale"], _bias(params))
-        return loss, (new_bs, {})
-
-    (loss, (new_bs, aux)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    return loss, grads, new_bs, aux
-
-
-def _split_micro(batch, accum: int, mesh: Mesh):
-    """[N, ...] → [A, N/A, ...]; micro-batch a = rows i·A + a, so each one spans every device."""
-    n = batch["image"].shape[0]
-    micro = jax.tree.map(lambda x: x.reshape(n // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
-    return jax.lax.with_sharding_constraint(
-        micro, jax.tree.map(lambda x: NamedSharding(mesh, P(None, shd.BATCH_AXES)), micro))
-
-
-def _accumulated_grads(state, batch, model, global_loss, frozen, accum: int, mesh: Mesh):
-    """Exact global-batch gradient from A micro-batches (GradCache): embed all micro-batches without keeping
-    activations, take the loss gradient w.r.t. the embeddings of the whole batch, then back-propagate each
-    micro-batch's embedding gradient through the towers. Equal to the full-batch gradient (BatchNorm aside, whose
-    statistics are per micro-batch)."""
-    n = batch["image"].shape[0]
-
-    def split(x):  # [N, ...] → [A, N/A, ...]
-        return x.reshape(n // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-
-    def merge(x):  # inverse of split
-        return x.swapaxes(0, 1).reshape(n, *x.shape[2:])
-
-    micro = _split_micro(batch, accum, mesh)
-    params = _freeze(state.params, frozen)
-
-    def embed(p, bs, m):
-        out, bs = _apply(model, p, bs, m["image"], m["text"], frozen)
-        return (out["image_embeds"], out["text_embeds"]), bs
-
-    def forward(bs, m):
-        emb, bs = embed(params, bs, m)
-        return bs, emb
-
-    new_bs, (img, txt) = jax.lax.scan(forward, state.batch_stats, micro)  # [A, N/A, E] each
-    loss, (g_img, g_txt, g_scale, g_bias) = jax.value_and_grad(global_loss, argnums=(0, 1, 2, 3))(
-        merge(img), merge(txt), params["logit_scale"], _bias(params))
-
-    def backward(grads, xs):
-        m, gi, gt = xs
-        _, vjp = jax.vjp(lambda p: embed(_freeze(p, frozen), state.batch_stats, m)[0], state.params)
-        (g,) = vjp((gi, gt))
-        return jax.tree.map(jnp.add, grads, g), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, _ = jax.lax.scan(backward, zeros, (micro, split(g_img), split(g_txt)))
-    grads = {**grads, "logit_scale": grads["logit_scale"] + g_scale}
-    if "logit_bias" in grads:
-        grads["logit_bias"] = grads["logit_bias"] + g_bias
-    return loss, grads, new_bs, {}
-
-
-def _classify_loss(params, batch_stats, batch, *, model, frozen, label_smoothing):
-    """Softmax cross-entropy of the head on the image tower's unit-norm features → (loss, (batch_stats, metrics))."""
-    from clipjax.finetune import head_logits
-
-    params = _freeze(params, frozen)
-    feats, new_bs = _apply(model, params, batch_stats, batch["image"], None, frozen)  # [B, E]
-    logits = head_logits(feats, params[HEAD])  # [B, K]
-    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)  # [B, K]
-    loss = optax.softmax_cross_entropy(logits, targets).mean()
-    accuracy = (logits.argmax(-1) == batch["label"]).mean()
-    return loss, (new_bs, {"accuracy": accuracy})
-
-
-def _classify_grads(state, batch, model, frozen, label_smoothing: float, accum: int, mesh: Mesh):
-    """Loss and gradient of the mean cross-entropy; with A > 1 the mean of A equal micro-batches' (exact: the loss is
-    a mean over examples)."""
-    loss_of = functools.partial(_classify_loss, model=model, frozen=frozen, label_smoothing=label_smoothing)
-    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
-    if accum == 1:
-        (loss, (new_bs, aux)), grads = grad_fn(state.params, state.batch_stats, batch)
-        return loss, grads, new_bs, aux
-
-    def body(carry, m):
-        grads, bs = carry
-        (loss, (bs, aux)), g = grad_fn(state.params, bs, m)
-        return (jax.tree.map(jnp.add, grads, g), bs), (loss, aux)
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, new_bs), (losses, aux) = jax.lax.scan(body, (zeros, state.batch_stats), _split_micro(batch, accum, mesh))
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    return losses.mean(), grads, new_bs, jax.tree.map(jnp.mean, aux)
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: CLIP, tx: optax.GradientTransformation,
-               loss_fn: Callable | None, mesh: Mesh, accum_steps: int = 1, frozen: tuple[str, ...] = (),
-               task: str = "contrastive", label_smoothing: float = 0.0):
-    """One optimizer step on a global batch → (new state, metrics). Contrastive: {"image": [N, H, W, 3], "text":
-    [N, L]} under `loss_fn`; classify: {"image", "label": [N]} under the head's cross-entropy (`loss_fn` unused).
-
-    A non-finite loss or gradient skips the update (params, optimizer and BatchNorm state unchanged) and is counted.
-    """
-    if task == "classify":
-        loss, grads, new_bs, aux = _classify_grads(state, batch, model, frozen, label_smoothing, accum_steps, mesh)
-    elif accum_steps > 1:
-        global_loss = _global_loss(loss_fn, mesh)
-        loss, grads, new_bs, aux = _accumulated_grads(state, batch, model, global_loss, frozen, accum_steps, mesh)
-    else:
-        loss, grads, new_bs, aux = _full_batch_grads(state, batch, model, _global_loss(loss_fn, mesh), frozen)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def update(_):
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        return clamp_logit_scale(optax.apply_updates(state.params, updates)), new_opt, new_bs
-
-    def skip(_):
-        return state.params, state.opt_state, state.batch_stats
-
-    # A branch, not a `where` over every leaf: the skip costs nothing and the program stays small (compile time:
-    # experiments/RESULTS.md).
-    params, opt_state, batch_stats = jax.lax.cond(finite, update, skip, None)
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats,
-        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "logit_scale": params["logit_scale"],
-               "temperature": jnp.exp(params["logit_scale"]), "nonfinite_total": new_state.nonfinite_total,
-               "nonfinite_streak": new_state.nonfinite_streak, **aux}
-    if "logit_bias" in params:
-        metrics["logit_bias"] = params["logit_bias"]
-    return new_state, metrics
-
-
-def batch_shardings(mesh: Mesh, task: str) -> dict[str, NamedSharding]:
-    """Shardings of a global batch: every field split over the batch axes."""
-    fields = {"image": 4, "label": 1} if task == "classify" else {"image": 4, "text": 2}
-    return {name: shd.batch_sharding(mesh, ndim) for name, ndim in fields.items()}
 
 
 def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags: bool = False):
