@@ -29,6 +29,25 @@ from clipjax.optim import FROZEN, clamp_logit_scale, is_frozen, param_labels
 HEAD = "head"  # the classification head's entry in the parameters (task "classify")
 
 
+# ============================================================================================ images
+
+def prepare_images(batch: dict[str, jax.Array], mean: tuple[float, ...] | None = None,
+                   std: tuple[float, ...] | None = None) -> jax.Array:
+    """The batch's images as the model takes them, made on the device: uint8 pixels [N, S, S, 3] become float32
+    (x / 255 − mean) / std (OpenAI's statistics, as `clipjax.preprocess` computes them on the host); float images are
+    taken as already normalised. Rows whose "nan" flag is set become NaN (the synthetic source's fault injection)."""
+    images = batch["image"]
+    if images.dtype == jnp.uint8:
+        from clipjax.data.preprocess import OPENAI_MEAN, OPENAI_STD
+
+        m = jnp.asarray(mean or OPENAI_MEAN, jnp.float32)
+        s = jnp.asarray(std or OPENAI_STD, jnp.float32)
+        images = (images.astype(jnp.float32) / jnp.float32(255.0) - m) / s
+    if "nan" in batch:
+        images = jnp.where(batch["nan"][:, None, None, None] > 0, jnp.float32(jnp.nan), images)
+    return images
+
+
 # ============================================================================================ train state
 
 @flax.struct.dataclass
@@ -257,6 +276,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: CLIP, t
 
     A non-finite loss or gradient skips the update (params, optimizer and BatchNorm state unchanged) and is counted.
     """
+    batch = {**{k: v for k, v in batch.items() if k != "nan"}, "image": prepare_images(batch)}
     if task == "classify":
         loss, grads, new_bs, aux = _classify_grads(state, batch, model, frozen, label_smoothing, accum_steps, mesh)
     elif accum_steps > 1:
@@ -289,10 +309,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: CLIP, t
     return new_state, metrics
 
 
-def batch_shardings(mesh: Mesh, task: str) -> dict[str, NamedSharding]:
+def batch_fields(task: str) -> dict[str, int]:
+    """The fields of a task's batch and their ranks."""
+    return {"image": 4, "label": 1} if task == "classify" else {"image": 4, "text": 2}
+
+
+def batch_shardings(mesh: Mesh, task: str, fields: dict[str, int] | None = None) -> dict[str, NamedSharding]:
     """Shardings of a global batch: every field split over the batch axes."""
-    fields = {"image": 4, "label": 1} if task == "classify" else {"image": 4, "text": 2}
-    return {name: shd.batch_sharding(mesh, ndim) for name, ndim in fields.items()}
+    return {name: shd.batch_sharding(mesh, ndim) for name, ndim in (fields or batch_fields(task)).items()}
 
 
 def head_logits(features: jax.Array, head: dict[str, jax.Array]) -> jax.Array:

@@ -17,6 +17,7 @@ Letters: N global batch, B per-device batch, A accumulation steps, E embed dim, 
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -43,8 +44,8 @@ from clipjax.models.config import CLIPConfig
 from clipjax.models.specs import get_model_config
 from clipjax.optim import make_optimizer, make_schedule
 from clipjax.run_control import Preemption, StepCounters, sum_over_processes
-from clipjax.step import (HEAD, TrainState, abstract_with_shardings, batch_shardings, clip_variables,  # noqa: F401
-                          make_train_state, train_step)
+from clipjax.step import (HEAD, TrainState, abstract_with_shardings, batch_fields, batch_shardings,  # noqa: F401
+                          clip_variables, make_train_state, train_step)
 
 log = logging.getLogger(__name__)
 TASKS = ("contrastive", "classify")
@@ -183,8 +184,10 @@ def load_init_variables(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> d
     return init_variables_from(load_pretrained(config), config, cfg)
 
 
-def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags: bool = False):
-    """`train_step` jitted with its shardings and the state donated.
+def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags: bool = False,
+                   fields: dict[str, int] | None = None):
+    """`train_step` jitted with its shardings and the state donated. `fields`: the batch's fields and ranks (default:
+    the task's; the synthetic source may add its "nan" flags).
 
     `stop_flags`: the batch also carries "stop": int32 [N], each process's rows set to 1 when it was asked to stop;
     metrics["stop_requested"] is their maximum, the same on every process, so all processes agree on when to stop.
@@ -193,7 +196,7 @@ def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags
         train_step, model=model, tx=tx, loss_fn=get_loss(config.loss) if config.task == "contrastive" else None,
         mesh=mesh, accum_steps=int(config.accum_steps), frozen=frozen_prefixes(config, state_shardings.params),
         task=config.task, label_smoothing=float(config.label_smoothing))
-    in_batch = batch_shardings(mesh, config.task)
+    in_batch = batch_shardings(mesh, config.task, fields)
     if stop_flags:
         in_batch["stop"] = shd.batch_sharding(mesh, 1)
         inner = step
@@ -210,7 +213,7 @@ def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags
 
 # ============================================================================================ data
 
-def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int):
+def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mesh: Mesh):
     """The per-host training iterator named by `config.data.train` (or a mix); with labels when classifying."""
     d = config.data
     kw = dict(global_batch_size=config.batch_size, image_size=cfg.vision.image_size,
@@ -222,8 +225,10 @@ def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int):
             raise ConfigError("config.data.train='synthetic' has no labels: classifying needs a labelled dataset")
         from clipjax.data.synthetic import SyntheticIterator
 
-        return SyntheticIterator(vocab_size=cfg.text.vocab_size, nan_steps=tuple(d.synthetic_nan_steps),
-                                 seconds_per_batch=float(d.synthetic_seconds_per_batch), **kw)
+        return SyntheticIterator(global_batch_size=config.batch_size, image_size=cfg.vision.image_size,
+                                 context_length=cfg.text.context_length, seed=seed, mesh=mesh,
+                                 vocab_size=cfg.text.vocab_size, nan_steps=tuple(d.synthetic_nan_steps),
+                                 seconds_per_batch=float(d.synthetic_seconds_per_batch))
     from clipjax.data.pipeline import make_train_iterator
     from clipjax.data.tokenizer import get_tokenizer
 
@@ -248,10 +253,11 @@ def _warn_small_dataset(data: Any, batch_size: int) -> None:
                     "records", batch_size, sum(sizes))
 
 
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh,
-              fields: tuple[str, ...] = ("image", "text", "stop")) -> dict[str, jax.Array]:
-    """Per-host slices of `fields` → global arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(shd.batch_sharding(mesh, v.ndim), v)
+def to_global(batch: dict[str, Any], mesh: Mesh, fields: Any = ("image", "text", "stop")) -> dict[str, jax.Array]:
+    """Per-host slices of `fields` → global arrays sharded over the batch axes (arrays already global, as the
+    synthetic source makes them on the devices, are kept as they are)."""
+    return {k: v if isinstance(v, jax.Array) else
+            jax.make_array_from_process_local_data(shd.batch_sharding(mesh, v.ndim), v)
             for k, v in batch.items() if k in fields}
 
 
@@ -337,7 +343,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: 
         _from_config("config.loss", get_loss, config.loss)  # bad names fail before anything compiles
     pretrained = load_pretrained(config)
     cfg = _from_config("config.model", model_config, config, pretrained)
-    data = _from_config("config.data", make_data, config, cfg, config.seed)
+    data = _from_config("config.data", make_data, config, cfg, config.seed, mesh)
     _warn_small_dataset(data, config.batch_size)
 
     ckpt = writer = head_task = None
@@ -362,7 +368,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: 
             config.seed, mesh, init_variables, tuple(config.reinit), num_classes)
         report = shd.sharded_fraction(state.params)
         log.info("parameters: %.1fM (%.0f%% of bytes sharded)", report.total_bytes / 4e6, 100 * report.fraction)
-        step_fn = jit_train_step(model, tx, config, mesh, state_shardings, stop_flags=True)
+        step_fn = functools.partial(jit_train_step, model, tx, config, mesh, state_shardings, stop_flags=True)
         schedule = make_schedule(config.lr, config.warmup_steps, config.total_steps)
 
         # Resume order: 1. this workdir's newest readable checkpoint; 2. `init_from` weights; 3. from scratch.
@@ -390,9 +396,17 @@ def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: 
     return last
 
 
-def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, step_fn, schedule, data, ckpt: Checkpointer,
+COUNTER_LAG = 2  # steps by which the non-finite / stop counters are read late, so the loop never waits for the chip
+
+
+def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, schedule, data, ckpt: Checkpointer,
           writer: MetricWriter, preempt: Preemption, head_task: Any = None) -> dict[str, float]:
-    """Steps from the state's step to `config.total_steps`; logs, evaluates and checkpoints on schedule."""
+    """Steps from the state's step to `config.total_steps`; logs, evaluates and checkpoints on schedule.
+
+    The loop stays ahead of the devices: each step is dispatched without waiting for the one before, the next batch
+    is prepared while it runs, and nothing is read back except a step's counters `COUNTER_LAG` steps later and the
+    metrics of log steps. Log, eval and checkpoint steps first read every pending counter, so a run that must stop
+    (non-finite updates, a signal) never logs past, evaluates or checkpoints a bad state."""
     start = int(jax.device_get(state.step))
     is_main = jax.process_index() == 0
     evaluators = _make_evaluators(config, cfg)
@@ -405,28 +419,32 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, step_fn, sched
     if head_task is not None and start == 0:  # the zero-shot head before any step
         last = _run_evals({}, state, cfg, head_task)
         _write_metrics(writer, 0, last)
-    fields = (*batch_shardings(mesh, config.task), "stop")
     t_last, steps_since = time.perf_counter(), 0
-    step, unchecked, stop = start, None, False  # unchecked: (step, metrics) whose counters were not read yet
+    step, stop, step_fn, fields = start, False, None, None
+    unchecked: collections.deque = collections.deque()  # (step, metrics) whose counters were not read yet
     if start < config.total_steps and is_main:
         log.info("compiling the train step (the first step includes it)…")
     while step < config.total_steps:
         local = next(data)
-        batch = to_global({**local, "stop": preempt.flags(len(local["image"]))}, mesh, fields)
+        if step_fn is None:  # the batch's fields decide the compiled signature (synthetic data may add "nan")
+            fields = {k: v.ndim for k, v in local.items() if k in (*batch_fields(config.task), "nan")}
+            step_fn = make_step(fields=fields)
+        rows = len(local["image"]) // (jax.process_count() if isinstance(local["image"], jax.Array) else 1)
+        batch = to_global({**local, "stop": preempt.flags(rows)}, mesh, (*fields, "stop"))
         with jax.transfer_guard("disallow"):
             state, metrics = step_fn(state, batch)
         step += 1
         steps_since += 1
-        if unchecked is not None:  # the previous step's counters: reading them does not wait for this step
-            stop = counters.check(*unchecked) or stop
-            counters.raise_if_failed()
-        unchecked = (step, metrics)
+        unchecked.append((step, metrics))
+        while len(unchecked) > COUNTER_LAG:  # a step that finished a while ago: reading it does not wait
+            stop = counters.check(*unchecked.popleft()) or stop
         stop = stop or (single and preempt.requested)  # several processes stop only when all know (flags)
         log_now = step % config.log_every == 0 or step == config.total_steps or step == start + 1
         save = step % config.ckpt_every == 0 or step == config.total_steps or stop
-        if save or log_now:  # never log past, or checkpoint, a run that must stop (read this step's counters)
-            stop = counters.check(*unchecked) or stop
-            unchecked = None
+        evaluate = step % config.eval_every == 0 or step == config.total_steps
+        if save or log_now or evaluate:  # never log past, evaluate or checkpoint a run that must stop
+            while unchecked:
+                stop = counters.check(*unchecked.popleft()) or stop
             save = save or stop
         if log_now:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -444,7 +462,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, step_fn, sched
                 shown = ("loss", "accuracy") if head_task is not None else ("loss", "temperature")
                 log.info(progress.line(step, {k: m[k] for k in (*shown, "samples_per_sec")}))
         counters.raise_if_failed()  # after logging the step that failed, before evaluating or checkpointing it
-        if step % config.eval_every == 0 or step == config.total_steps:
+        if evaluate:
             results = _run_evals(evaluators, state, cfg, head_task)
             if results:
                 _write_metrics(writer, step, results)

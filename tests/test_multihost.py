@@ -2,7 +2,7 @@
 --process_id=i --local_device_count=2`, CPU devices, collectives over gloo.
 
 Checked: the same loss trajectory as one process over the same 4 devices and global batch; each process reads only
-its rows (synthetic) or its records (real pipeline); a SIGTERM to one process stops both at the same step with a
+the same global batch, made on the devices (synthetic), or only its records (real pipeline); a SIGTERM to one process stops both at the same step with a
 joint checkpoint; that checkpoint resumes in two processes (each with its own input position) and loads in one;
 only process 0 writes metrics.
 """
@@ -161,15 +161,3 @@ def test_input_position_of_another_process_count_is_dropped_with_a_warning(tmp_p
     ckpt.close()
     assert step == 4 and np.asarray(state["w"]).tolist() == [0.0, 1.0, 2.0] and data_state == {}
     assert any("written by 2 processes, this run has 1" in r.message for r in caplog.records)
-
-
-def test_synthetic_processes_read_their_own_rows():
-    """Row "multi-host": each process's synthetic batch is its slice of the one global batch."""
-    from clipjax.data.synthetic import SyntheticIterator
-
-    kw = dict(global_batch_size=8, image_size=16, context_length=8, seed=0, vocab_size=64)
-    whole = next(SyntheticIterator(**kw))
-    parts = [next(SyntheticIterator(**kw, process_index=i, process_count=2)) for i in range(2)]
-    for key in ("image", "text"):
-        assert parts[0][key].shape[0] == 4
-        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])

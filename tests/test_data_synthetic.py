@@ -1,0 +1,74 @@
+"""The synthetic source makes its batches on the devices: the same global batch on any mesh, born sharded, uint8
+images normalised in the step exactly as `clipjax.preprocess` normalises on the host, NaN faults where images become
+float, and a slow-pipeline delay paid off the loop thread."""
+
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from clipjax import sharding as shd
+from clipjax.data.preprocess import normalize
+from clipjax.data.synthetic import SyntheticIterator
+from clipjax.step import prepare_images
+
+KW = dict(global_batch_size=8, image_size=16, context_length=8, seed=3, vocab_size=64)
+
+
+def first_batches(mesh, n=2, **extra):
+    it = SyntheticIterator(**KW, mesh=mesh, **extra)
+    return [jax.device_get(next(it)) for _ in range(n)], it
+
+
+def test_same_global_batch_on_any_mesh_and_born_sharded():
+    one, _ = first_batches(shd.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    mesh8 = shd.make_mesh({"data": 2, "fsdp": 4})
+    eight, it = first_batches(mesh8)
+    for a, b in zip(one, eight):
+        for k in ("image", "text"):
+            np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(one[0]["image"], one[1]["image"])  # a new batch each step
+    batch = it.batch(0)
+    assert batch["image"].dtype == np.uint8 and batch["image"].sharding == shd.batch_sharding(mesh8, 4)
+    text = one[0]["text"]
+    assert (text[:, 0] == 62).all() and (text.max(axis=1) == 63).all()  # start token, end token = the largest id
+    ends = text.argmax(axis=1)
+    assert all((row[e + 1:] == 0).all() and (row[1:e] < 62).all() for row, e in zip(text, ends))
+
+
+def test_resume_continues_the_same_sequence():
+    mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    (b0, b1, b2), it = first_batches(mesh, 3)
+    again = SyntheticIterator(**KW, mesh=mesh)
+    again.set_state({"position": 2})
+    np.testing.assert_array_equal(jax.device_get(next(again))["image"], b2["image"])
+
+
+def test_images_are_normalised_on_device_like_the_host_and_nan_flags_poison_rows():
+    mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    it = SyntheticIterator(**KW, mesh=mesh, nan_steps=(2,))
+    b0, b1 = next(it), next(it)
+    assert int(jax.device_get(b0["nan"]).max()) == 0 and int(jax.device_get(b1["nan"]).min()) == 1
+    images = np.asarray(jax.jit(prepare_images)(b0))
+    np.testing.assert_allclose(images, normalize(np.asarray(b0["image"])), atol=1e-6)
+    assert np.isnan(np.asarray(jax.jit(prepare_images)(b1))).all()
+
+
+def test_slow_pipeline_delay_is_paid_off_the_loop_thread():
+    mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    it = SyntheticIterator(**KW, mesh=mesh, seconds_per_batch=0.2)
+    try:
+        next(it)
+        time.sleep(0.5)  # the loop is busy: the next batches are made meanwhile
+        t0 = time.perf_counter()
+        b = next(it)
+        assert time.perf_counter() - t0 < 0.1
+        np.testing.assert_array_equal(jax.device_get(b["image"]), jax.device_get(it.batch(1)["image"]))
+    finally:
+        it.close()
+
+
+def test_batch_not_divisible_by_the_batch_devices_is_an_error():
+    with pytest.raises(ValueError, match="not divisible"):
+        SyntheticIterator(**{**KW, "global_batch_size": 6}, mesh=shd.make_mesh({"data": 4}, devices=jax.devices()[:4]))
