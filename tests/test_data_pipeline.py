@@ -76,21 +76,94 @@ def test_deterministic_and_seed_dependent(ds_a):
     assert not np.array_equal(a[0]["image"], c[0]["image"])
 
 
-@pytest.mark.parametrize("mix", [False, True])
-def test_resume_mid_epoch_equals_uninterrupted(ds_a, ds_b, mix):
+@pytest.mark.parametrize("mix,labels", [(False, False), (True, False), (False, True)])
+def test_resume_mid_epoch_equals_uninterrupted(ds_a, ds_b, mix, labels):
     spec = {f"dir:{ds_a}": 0.7, f"dir:{ds_b}": 0.3} if mix else f"dir:{ds_a}"
-    full = _take(_train(spec), 12)  # 120 records / 16: crosses epoch boundaries
-    first = _train(spec)
+    full = _take(_train(spec, labels=labels), 12)  # 120 records / 16: crosses epoch boundaries
+    first = _train(spec, labels=labels)
     _take(first, 5)
     state = json.loads(json.dumps(first.get_state()))
-    resumed = _train(spec)
+    resumed = _train(spec, labels=labels)
     resumed.set_state(state)
     rest = _take(resumed, 7)
     for x, y in zip(full[5:], rest):
-        np.testing.assert_array_equal(x["image"], y["image"])
-        np.testing.assert_array_equal(x["text"], y["text"])
+        assert set(x) == set(y) == ({"image", "text", "label"} if labels else {"image", "text"})
+        for field in x:
+            np.testing.assert_array_equal(x[field], y[field])
     with pytest.raises(ValueError, match="seed"):
         _train(spec, seed=3).set_state(state)
+
+
+def test_labels_are_the_records_global_class_ids(ds_a):
+    """labels=True adds each record's global label (an index into get_classnames(spec)); the rest of the batch is
+    what labels=False gives."""
+    prints = _fingerprints(ds_a)
+    src = sources.open_source(f"dir:{ds_a}", "train")
+    label_of = {src.record(i).key: src.record(i).label for i in range(len(src))}
+    plain = _take(_train(f"dir:{ds_a}", scale=(1.0, 1.0)), 3)
+    it = _train(f"dir:{ds_a}", scale=(1.0, 1.0), labels=True)
+    labelled = _take(it, 3)
+    assert it.classnames == pipeline.get_classnames(f"dir:{ds_a}") == list(scenes.CLASSNAMES)
+    for p, b in zip(plain, labelled):
+        np.testing.assert_array_equal(p["image"], b["image"])
+        np.testing.assert_array_equal(p["text"], b["text"])
+        assert b["label"].dtype == np.int32
+        assert [int(x) for x in b["label"]] == [label_of[k] for k in _keys([b], prints)]
+    assert len({int(x) for b in labelled for x in b["label"]}) > 3
+
+
+def test_labels_need_one_labelled_dataset_and_skip_unlabelled_records(ds_a, ds_b, tmp_path):
+    with pytest.raises(sources.DatasetError, match="one labelled dataset"):
+        _train({f"dir:{ds_a}": 1.0, f"dir:{ds_b}": 1.0}, labels=True)
+    unnamed = records.image_text_features()
+    path = tmp_path / "unnamed"
+    path.mkdir()
+    with records.ShardWriter(path / records.shard_filename("unnamed", "train", 0, 1), unnamed) as w:
+        w.write({"image": _png(5), "captions": ["x"], "key": "k", "label": -1})
+    records.write_metadata(path, "unnamed", unnamed, {"train": [1]})
+    with pytest.raises(sources.DatasetError, match="no class labels"):
+        _train(f"dir:{path}", labels=True)
+    good = [{"image": _png(10 * i), "captions": [f"image {i}"], "key": f"g{i}", "label": i % 2} for i in range(6)]
+    none = [{"image": _png(99), "captions": ["no label"], "key": "n0", "label": -1}]
+    path = _write_dataset(tmp_path / "partly", good + none)
+    it = _train(f"dir:{path}", global_batch_size=6, labels=True, scale=(1.0, 1.0))
+    (batch,) = _take(it, 1)  # one epoch: the 6 labelled records; the unlabelled one is skipped
+    assert it.skipped == 1 and it.get_state()["sample"] == 7
+    assert {_solid_value(im): int(lab) for im, lab in zip(batch["image"], batch["label"])} == {
+        10 * i: i % 2 for i in range(6)}
+    (plain,) = _take(_train(f"dir:{path}", global_batch_size=6, scale=(1.0, 1.0)), 1)
+    assert "label" not in plain and 99 in {_solid_value(im) for im in plain["image"]}  # read without labels=True
+
+
+def _solid_value(image):
+    """The 8-bit value of a solid grey image after normalisation (red channel)."""
+    return int(round((image[0, 0, 0] * pp.OPENAI_STD[0] + pp.OPENAI_MEAN[0]) * 255))
+
+
+def test_loader_pickles_for_workers_and_close_leaves_no_threads(ds_a):
+    """The per-record work crosses a pickle boundary (as it will to worker processes) with the same batches, and
+    close() stops every thread the iterator started."""
+    import pickle
+    import threading
+
+    from test_data_core import PickledThreads
+
+    it = _train(f"dir:{ds_a}", labels=True)
+    slot = next(it._slots(it.get_state()))
+    clone = pickle.loads(pickle.dumps(it.loader))
+    assert clone.sources._opened is None  # reopened in the worker, not pickled
+    for a, b in zip(it.loader(slot), clone(slot)):
+        np.testing.assert_array_equal(a, b)
+    threaded = _take(it, 3)
+    pickled = _take(_train(f"dir:{ds_a}", labels=True, executor=PickledThreads), 3)
+    for x, y in zip(threaded, pickled):
+        for field in ("image", "text", "label"):
+            np.testing.assert_array_equal(x[field], y[field])
+    it = _train(f"dir:{ds_a}", num_threads=3)
+    next(it)
+    assert any(t.name.startswith("clipjax-data") for t in threading.enumerate())
+    it.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("clipjax-data", "test-pickled"))]
 
 
 def test_two_hosts_disjoint_shards_covering_each_epoch(ds_a):

@@ -9,33 +9,33 @@ Training stream (per host). Sample slots t = 0, 1, 2, ... are assigned, as pure 
     randomness crop and caption choice from ``default_rng([seed, process_index, t])``
 
 so hosts read disjoint records in every epoch and together cover all but N mod process_count of them.
-A batch is the next ``b`` slots whose record decodes and has a non-empty caption; bad records (corrupt
-bytes, empty captions) are skipped and counted. The state after a batch is therefore just
-``{"sample": t, "counts": [n_s], "skipped": k}`` (plus identity fields checked on restore), and a
+A batch is the next ``b`` slots whose record decodes and has a non-empty caption (and, with ``labels=True``, a
+label); bad records (corrupt bytes, empty captions, no label) are skipped and counted. The state after a batch is
+therefore just ``{"sample": t, "counts": [n_s], "skipped": k}`` (plus identity fields checked on restore), and a
 restored iterator yields exactly the batches the uninterrupted one would.
 
-Decoding + transforms run on a thread pool (PIL and NumPy release the GIL); a producer thread keeps
-``prefetch`` finished batches ahead. Records are parsed straight from the serialized ``tf.train.Example``
-(~13 µs) instead of TFDS's pure-Python ``deserialize_example_np`` (~1 ms, GIL-bound). Measured with
-``experiments/bench_data.py`` on the shared 2-core machine (load ~8-13, batch 64): JPEG 256 px → 224 px,
-2 threads 562 images/s vs grain ``MapDataset`` + ``mp_prefetch`` with 2 worker processes 258 images/s;
-demo 64-px PNG 2646 vs 1142 images/s. Worker processes pay for pickling every float32 image back.
+Both loaders run on ``clipjax.data.core``: a picklable loader object (``TrainLoader``, ``EvalLoader``) is mapped
+over work items (slots, record indices) by an ``OrderedMap`` on ``num_threads`` threads (PIL and NumPy release the
+GIL); a ``Prefetcher`` thread keeps ``prefetch`` finished training batches ahead. Records are parsed straight
+from the serialized ``tf.train.Example`` (~13 µs) instead of TFDS's pure-Python ``deserialize_example_np`` (~1 ms,
+GIL-bound). Measured with ``experiments/bench_data.py`` on the shared 2-core machine (load ~8-13, batch 64):
+JPEG 256 px → 224 px, 2 threads 562 images/s vs grain ``MapDataset`` + ``mp_prefetch`` with 2 worker processes
+258 images/s; demo 64-px PNG 2646 vs 1142 images/s. Worker processes pay for pickling every float32 image back.
 
 Shapes: b per-host batch, S image size, C context length.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures as cf
+import dataclasses
 import logging
 import math
-import queue
-import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
+from clipjax.data import core
 from clipjax.data import preprocess as pp
 from clipjax.data import sources as src_lib
 from clipjax.data.sources import get_classnames  # noqa: F401  (re-exported)
@@ -52,8 +52,60 @@ def _valid_captions(captions: Sequence[str]) -> list[str]:
     return [c for c in captions if c and c.strip()]
 
 
+def _window(batch_size: int, num_threads: int) -> int:
+    """Records in flight: two batches, and enough to keep every thread busy."""
+    return max(2 * batch_size, 8 * num_threads)
+
+
+# ============================================================================================ training
+
+class Slot(NamedTuple):
+    """One sample slot of the training stream: a work item of ``TrainLoader``."""
+
+    t: int  # slot number
+    source: int  # index into the specs
+    index: int  # record index in that source's split
+    counts: tuple[int, ...]  # records drawn from each source up to and including this slot
+
+
+@dataclasses.dataclass
+class TrainLoader:
+    """Slot → (image f32 [S,S,3], caption, label): the per-record work of training, picklable for workers.
+
+    Raises ``core.BadRecord`` for a record that cannot be read or decoded, has no non-empty caption or (with
+    ``num_classes``) no label in [0, num_classes).
+    """
+
+    sources: src_lib.SourceSet
+    image_size: int
+    scale: tuple[float, float]
+    seed: int
+    process_index: int
+    num_classes: int | None = None  # labels required when set
+
+    def __call__(self, slot: Slot) -> tuple[np.ndarray, str, int]:
+        spec = self.sources.specs[slot.source]
+        try:
+            rec = self.sources[slot.source].record(slot.index)
+        except Exception as e:  # a corrupt serialized record, an unreadable file
+            raise core.BadRecord(f"record {slot.index} of {spec!r}: unreadable ({type(e).__name__}: {e})") from None
+        captions = _valid_captions(rec.captions)
+        if not captions:
+            raise core.BadRecord(f"record {rec.key!r} of {spec!r}: no non-empty caption")
+        if self.num_classes is not None and not 0 <= rec.label < self.num_classes:
+            raise core.BadRecord(f"record {rec.key!r} of {spec!r}: no label (label {rec.label})")
+        rng = np.random.default_rng([self.seed, self.process_index, slot.t])
+        caption = captions[int(rng.integers(len(captions)))]
+        try:
+            image = pp.train_transform(rec.image, self.image_size, rng, scale=self.scale)  # [S, S, 3]
+        except Exception as e:  # corrupt or undecodable image bytes
+            raise core.BadRecord(f"record {rec.key!r} of {spec!r}: {e}") from None
+        return image, caption, rec.label
+
+
 class TrainIterator:
-    """Infinite iterator of per-host training batches {"image": f32 [b,S,S,3], "text": i32 [b,C]}."""
+    """Infinite iterator of per-host training batches {"image": f32 [b,S,S,3], "text": i32 [b,C]}, plus
+    "label": i32 [b] with ``labels=True``."""
 
     def __init__(
         self,
@@ -71,11 +123,15 @@ class TrainIterator:
         scale: tuple[float, float],
         num_threads: int,
         prefetch: int,
+        labels: bool = False,
+        executor: core.ExecutorFactory | None = None,
     ):
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
         if global_batch_size % process_count:
             raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} processes")
+        if labels and len(specs) != 1:
+            raise src_lib.DatasetError(f"labels=True reads one labelled dataset, got a mix of {len(specs)}")
         self.specs, self.weights = specs, np.asarray(weights, np.float64)
         self.sources = [src_lib.open_source(s, split) for s in specs]
         for spec, source in zip(specs, self.sources):
@@ -83,16 +139,20 @@ class TrainIterator:
                 raise src_lib.DatasetError(
                     f"dataset {spec!r} split {split!r} has {len(source)} records, fewer than {process_count} hosts"
                 )
+        self.labels = bool(labels)
+        self.classnames = src_lib.get_classnames(specs[0]) if labels else None  # what "label" indexes
         self.batch_size = global_batch_size // process_count
         self.global_batch_size = global_batch_size
         self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
         self.seed, self.process_index, self.process_count = seed, process_index, process_count
         self.scale, self.num_threads, self.prefetch = tuple(scale), max(1, num_threads), max(1, prefetch)
+        self.executor = executor or core.threads(self.num_threads)
+        self.loader = TrainLoader(
+            src_lib.SourceSet(specs, split, opened=self.sources), image_size, self.scale, seed, process_index,
+            num_classes=len(self.classnames) if labels else None)
         self._state = {"sample": 0, "counts": [0] * len(specs), "skipped": 0}
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
-        self._producer: threading.Thread | None = None
-        self._queue: queue.Queue | None = None
-        self._stop = threading.Event()
+        self._prefetcher: core.Prefetcher | None = None
 
     # -------------------------------------------------------------------------------------------- slots
 
@@ -114,8 +174,8 @@ class TrainIterator:
         rng = np.random.default_rng([self.seed, 0x313, self.process_index, block])
         return rng.choice(len(self.sources), size=_BLOCK, p=self.weights)
 
-    def _slots(self, state: dict) -> Iterator[tuple[int, int, int, tuple[int, ...]]]:
-        """(t, source, record index, counts after t) from ``state`` on."""
+    def _slots(self, state: dict) -> Iterator[Slot]:
+        """The slots from ``state`` on."""
         t, counts = state["sample"], list(state["counts"])
         block, choices = -1, None
         while True:
@@ -127,85 +187,33 @@ class TrainIterator:
             epoch, pos = divmod(counts[s], order_len)
             index = int(self._epoch_order(s, epoch)[pos])
             counts[s] += 1
-            yield t, s, index, tuple(counts)
+            yield Slot(t, s, index, tuple(counts))
             t += 1
 
-    def _load(self, t: int, s: int, index: int) -> tuple[np.ndarray, str] | str:
-        """The transformed image f32 [S,S,3] and chosen caption, or the reason the record is bad."""
-        try:
-            rec = self.sources[s].record(index)
-        except Exception as e:  # a corrupt serialized record
-            return f"record {index} of {self.specs[s]!r}: unreadable ({type(e).__name__}: {e})"
-        captions = _valid_captions(rec.captions)
-        if not captions:
-            return f"record {rec.key!r} of {self.specs[s]!r}: no non-empty caption"
-        rng = np.random.default_rng([self.seed, self.process_index, t])
-        caption = captions[int(rng.integers(len(captions)))]
-        try:
-            image = pp.train_transform(rec.image, self.image_size, rng, scale=self.scale)  # [S, S, 3]
-        except Exception as e:  # corrupt or undecodable image bytes
-            return f"record {rec.key!r} of {self.specs[s]!r}: {e}"
-        return image, caption
+    # -------------------------------------------------------------------------------------------- batches
 
-    # -------------------------------------------------------------------------------------------- producer
-
-    def _produce(self, state: dict, out: queue.Queue, stop: threading.Event) -> None:
-        try:
-            with cf.ThreadPoolExecutor(self.num_threads, thread_name_prefix="clipjax-data") as pool:
-                window: collections.deque = collections.deque()
-                slots = self._slots(state)
-                depth = max(2 * self.batch_size, 8 * self.num_threads)
-                skipped, bad_run = state["skipped"], 0
-                while not stop.is_set():
-                    images, captions = [], []
-                    while len(images) < self.batch_size:
-                        while len(window) < depth:
-                            t, s, index, counts = next(slots)
-                            window.append((t, counts, pool.submit(self._load, t, s, index)))
-                        t, counts, fut = window.popleft()
-                        result = fut.result()
-                        if isinstance(result, str):
-                            skipped += 1
-                            bad_run += 1
-                            if skipped <= 10:
-                                log.warning("skipping %s", result)
-                            if bad_run >= _MAX_CONSECUTIVE_BAD:
-                                raise RuntimeError(f"{bad_run} consecutive bad records; last: {result}")
-                            continue
-                        bad_run = 0
-                        images.append(result[0])
-                        captions.append(result[1])
-                    batch = {
-                        "image": np.stack(images),  # [b, S, S, 3]
-                        "text": np.asarray(self.tokenizer(captions, self.context_length), np.int32),  # [b, C]
-                    }
-                    after = {"sample": t + 1, "counts": list(counts), "skipped": skipped}
-                    while not stop.is_set():
-                        try:
-                            out.put((batch, after), timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
-                for _, _, fut in window:
-                    fut.cancel()
-        except BaseException as e:  # handed to the consumer
-            out.put((e, None))
-
-    def _start(self) -> None:
-        self._stop = threading.Event()
-        self._queue = queue.Queue(maxsize=self.prefetch)
-        self._producer = threading.Thread(
-            target=self._produce, args=(dict(self._state), self._queue, self._stop), daemon=True,
-            name="clipjax-data-producer",
-        )
-        self._producer.start()
+    def _batches(self, state: dict) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
+        """(batch, state after it) from ``state`` on; runs on the prefetch thread."""
+        records = core.OrderedMap(self.loader, self._slots(state), executor=self.executor,
+                                  window=_window(self.batch_size, self.num_threads), skipped=state["skipped"],
+                                  max_consecutive_bad=_MAX_CONSECUTIVE_BAD, logger=log)
+        with records:
+            while True:
+                rows = [next(records) for _ in range(self.batch_size)]  # [(slot, (image, caption, label))] * b
+                batch = {
+                    "image": np.stack([r[1][0] for r in rows]),  # [b, S, S, 3]
+                    "text": np.asarray(self.tokenizer([r[1][1] for r in rows], self.context_length), np.int32),
+                }  # text: [b, C]
+                if self.labels:
+                    batch["label"] = np.asarray([r[1][2] for r in rows], np.int32)  # [b]
+                last = rows[-1][0]
+                yield batch, {"sample": last.t + 1, "counts": list(last.counts), "skipped": records.skipped}
 
     def close(self) -> None:
         """Stops the background threads (the iterator can be resumed: the next batch restarts them)."""
-        if self._producer is not None:
-            self._stop.set()
-            self._producer.join()
-            self._producer, self._queue = None, None
+        prefetcher, self._prefetcher = self._prefetcher, None
+        if prefetcher is not None:
+            prefetcher.close()
 
     def __del__(self):
         try:
@@ -219,12 +227,15 @@ class TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._producer is None:
-            self._start()
-        batch, after = self._queue.get()
-        if after is None:
+        if self._prefetcher is None:
+            state = dict(self._state)
+            self._prefetcher = core.Prefetcher(lambda: self._batches(state), depth=self.prefetch,
+                                               name="clipjax-data-producer")
+        try:
+            batch, after = next(self._prefetcher)
+        except BaseException:
             self.close()
-            raise batch
+            raise
         self._state = after
         return batch
 
@@ -275,11 +286,18 @@ def make_train_iterator(
     num_threads: int = 2,
     prefetch: int = 2,
     split: str = "train",
+    labels: bool = False,
+    executor: core.ExecutorFactory | None = None,
 ) -> TrainIterator:
     """Training batches of ``spec_or_mix`` (a spec string or {spec: weight}) for this host.
 
     ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``.
     ``tokenizer(texts, context_length)`` → int32 [N, C] (e.g. ``clipjax.data.tokenizer.get_tokenizer()``).
+    ``labels=True`` (one labelled dataset, e.g. "scenes" or an ImageFolder): every batch also has "label": int32
+    [b], the record's index into ``get_classnames(spec)`` (all classes, whatever the split); a record without a
+    label is bad (skipped, counted). The other fields, and the state, are the same as without labels.
+    ``executor``: runs the per-record work (``clipjax.data.core``); default ``core.threads(num_threads)``. Batches
+    do not depend on it.
     """
     if process_index is None or process_count is None:
         import jax
@@ -290,8 +308,45 @@ def make_train_iterator(
     return TrainIterator(
         specs, weights, split=split, global_batch_size=global_batch_size, image_size=image_size,
         context_length=context_length, tokenizer=tokenizer, seed=seed, process_index=process_index,
-        process_count=process_count, scale=scale, num_threads=num_threads, prefetch=prefetch,
+        process_count=process_count, scale=scale, num_threads=num_threads, prefetch=prefetch, labels=labels,
+        executor=executor,
     )
+
+
+# ============================================================================================ evaluation
+
+@dataclasses.dataclass
+class EvalLoader:
+    """Record index → (image f32 [S,S,3] (eval transform), label, captions, key); picklable for workers.
+
+    ``label_map``: global label id → label in the evaluated label space (ids not in it become -1); None keeps
+    the global ids. Raises ``core.BadRecord`` for a record that cannot be read or decoded.
+    """
+
+    sources: src_lib.SourceSet  # one spec
+    image_size: int
+    label_map: dict[int, int] | None = None
+
+    def __call__(self, index: int) -> tuple[np.ndarray, int, list[str], str]:
+        source = self.sources[0]
+        where = f"of {source.spec!r} split {source.split!r}"
+        try:
+            rec = source.record(index)
+        except Exception as e:  # a corrupt serialized record, an unreadable file
+            raise core.BadRecord(f"record {index} {where}: unreadable ({type(e).__name__}: {e})") from None
+        try:
+            image = pp.preprocess(rec.image, self.image_size)  # [S, S, 3]
+        except Exception as e:  # corrupt or undecodable image bytes
+            raise core.BadRecord(f"record {rec.key!r} {where}: {e}") from None
+        label = rec.label if self.label_map is None else self.label_map.get(rec.label, -1)
+        return image, label, list(rec.captions), rec.key
+
+
+def evenly_spaced_indices(n: int, k: int | None) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)`` (all of them when ``k`` is None or ≥ n)."""
+    if k is None or k >= n:
+        return list(range(n))
+    return [int(i) for i in np.linspace(0, n - 1, k).round().astype(int)]
 
 
 class EvalDataset:
@@ -301,32 +356,35 @@ class EvalDataset:
     "captions": list of B lists of str, "key": list of B str}. Every batch has ``batch_size`` rows; the
     last one is padded (zeros, label -1, mask False, no captions). Records whose image does not decode
     are skipped and counted in ``skipped``. Labels index ``classnames``.
+
+    ``classnames``: an ImageFolder's class names in place of its folder names (its captions use them).
+    ``evenly_spaced``: read only that many records, spread evenly over the split (an ImageFolder's records are
+    sorted by class: every class stays represented). ``executor``: as in ``make_train_iterator``.
     """
 
     def __init__(self, spec: str, split: str, *, image_size: int, batch_size: int, label_space: str,
-                 num_threads: int):
+                 num_threads: int, classnames: Sequence[str] | None = None, evenly_spaced: int | None = None,
+                 executor: core.ExecutorFactory | None = None):
         if label_space not in ("split", "all"):
             raise ValueError(f"label_space must be 'split' or 'all', got {label_space!r}")
-        self.source = src_lib.open_source(spec, split)
+        self.source = src_lib.open_source(spec, split, classnames=classnames)
         self.spec, self.split, self.image_size, self.batch_size = spec, split, image_size, batch_size
         self.num_threads = max(1, num_threads)
-        self.num_examples = len(self.source)
+        self.executor = executor or core.threads(self.num_threads, "clipjax-eval")
+        self.indices = evenly_spaced_indices(len(self.source), evenly_spaced)  # the records read, in order
+        self.num_examples = len(self.indices)
         self.skipped = 0
         ids = src_lib.split_class_ids(spec, split) if label_space == "split" else None
-        self._label_map = {g: i for i, g in enumerate(ids)} if ids is not None else None
-        try:
-            self.classnames: list[str] | None = src_lib.get_classnames(spec, split if label_space == "split" else None)
-        except src_lib.DatasetError:
-            self.classnames = None
-
-    def _load(self, index: int):
-        try:
-            rec = self.source.record(index)
-            image = pp.preprocess(rec.image, self.image_size)  # [S, S, 3]
-        except Exception as e:
-            return f"record {index} of {self.spec!r} split {self.split!r}: {e}"
-        label = rec.label if self._label_map is None else self._label_map.get(rec.label, -1)
-        return image, label, rec.captions, rec.key
+        label_map = {g: i for i, g in enumerate(ids)} if ids is not None else None
+        self.loader = EvalLoader(src_lib.SourceSet([spec], split, classnames=classnames, opened=[self.source]),
+                                 image_size, label_map)
+        if classnames is not None:
+            self.classnames: list[str] | None = list(classnames)
+        else:
+            try:
+                self.classnames = src_lib.get_classnames(spec, split if label_space == "split" else None)
+            except src_lib.DatasetError:
+                self.classnames = None
 
     def _batch(self, rows: list) -> dict:
         n, b, s = len(rows), self.batch_size, self.image_size
@@ -337,33 +395,23 @@ class EvalDataset:
             "image": image,
             "label": np.asarray([r[1] for r in rows] + [-1] * (b - n), np.int32),  # [B]
             "mask": np.arange(b) < n,  # [B]
-            "captions": [list(r[2]) for r in rows] + [[] for _ in range(b - n)],
+            "captions": [r[2] for r in rows] + [[] for _ in range(b - n)],
             "key": [r[3] for r in rows] + [""] * (b - n),
         }
 
     def __iter__(self) -> Iterator[dict]:
         self.skipped = 0
         rows: list = []
-        with cf.ThreadPoolExecutor(self.num_threads, thread_name_prefix="clipjax-eval") as pool:
-            window: collections.deque = collections.deque()
-            indices = iter(range(self.num_examples))
-            depth = max(2 * self.batch_size, 8 * self.num_threads)
-            while True:
-                for index in indices:
-                    window.append(pool.submit(self._load, index))
-                    if len(window) >= depth:
-                        break
-                if not window:
-                    break
-                result = window.popleft().result()
-                if isinstance(result, str):
-                    self.skipped += 1
-                    log.warning("skipping %s", result)
-                    continue
-                rows.append(result)
+        records = core.OrderedMap(self.loader, self.indices, executor=self.executor,
+                                  window=_window(self.batch_size, self.num_threads), logger=log)
+        with records:
+            for _, row in records:
+                self.skipped = records.skipped
+                rows.append(row)
                 if len(rows) == self.batch_size:
                     yield self._batch(rows)
                     rows = []
+            self.skipped = records.skipped
         if rows:
             yield self._batch(rows)
 
@@ -380,8 +428,13 @@ def make_eval_dataset(
     batch_size: int,
     label_space: str = "split",
     num_threads: int = 2,
+    classnames: Sequence[str] | None = None,
+    evenly_spaced: int | None = None,
+    executor: core.ExecutorFactory | None = None,
 ) -> EvalDataset:
     """Eval batches of ``spec``/``split``. ``label_space="split"``: labels index ``get_classnames(spec, split)``
-    (e.g. the 10 scenes held-out classes); ``"all"``: the dataset's global label ids."""
+    (e.g. the 10 scenes held-out classes); ``"all"``: the dataset's global label ids. ``classnames`` and
+    ``evenly_spaced``, ``executor`` as in ``EvalDataset``."""
     return EvalDataset(spec, split, image_size=image_size, batch_size=batch_size, label_space=label_space,
-                       num_threads=num_threads)
+                       num_threads=num_threads, classnames=classnames, evenly_spaced=evenly_spaced,
+                       executor=executor)
