@@ -118,11 +118,23 @@ def make_train_state(model: CLIP, tx_fn: Callable[[Any], optax.GradientTransform
     rep = shd.replicated(mesh)
     shardings = TrainState(
         step=rep, params=shd.logical_shardings(boxed["params"], mesh),
-        opt_state=shd.logical_shardings(jax.eval_shape(tx.init, boxed["params"]), mesh),
+        opt_state=_opt_state_shardings(tx, boxed["params"], mesh),
         batch_stats=jax.tree.map(lambda _: rep, abstract.batch_stats), rng=rep, nonfinite_streak=rep,
         nonfinite_total=rep)
     state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
     return state, shardings, tx
+
+
+def _opt_state_shardings(tx: optax.GradientTransformation, boxed_params: Any, mesh: Mesh) -> Any:
+    """The optimizer state initialised on the boxed parameters keeps their logical axis names (moments shard like
+    their parameters); a box around an array-free node (optax's MaskedNode of a frozen parameter) is unwrapped, so
+    the shardings have the state's structure."""
+    def unbox_empty(x):
+        return x.value if isinstance(x, nn.LogicallyPartitioned) and not hasattr(x.value, "shape") else x
+
+    boxed = jax.tree.map(unbox_empty, jax.eval_shape(tx.init, boxed_params),
+                         is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return shd.logical_shardings(boxed, mesh)
 
 
 def abstract_with_shardings(state_shardings: Any, state: Any) -> Any:
