@@ -381,32 +381,3 @@ class Checkpointer:
         log.warning("checkpoint step %d was written by %d processes, this run has %d: the input pipeline cannot "
                     "continue from the saved position and starts from its first batch", step, len(states), n)
         return {}
-
-
-def load_workdir(workdir: str | os.PathLike):
-    """A `Pretrained` from a clipjax training workdir: its config.json and its newest checkpoint's weights."""
-    from clipjax.interop.load import Pretrained
-    from clipjax.models.config import CLIPConfig
-    from clipjax.models.layers import unstack_layers
-
-    workdir = pathlib.Path(workdir)
-    with open(workdir / "config.json") as f:
-        config = json.load(f)
-    if "model_config" not in config:
-        raise ValueError(f"{workdir}/config.json has no 'model_config': not a clipjax training workdir")
-    cfg = CLIPConfig.from_dict(config["model_config"])
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False, read_only=True)
-    try:
-        restored = ckpt.restore()
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise ValueError(f"{workdir}: no checkpoint in {workdir / 'checkpoints'}")
-    step, state, _ = restored
-    variables = {"params": state["params"]}
-    if state.get("batch_stats"):
-        variables["batch_stats"] = state["batch_stats"]
-    variables = jax.tree.map(lambda x: jax.numpy.asarray(x), variables)
-    if cfg.scan_layers:
-        variables = unstack_layers(variables)
-    return Pretrained(cfg.replace(scan_layers=False, remat="none"), variables, f"{workdir}@{step}")

@@ -8,17 +8,22 @@ clipjax training (or fine-tuning) workdir.
 - `hf`: DIR holds `config.json` + `model.safetensors` (transformers' tensor names and layouts) and, when the text
   tower uses CLIP's BPE vocabulary, the tokenizer and image-processor files, so that
   `transformers.CLIPModel.from_pretrained(DIR)` and `CLIPProcessor.from_pretrained(DIR)` work offline.
-  transformers has no ResNet CLIP: ResNet models export in open_clip format only.
+  It needs a ViT image tower: transformers' CLIPModel cannot represent a ModifiedResNet (e.g. the demo model,
+  OpenAI's RN50), so ResNet models export in open_clip format only.
 - `open_clip`: DIR holds `model.safetensors` (open_clip's state-dict names, BatchNorm running statistics and
   `num_batches_tracked` for ResNets) and `NAME.json`, the open_clip model config:
   `open_clip.add_model_config("DIR/NAME.json"); open_clip.create_model("NAME", pretrained="DIR/model.safetensors")`.
 
 Weights are written in float32; exporting imported weights reproduces the source tensors exactly.
+
+DIR must be new or empty: a non-empty DIR is refused unless `--force` (then the exported files in it are
+replaced, each written to a temporary file first, and other files are left alone). A clipjax training workdir
+(`checkpoints/`, or `config.json` + `metrics.jsonl`), the model being exported and an existing file are refused
+even with `--force`. Bad input prints one line `error: ...` on stderr and exits with status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipjax import cli
 from clipjax.interop import export_hf as hf_files
 from clipjax.interop import names
 from clipjax.interop.load import Pretrained, load
@@ -50,15 +56,65 @@ def numpy_variables(model: Pretrained) -> dict[str, Any]:
                         else np.asarray(x), variables)
 
 
+def _temporary(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def _save_safetensors(state: dict[str, np.ndarray], path: pathlib.Path) -> None:
+    """Write `state` to `path` through a temporary file (a failed write leaves any previous file intact)."""
     from safetensors.numpy import save_file
 
-    # {"format": "pt"}: transformers refuses safetensors files without it
-    save_file({k: np.array(v, order="C") for k, v in state.items()}, os.fspath(path), metadata={"format": "pt"})
+    tmp = _temporary(path)
+    try:
+        # {"format": "pt"}: transformers refuses safetensors files without it
+        save_file({k: np.array(v, order="C") for k, v in state.items()}, os.fspath(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a temporary file."""
+    tmp = _temporary(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def is_training_workdir(path: pathlib.Path) -> bool:
+    """Whether `path` is a clipjax training workdir (checkpoints/, or config.json next to metrics.jsonl)."""
+    return (path / "checkpoints").is_dir() or ((path / "config.json").is_file() and (path / "metrics.jsonl").is_file())
+
+
+def check_out_dir(out: str | os.PathLike, model: str | os.PathLike | None = None, force: bool = False) -> None:
+    """Refuse an output directory whose files an export would clobber (see the module docstring)."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; give a directory (new or empty)")
+    if not out.exists():
+        return
+    if is_training_workdir(out):
+        raise ValueError(f"--out {out} is a clipjax training workdir (exporting would overwrite its config.json); "
+                         f"choose another directory")
+    if model is not None:
+        src = pathlib.Path(model).resolve()
+        if src == out.resolve() or out.resolve() in src.parents:
+            raise ValueError(f"--out {out} holds the model being exported ({model}); choose another directory")
+    present = sorted(p.name for p in out.iterdir())
+    if present and not force:
+        raise ValueError(f"--out {out} is not empty (it holds {present[0]!r}{' and more' if len(present) > 1 else ''})"
+                         f"; choose a new directory or pass --force to replace the exported files in it")
+
+
+def _resnet_for_hf(model: Pretrained) -> str:
+    return (f"{model.source or 'the model'}: --format hf needs a ViT image tower, and this model's image tower is a "
+            f"ModifiedResNet, which Hugging Face's CLIPModel cannot represent; use --format open_clip")
 
 
 def hf_state_dict(model: Pretrained) -> dict[str, np.ndarray]:
@@ -88,7 +144,7 @@ def export_hf(model: Pretrained, out: str | os.PathLike) -> pathlib.Path:
     """Write a transformers CLIPModel directory (weights, config, tokenizer and processor files) to `out`."""
     cfg = model.config
     if cfg.vision.is_resnet:
-        raise ValueError("Hugging Face transformers has no ResNet CLIP; export this model with --format open_clip")
+        raise ValueError(_resnet_for_hf(model))
     config = hf_files.hf_config(cfg)
     state = hf_state_dict(model)
     out = pathlib.Path(out)
@@ -98,8 +154,10 @@ def export_hf(model: Pretrained, out: str | os.PathLike) -> pathlib.Path:
     _write_json(out / "preprocessor_config.json", hf_files.preprocessor_config(cfg.vision.image_size))
     if hf_files.uses_clip_bpe(cfg):
         for name, text in hf_files.tokenizer_files(cfg.text.context_length).items():
-            (out / name).write_text(text, encoding="utf-8")
+            _write_text(out / name, text)
     else:
+        for name in hf_files.TOKENIZER_FILES:  # a previous export's tokenizer would not match this model
+            (out / name).unlink(missing_ok=True)
         log.warning("no tokenizer files written to %s: the text vocabulary (%d ids) is not CLIP's BPE (%d)", out,
                     cfg.text.vocab_size, hf_files.CLIP_VOCAB_SIZE)
     return out
@@ -124,27 +182,37 @@ def _config_arg(value: str | None) -> Any:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipjax.export", description=__doc__.split("\n\n")[0])
+def _parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m clipjax.export", description=__doc__)
     parser.add_argument("--model", required=True, help="weights or workdir, anything clipjax.load accepts")
     parser.add_argument("--config", default=None, help="model name, open_clip JSON file or JSON string")
-    parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="hf (transformers CLIPModel: ViT image towers only) or open_clip (any model)")
+    parser.add_argument("--out", required=True, help="output directory (new or empty unless --force)")
     parser.add_argument("--name", default="clipjax-model", help="open_clip model name (config file stem)")
-    args = parser.parse_args(argv)
-    try:
-        model = load(args.model, _config_arg(args.config))
-        if args.format == "hf":
-            out = export_hf(model, args.out)
-            print(f"wrote {out}: transformers.CLIPModel.from_pretrained({str(out)!r})")
-        else:
-            out = export_open_clip(model, args.out, args.name)
-            print(f"wrote {out}: open_clip.add_model_config({str(out / (args.name + '.json'))!r}); "
-                  f"open_clip.create_model({args.name!r}, pretrained={str(out / WEIGHTS)!r})")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty --out, replacing the exported files (never a training workdir)")
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse `argv` and export; bad input raises (ValueError, OSError)."""
+    args = _parser().parse_args(argv)
+    check_out_dir(args.out, args.model, args.force)
+    model = load(args.model, _config_arg(args.config))
+    if args.format == "hf":
+        out = export_hf(model, args.out)
+        print(f"wrote {out}: transformers.CLIPModel.from_pretrained({str(out)!r})")
+    else:
+        out = export_open_clip(model, args.out, args.name)
+        print(f"wrote {out}: open_clip.add_model_config({str(out / (args.name + '.json'))!r}); "
+              f"open_clip.create_model({args.name!r}, pretrained={str(out / WEIGHTS)!r})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0, or 2 after one `error: ...` line for bad input."""
+    return cli.run_main(run, argv)
 
 
 if __name__ == "__main__":

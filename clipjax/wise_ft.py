@@ -17,11 +17,12 @@ are an open_clip state dict, C/model.safetensors with C/open_clip_config.json).
 of the dataset's classes (when there is a head), and `zeroshot_top1`, the top-1 of a zero-shot classifier built
 from the interpolated model's own text tower over the split's classes (`clipjax.evaluate.zeroshot`). The table is
 printed and, with `--out`, written to `C/wise_ft.json`.
+
+Bad input prints one line `error: ...` on stderr and exits with status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -31,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from clipjax import cli
 from clipjax.export import numpy_variables
 from clipjax.finetune import (Head, check_new_dir, eval_batches, evaluate_head, load_finetuned, save_finetuned,
                               zeroshot_head)
@@ -124,8 +126,8 @@ def _floats(text: str, flag: str) -> list[float]:
         raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clipjax.wise_ft", description=__doc__.split("\n\n")[0])
+def _parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m clipjax.wise_ft", description=__doc__)
     p.add_argument("--zeroshot", required=True, help="the zero-shot (pretrained) weights")
     p.add_argument("--finetuned", required=True, help="the fine-tuned weights (e.g. a clipjax.finetune output)")
     p.add_argument("--zeroshot-config", default=None, help="config for --zeroshot when clipjax.load needs one")
@@ -140,32 +142,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer for zero-shot (default: the classifier's, else CLIP)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-examples", type=int, default=None, help="evaluate at most this many images per split")
-    args = p.parse_args(argv)
-    try:
-        alphas = _floats(args.alphas, "--alphas") if args.alphas else [args.alpha]
-        if args.out is not None:
-            check_new_dir(args.out)
-        a, b, head_a, head_b, meta = load_ends(args.zeroshot, args.finetuned, args.zeroshot_config,
-                                               args.finetuned_config)
-        rows = []
-        if args.eval_data:
-            splits = [s for s in args.eval_split.split(",") if s]
-            rows = evaluate_alphas(a, b, head_a, head_b, alphas, args.eval_data, splits,
-                                   templates=args.templates or meta.get("templates"),
-                                   tokenizer=args.tokenizer or meta.get("tokenizer"), batch_size=args.batch_size,
-                                   max_examples=args.max_examples)
-        if args.out is not None:
-            model, head = wise_ft(a, b, args.alpha, head_a, head_b)
-            classifier = {**meta, "wise_ft": {"zeroshot": args.zeroshot, "finetuned": args.finetuned,
-                                              "alpha": args.alpha}}
-            out = save_finetuned(args.out, model, head, classifier)
-            if rows:
-                (out / "wise_ft.json").write_text(json.dumps({"results": rows}, indent=2) + "\n")
-            print(f"wrote {out} (alpha {args.alpha})")
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return p
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse `argv`, evaluate and/or write the interpolated model; bad input raises."""
+    args = _parser().parse_args(argv)
+    alphas = _floats(args.alphas, "--alphas") if args.alphas else [args.alpha]
+    if args.out is not None:
+        check_new_dir(args.out)
+    a, b, head_a, head_b, meta = load_ends(args.zeroshot, args.finetuned, args.zeroshot_config, args.finetuned_config)
+    rows = []
+    if args.eval_data:
+        splits = [s for s in args.eval_split.split(",") if s]
+        rows = evaluate_alphas(a, b, head_a, head_b, alphas, args.eval_data, splits,
+                               templates=args.templates or meta.get("templates"),
+                               tokenizer=args.tokenizer or meta.get("tokenizer"), batch_size=args.batch_size,
+                               max_examples=args.max_examples)
+    if args.out is not None:
+        model, head = wise_ft(a, b, args.alpha, head_a, head_b)
+        classifier = {**meta, "wise_ft": {"zeroshot": args.zeroshot, "finetuned": args.finetuned, "alpha": args.alpha}}
+        out = save_finetuned(args.out, model, head, classifier)
+        if rows:
+            (out / "wise_ft.json").write_text(json.dumps({"results": rows}, indent=2) + "\n")
+        print(f"wrote {out} (alpha {args.alpha})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0, or 2 after one `error: ...` line for bad input."""
+    return cli.run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from clipjax.data.preprocess import preprocess
-from clipjax.evaluate.__main__ import main
+from clipjax.evaluate.__main__ import main, run
 from clipjax.evaluate.features import FoldedTokenizer
 from clipjax.interop.load import load
 
@@ -49,7 +49,7 @@ def _reference(folder):
 
 def test_cli_zeroshot_on_hf_fixture(folder, tmp_path, capsys):
     out = tmp_path / "res.json"
-    result = main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--templates", "single",
+    result = run(["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--templates", "single",
                    "--tokenizer", "folded", "--batch-size", "4", "--out", str(out), "--cache-dir", str(tmp_path)])
     written = json.loads(out.read_text())
     assert written == json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
@@ -64,14 +64,14 @@ def test_cli_zeroshot_on_hf_fixture(folder, tmp_path, capsys):
     pred = (img @ txt.T).argmax(1)
     assert m["acc1"] == pytest.approx(np.mean(pred == labels))
     # the cached classifier gives the same answer on a second run
-    again = main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--templates", "single",
+    again = run(["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--templates", "single",
                   "--tokenizer", "folded", "--batch-size", "4", "--cache-dir", str(tmp_path)])
     assert again["metrics"]["acc1"] == m["acc1"]
     assert list(tmp_path.glob("classifier-*.npy"))
 
 
 def test_cli_retrieval_on_hf_fixture(folder):
-    result = main(["--model", str(HF), "--task", "retrieval", "--data", str(folder), "--tokenizer", "folded",
+    result = run(["--model", str(HF), "--task", "retrieval", "--data", str(folder), "--tokenizer", "folded",
                    "--batch-size", "4"])
     m = result["metrics"]
     assert result["task"] == "zeroshot_retrieval" and m["num_images"] == 6 and m["num_texts"] == 6
@@ -83,14 +83,29 @@ def test_cli_retrieval_on_hf_fixture(folder):
     assert m["image_retrieval_recall@10"] == 1.0 and m["text_retrieval_recall@10"] == 1.0
 
 
-def test_cli_errors(folder, tmp_path):
-    with pytest.raises(SystemExit, match="vocabulary has 1000 ids.*'folded'"):
-        main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder)])
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_cli_errors(folder, tmp_path, capsys):
+    """Bad input: one `error:` line on stderr and status 2 (usage errors included); --help exits 0."""
+    assert main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder)]) == 2
+    assert "vocabulary has 1000 ids" in _error_line(capsys)
     names = tmp_path / "names.txt"
     names.write_text("one\ntwo\n")
-    with pytest.raises(SystemExit, match="2 class names given for 3 class folders"):
-        main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--tokenizer", "folded",
-              "--classnames", str(names)])
-    with pytest.raises(SystemExit, match="unknown templates 'imagenett'"):
-        main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--tokenizer", "folded",
-              "--templates", "imagenett"])
+    assert main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--tokenizer", "folded",
+                 "--classnames", str(names)]) == 2
+    assert "2 class names given for 3 class folders" in _error_line(capsys)
+    assert main(["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--tokenizer", "folded",
+                 "--templates", "imagenett"]) == 2
+    assert "unknown templates 'imagenett'" in _error_line(capsys)
+    assert main(["--model", str(tmp_path / "missing"), "--task", "zeroshot", "--data", str(folder)]) == 2
+    assert str(tmp_path / "missing") in _error_line(capsys)
+    with pytest.raises(SystemExit) as usage:
+        main(["--model", str(HF), "--task", "zero-shot", "--data", str(folder)])
+    assert usage.value.code == 2 and "invalid choice: 'zero-shot'" in _error_line(capsys)
+    with pytest.raises(SystemExit) as helped:
+        main(["--help"])
+    assert helped.value.code == 0 and "--split" in capsys.readouterr().out

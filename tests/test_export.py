@@ -11,6 +11,7 @@ import dataclasses
 import json
 import pathlib
 import re
+import shutil
 import unicodedata
 
 import flax.linen as nn
@@ -198,7 +199,7 @@ def test_resnet_exports_to_open_clip_only(fixtures_dir, tmp_path, capsys):
     code = export.main([*args, "--format", "hf", "--out", str(tmp_path / "hf")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "no ResNet CLIP" in err and "open_clip" in err
+    assert "needs a ViT image tower" in err and "ModifiedResNet" in err and "use --format open_clip" in err
     assert not (tmp_path / "hf").exists()
     assert export.main([*args, "--format", "open_clip", "--out", str(tmp_path / "oc"), "--name", "rn"]) == 0
     original, _ = read_safetensors(src / "model.safetensors")
@@ -210,6 +211,91 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert export.main(["--model", str(tmp_path / "nothing"), "--format", "hf", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no such file" in err
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_readme_example_on_the_demo_model_explains_hf_needs_a_vit(tmp_path, capsys):
+    """`python -m clipjax.export --model runs/demo --format hf --out exported/`: the demo model has a ModifiedResNet
+    image tower; the error says so in one line and points at open_clip, which works."""
+    workdir, variables = make_workdir(tmp_path / "demo", BPE_RN)
+    assert export.main(["--model", str(workdir), "--format", "hf", "--out", str(tmp_path / "exported")]) == 2
+    line = _error_line(capsys)
+    assert str(workdir) in line and "needs a ViT image tower" in line and "--format open_clip" in line
+    assert not (tmp_path / "exported").exists()
+    assert export.main(["--model", str(workdir), "--format", "open_clip", "--out", str(tmp_path / "exported")]) == 0
+    again = clipjax.load(tmp_path / "exported" / "model.safetensors", tmp_path / "exported" / "clipjax-model.json")
+    assert_same_variables(again.variables, variables)
+
+
+def test_export_never_overwrites_without_force(fixtures_dir, tmp_path, capsys):
+    hf = _fixture(fixtures_dir, "hf_clip", "config.json", "model.safetensors")
+    args = ["--model", str(hf), "--format", "hf"]
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "config.json").write_text('{"mine": true}')
+    assert export.main([*args, "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert f"--out {out} is not empty" in line and "--force" in line
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+    assert (out / "config.json").read_text() == '{"mine": true}'
+    assert export.main([*args, "--out", str(out), "--force"]) == 0  # replaces the exported files only
+    assert (out / "notes.txt").read_text() == "keep me" and clipjax.load(out).config == clipjax.load(hf).config
+    assert not list(out.glob(".*.tmp"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export.main([*args, "--out", str(empty)]) == 0  # an empty directory needs no --force
+
+
+def test_export_refuses_files_workdirs_and_its_own_source(fixtures_dir, vit_workdir, tmp_path, capsys):
+    hf = _fixture(fixtures_dir, "hf_clip", "config.json", "model.safetensors")
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("not a directory")
+    assert export.main(["--model", str(hf), "--format", "hf", "--out", str(a_file)]) == 2
+    assert f"--out {a_file} is an existing file" in _error_line(capsys) and a_file.read_text() == "not a directory"
+    workdir, _ = vit_workdir
+    before = (workdir / "config.json").read_text()
+    for target in (workdir, _metrics_only_workdir(tmp_path / "run")):
+        assert export.main(["--model", str(hf), "--format", "hf", "--out", str(target), "--force"]) == 2
+        assert "is a clipjax training workdir" in _error_line(capsys)
+    assert (workdir / "config.json").read_text() == before and not (workdir / "model.safetensors").exists()
+    copy = tmp_path / "hf_copy"
+    shutil.copytree(hf, copy)
+    assert export.main(["--model", str(copy), "--format", "hf", "--out", str(copy), "--force"]) == 2
+    assert "holds the model being exported" in _error_line(capsys)
+
+
+def _metrics_only_workdir(path: pathlib.Path) -> pathlib.Path:
+    """A training workdir before its first checkpoint: config.json + metrics.jsonl."""
+    path.mkdir()
+    (path / "config.json").write_text('{"config": {}}')
+    (path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    return path
+
+
+def test_forced_export_removes_a_previous_export_s_stale_tokenizer(fixtures_dir, vit_workdir, tmp_path):
+    """A CLIP-BPE model writes tokenizer files; a forced export of a model with another vocabulary into the same
+    directory removes them (they would describe the wrong vocabulary)."""
+    out = tmp_path / "hf"
+    assert export.main(["--model", str(vit_workdir[0]), "--format", "hf", "--out", str(out)]) == 0
+    assert (out / "vocab.json").is_file()
+    hf = _fixture(fixtures_dir, "hf_clip", "config.json", "model.safetensors")  # a 1000-id vocabulary
+    assert export.main(["--model", str(hf), "--format", "hf", "--out", str(out), "--force"]) == 0
+    assert not any((out / name).exists() for name in ("vocab.json", "merges.txt", "tokenizer_config.json"))
+
+
+def test_usage_errors_are_one_line_and_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as usage:
+        export.main(["--model", "x", "--format", "onnx", "--out", "y"])
+    assert usage.value.code == 2 and "invalid choice: 'onnx'" in _error_line(capsys)
+    with pytest.raises(SystemExit) as helped:
+        export.main(["--help"])
+    assert helped.value.code == 0 and "--force" in capsys.readouterr().out
 
 
 # ============================================================================================ tokenizer files
@@ -229,8 +315,9 @@ def test_hf_tokenizer_files_encode_clipjax_bpe():
         a, b = line.split(" ")
         assert vocab[a + b] == 512 + rank
     tok = ClipTokenizer()
+    hf_names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     for token, i in tok.encoder.items():
-        assert vocab.get({"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}.get(token, token)) == i
+        assert vocab.get(hf_names.get(token, token)) == i
     special = json.loads(files["special_tokens_map.json"])
     assert special["pad_token"] == special["eos_token"] == "<|endoftext|>"
 

@@ -226,6 +226,19 @@ def test_pickled_code_in_init_from_is_refused_by_the_cli(setup, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("name, data, needle", [
+    ("random.safetensors", bytes(range(256)) * 2, "not a readable safetensors file"),
+    ("empty.pt", b"", "empty file"),
+])
+def test_unreadable_init_from_is_one_line(setup, tmp_path, name, data, needle):
+    """Row "bad weights": random bytes or an empty file as `config.init_from` (a traceback from the safetensors
+    reader before) is a one-line error naming the file."""
+    weights = tmp_path / name
+    weights.write_bytes(data)
+    out = setup.run(tmp_path / "run", f"--config.init_from={weights}")
+    assert_user_error(out, "config.init_from", str(weights), needle)
+
+
 # ============================================================================================ checkpoint directory
 
 def _mount(*args: str) -> bool:

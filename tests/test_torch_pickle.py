@@ -312,3 +312,133 @@ def test_parity_traced_fp16_open_clip_model(tmp_path):
     ours = load_torch_file(tmp_path / "clip.pt")
     _assert_matches_torch(ours, torch.jit.load(tmp_path / "clip.pt").state_dict())
     assert ours["visual.conv1.weight"].dtype == np.float16 and ours["logit_scale"].dtype == np.float32
+
+
+# ------------------------------------------------------------------ files that would allocate far more than their size
+# Hand-written pickles (no torch needed): a state dict {name: torch._utils._rebuild_tensor_v2(storage, offset, size,
+# stride, False, OrderedDict())}, the storage a persistent id ("storage", torch.FloatStorage, key, "cpu", numel).
+
+
+def _op(value) -> bytes:
+    """The opcodes that push `value` (an int, str or tuple of them), without PROTO and STOP."""
+    return pickle.dumps(value, protocol=2)[2:-1]
+
+
+def _global(module: str, name: str) -> bytes:
+    return f"c{module}\n{name}\n".encode()
+
+
+def _tensor(key: str, numel: int, offset: int, size: tuple, stride: tuple, *, legacy: bool = False) -> bytes:
+    """Opcodes that push one rebuilt float32 tensor viewing storage `key` (of `numel` elements)."""
+    pid = _op("storage") + _global("torch", "FloatStorage") + _op(key) + _op("cpu") + _op(numel)
+    pid = b"(" + pid + (_op(None) if legacy else b"") + b"tQ"
+    args = pid + _op(offset) + _op(tuple(size)) + _op(tuple(stride)) + b"\x89" + _global("collections", "OrderedDict")
+    return _global("torch._utils", "_rebuild_tensor_v2") + b"(" + args + b")Rt" + b"R"
+
+
+def _state_dict_pickle(tensors: dict[str, bytes]) -> bytes:
+    return b"\x80\x02}(" + b"".join(_op(name) + ops for name, ops in tensors.items()) + b"u."
+
+
+def _zip_checkpoint(path: pathlib.Path, data_pkl: bytes, storages: dict[str, bytes],
+                    compression: int = zipfile.ZIP_STORED) -> pathlib.Path:
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        zf.writestr("archive/data.pkl", data_pkl)
+        zf.writestr("archive/byteorder", "little")
+        for key, data in storages.items():
+            zf.writestr(f"archive/data/{key}", data)
+    return path
+
+
+def _legacy_checkpoint(path: pathlib.Path, data_pkl: bytes, storages: dict[str, np.ndarray]) -> pathlib.Path:
+    header = [pickle.dumps(v, protocol=2) for v in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True})]
+    body = b"".join(struct.pack("<q", a.size) + a.astype("<f4").tobytes() for a in storages.values())
+    path.write_bytes(b"".join(header) + data_pkl + pickle.dumps(list(storages), protocol=2) + body)
+    return path
+
+
+def _assert_unsafe(path: pathlib.Path, *needles: str) -> None:
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_torch_file(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_hand_written_checkpoints_load_when_views_are_plain(tmp_path):
+    """The control for the refusals below: the same kind of file with honest views loads, in both formats."""
+    values = np.arange(12, dtype=np.float32)
+    views = {"w": _tensor("0", 12, 0, (3, 4), (4, 1)), "t": _tensor("0", 12, 0, (4, 3), (1, 4)),
+             "rows": _tensor("0", 12, 4, (2, 4), (4, 1)), "step": _tensor("0", 12, 1, (3, 2), (4, 2))}
+    zipped = _zip_checkpoint(tmp_path / "ok.pt", _state_dict_pickle(views), {"0": values.tobytes()})
+    legacy_views = {"w": _tensor("0", 12, 0, (3, 4), (4, 1), legacy=True),
+                    "step": _tensor("0", 12, 1, (3, 2), (4, 2), legacy=True)}
+    legacy = _legacy_checkpoint(tmp_path / "ok_legacy.pt", _state_dict_pickle(legacy_views)[2:], {"0": values})
+    sd = load_torch_file(zipped)
+    grid = values.reshape(3, 4)
+    np.testing.assert_array_equal(sd["w"], grid)
+    np.testing.assert_array_equal(sd["t"], grid.T)
+    np.testing.assert_array_equal(sd["rows"], grid[1:])
+    np.testing.assert_array_equal(sd["step"], grid[:, 1::2])
+    old = load_torch_file(legacy)
+    np.testing.assert_array_equal(old["w"], grid)
+    np.testing.assert_array_equal(old["step"], grid[:, 1::2])
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_expanded_view_of_a_tiny_storage_is_refused(tmp_path, legacy):
+    """Stride 0: 5 Mi float32 elements (20 MiB, over the allowance for a file of a few hundred bytes) repeating one
+    stored element — the shape of a file that asks for gigabytes."""
+    n = 5 << 20
+    pkl = _state_dict_pickle({"big": _tensor("0", 1, 0, (n,), (0,), legacy=legacy)})
+    if legacy:
+        path = _legacy_checkpoint(tmp_path / "expand.pt", pkl[2:], {"0": np.ones(1, np.float32)})
+    else:
+        path = _zip_checkpoint(tmp_path / "expand.pt", pkl, {"0": np.ones(1, np.float32).tobytes()})
+    assert path.stat().st_size < 1000
+    _assert_unsafe(path, "'big'", "expanded view")
+
+
+def test_overlapping_view_is_refused(tmp_path):
+    """A sliding-window view (size (N, N), stride (1, 1)) of N + N - 1 elements holds N² of them."""
+    n = 3000
+    pkl = _state_dict_pickle({"window": _tensor("0", 2 * n - 1, 0, (n, n), (1, 1))})
+    path = _zip_checkpoint(tmp_path / "window.pt", pkl, {"0": np.zeros(2 * n - 1, np.float32).tobytes()})
+    _assert_unsafe(path, "'window'", "overlapping view")
+
+
+def test_view_past_the_end_of_its_storage_is_refused(tmp_path):
+    pkl = _state_dict_pickle({"ok": _tensor("0", 4, 0, (4,), (1,)), "long": _tensor("0", 4, 2, (4,), (1,))})
+    path = _zip_checkpoint(tmp_path / "long.pt", pkl, {"0": np.zeros(4, np.float32).tobytes()})
+    _assert_unsafe(path, "'long'", "storage '0' holds 16")
+
+
+def test_tensors_sharing_one_storage_are_capped_by_the_file_size(tmp_path):
+    """40 full views of one 1 MiB storage: 40 MiB from a 1 MiB file (over 2 x 1 MiB + 16 MiB)."""
+    n = 1 << 18
+    views = {f"copy{i}": _tensor("0", n, 0, (n,), (1,)) for i in range(40)}
+    path = _zip_checkpoint(tmp_path / "shared.pt", _state_dict_pickle(views),
+                           {"0": np.zeros(n, np.float32).tobytes()})
+    _assert_unsafe(path, "bytes, more than 2 x the file's")
+
+
+def test_compressed_records_cannot_inflate_past_the_allowance(tmp_path):
+    """A deflated zip member of 64 MiB of zeros is ~64 KiB on disk: neither a storage nor data.pkl may inflate
+    past the allowance (torch itself never compresses)."""
+    n = 16 << 20
+    pkl = _state_dict_pickle({"zeros": _tensor("0", n, 0, (n,), (1,))})
+    bomb = _zip_checkpoint(tmp_path / "bomb.pt", pkl, {"0": bytes(4 * n)}, zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 1 << 20
+    _assert_unsafe(bomb, "'zeros'", "storage '0'")
+    big_pickle = b"\x80\x02}(" + _op("pad") + _op("x" * (40 << 20)) + b"u."
+    pkl_bomb = _zip_checkpoint(tmp_path / "pkl_bomb.pt", big_pickle, {}, zipfile.ZIP_DEFLATED)
+    _assert_unsafe(pkl_bomb, "data.pkl", "inflates")
+
+
+def test_bytearray_from_a_length_is_refused(tmp_path):
+    """`bytearray(n)` is an allowed global (protocol-2 pickles of bytes use it); called with a length it would
+    allocate n bytes from a file of a few dozen."""
+    path = tmp_path / "alloc.pt"
+    path.write_bytes(b"\x80\x02}(" + _op("blob") + _global("__builtin__", "bytearray") + _op((64 << 20,)) + b"Ru.")
+    _assert_unsafe(path, "bytearray")

@@ -4,28 +4,40 @@
 
 SRC is one of
 
-    *.csv / *.jsonl   columns ``image`` (path, relative to the file or absolute) and ``caption`` (a string;
-                      in JSONL also a list; in CSV a JSON list ``["a", "b"]`` is read as a list). Several
-                      captions per image: repeated rows or a list. Rows with the same image are merged.
-    a folder of .tar  webdataset shards as img2dataset writes them: ``KEY.jpg|jpeg|png|webp`` + ``KEY.txt``
-                      (or a ``caption`` field in ``KEY.json``). Keys are de-duplicated across shards.
+    *.csv / *.jsonl   UTF-8 text (a BOM is allowed). Columns (CSV header / JSONL object keys):
+                        image      a local image file: a path relative to SRC's folder, or absolute. URLs are not
+                                   downloaded (fetch them first, e.g. with img2dataset, and ingest its .tar shards)
+                        caption    the caption (``captions`` is read too): a string; in JSONL also a list of
+                                   strings; in CSV a JSON list ``["a", "b"]`` is read as a list
+                      Other columns are ignored. Several captions per image: repeated rows or a list; rows with the
+                      same image are merged.
+    a folder of .tar  webdataset shards as img2dataset writes them: members ``KEY.jpg|jpeg|png|webp`` + ``KEY.txt``
+                      (the caption) or ``KEY.json`` (its ``caption`` field). Keys are de-duplicated across shards. A
+                      truncated or damaged shard keeps its complete members before the damage (one warning line
+                      names the shard and how many members were kept); the other shards are ingested as usual.
     an ImageFolder    one subfolder per class; each image gets the caption ``--template`` ("a photo of a {}.")
                       with the folder name (``_`` read as a space) and the class index as label.
 
-Every image is fully decoded (``preprocess.load_image``: any PIL mode, converted to RGB) to check it; the
-bytes written are the file's own, never re-encoded. Skipped (and listed with the reason in
-``DIR/ingest_report.json``): missing or zero-size files, undecodable bytes or modes, images with a zero
-side, records without a non-empty caption, duplicate keys.
+Every image is fully decoded (``preprocess.load_image``) only to check it; the bytes written are the file's own,
+never re-encoded (an alpha channel stays in the file; decoding for training drops it as PIL's ``convert("RGB")``).
+Skipped (and listed with the reason in ``DIR/ingest_report.json``): missing or zero-size files, undecodable bytes
+or modes, images with a zero side, records without a non-empty caption, URLs, duplicate keys. When every record
+is skipped no split is written (the reasons still go to ``DIR/ingest_report.json``) and the command fails
+(status 2) with the count and the first reasons.
+
+DIR must be new or empty, or a directory written by this command (it holds ``.ingest/manifest.json``): then a run
+of the same SRC and ``--split`` resumes or completes it (finished shards are kept), and another ``--split`` adds
+that split (with the same class names). A DIR holding anything else is refused and left untouched, as is a split
+whose SRC has changed since it was ingested (use a new ``--output`` or ``--split``).
 
 Work is cut into units (``--shard-size`` records, or one per input tar), each written by a worker process
 as one ArrayRecord shard via a temp file; ``DIR/.ingest/`` keeps the plan and one report per finished unit,
-so a re-run after an interruption only does the missing units (and refuses if SRC changed meanwhile).
-Running again with another ``--split`` adds that split to the same directory.
+so a re-run after an interruption only does the missing units. Bad input prints one line ``error: ...`` on
+stderr and exits with status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import csv
 import dataclasses
@@ -42,6 +54,7 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
+from clipjax import cli
 from clipjax.data import records
 from clipjax.data.preprocess import load_image
 
@@ -49,7 +62,14 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_TEMPLATE = "a photo of a {}."
 STATE_DIR = ".ingest"
+MANIFEST = "manifest.json"
 REPORT = "ingest_report.json"
+FIRST_REASONS = 3  # reasons quoted in the error of an ingestion where every record was skipped
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class IngestError(ValueError):
+    """Input that cannot be ingested (unreadable table, refused output directory, nothing usable)."""
 
 
 @dataclasses.dataclass
@@ -82,66 +102,140 @@ def _captions(value) -> list[str]:
     return [str(value).strip()]
 
 
+def _utf8_lines(src: pathlib.Path) -> Iterator[str]:
+    """The lines of `src` decoded as UTF-8 (a leading BOM dropped); bytes that are not UTF-8 are an IngestError
+    naming the file and the line."""
+    with open(src, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise IngestError(f"{src}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                  f"{e.start + 1}); save the file as UTF-8") from None
+            yield line.removeprefix("\ufeff") if line_no == 1 else line
+
+
 def _table_rows(src: pathlib.Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a CSV or JSONL table."""
     if src.suffix.lower() == ".csv":
-        with open(src, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = {"image", "caption"} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"{src}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
-            yield from enumerate(reader, start=2)
+        reader = csv.DictReader(_utf8_lines(src))
+        try:
+            missing = {"image"} - set(reader.fieldnames or [])
+            if missing or not {"caption", "captions"} & set(reader.fieldnames or []):
+                raise IngestError(f"{src}: needs the columns 'image' and 'caption' (or 'captions'); found "
+                                  f"{reader.fieldnames}")
+            for row in reader:
+                yield reader.line_num, row
+        except csv.Error as e:
+            raise IngestError(f"{src}:{reader.line_num}: malformed CSV ({e})") from None
         return
-    with open(src, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{src}:{line_no}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or "image" not in row:
-                    raise ValueError(f"{src}:{line_no}: expected an object with an 'image' field")
-                yield line_no, row
+    for line_no, line in enumerate(_utf8_lines(src), start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise IngestError(f"{src}:{line_no}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "image" not in row:
+                raise IngestError(f"{src}:{line_no}: expected an object with an 'image' field")
+            yield line_no, row
 
 
-def plan_table(src: pathlib.Path) -> list[Item]:
+def _table_ref_problem(ref: str, line_no: int) -> str | None:
+    """Why the image reference of a table row cannot be read (None when it may be)."""
+    if not ref or ref == "None":
+        return f"line {line_no}: no image path"
+    if _URL.match(ref):
+        return (f"line {line_no}: a URL; ingest reads local files only (download first, e.g. with img2dataset, "
+                f"and ingest its .tar shards)")
+    return None
+
+
+def plan_table(src: pathlib.Path) -> tuple[list[Item], list[dict]]:
+    """Items of a CSV/JSONL table (rows of one image merged) and the rows skipped while planning."""
     by_image: dict[str, Item] = {}
-    for _, row in _table_rows(src):
-        ref = str(row["image"]).strip()
+    skipped = []
+    for line_no, row in _table_rows(src):
+        ref = str(row.get("image") if row.get("image") is not None else "").strip()
+        problem = _table_ref_problem(ref, line_no)
+        if problem is not None:
+            skipped.append({"key": ref, "source": os.fspath(src), "reason": problem})
+            continue
         path = ref if os.path.isabs(ref) else os.fspath(src.parent / ref)
         caps = _captions(row.get("caption", row.get("captions")))
         if ref in by_image:
             by_image[ref].captions.extend(caps)
         else:
             by_image[ref] = Item(key=ref, image=path, captions=caps)
-    return list(by_image.values())
+    return list(by_image.values()), skipped
+
+
+def _tar_members(tar: pathlib.Path) -> tuple[list[tarfile.TarInfo], str | None]:
+    """The complete members of `tar` up to any damage, and a description of the damage (None if none)."""
+    size = tar.stat().st_size
+    members: list[tarfile.TarInfo] = []
+    try:
+        with tarfile.open(tar, "r:") as tf:
+            while (m := tf.next()) is not None:
+                if m.isfile() and m.offset_data + m.size > size:
+                    return members, f"member {m.name!r} is cut off at byte {size}"
+                members.append(m)
+            end = tf.offset  # tarfile stops quietly at a bad header after the first: the rest must be padding
+    except (tarfile.TarError, EOFError, OSError) as e:
+        return members, " ".join(str(e).split())
+    junk = _first_nonzero(tar, end)
+    return members, None if junk is None else f"unreadable data at byte {junk}"
+
+
+def _first_nonzero(path: pathlib.Path, start: int, chunk: int = 1 << 20) -> int | None:
+    """Offset of the first non-zero byte of `path` from `start` on (None: only zeros, a tar's end padding)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while block := f.read(chunk):
+            stripped = block.lstrip(b"\0")
+            if stripped:
+                return start + len(block) - len(stripped)
+            start += len(block)
+    return None
+
+
+def _tar_groups(tar: pathlib.Path) -> tuple[dict[str, dict[str, str]], str | None]:
+    """({key: {extension: member name}}, damage) of a webdataset shard's complete members; a damaged shard keeps
+    its members before the damage, with one warning line."""
+    members, damage = _tar_members(tar)
+    files = [m for m in members if m.isfile()]
+    if damage is not None:
+        cli.warn(f"{tar}: truncated or damaged shard ({damage}): kept its {len(files)} complete members before the "
+                 f"damage, the rest is lost")
+    groups: dict[str, dict[str, str]] = {}
+    for m in files:
+        base = os.path.basename(m.name)
+        if "." not in base or base.startswith("."):
+            continue
+        stem, ext = base.split(".", 1)
+        key = os.path.join(os.path.dirname(m.name), stem)
+        groups.setdefault(key, {})[ext.lower()] = m.name
+    return groups, damage
 
 
 def plan_webdataset(tars: list[pathlib.Path]) -> tuple[list[list[Item]], list[dict]]:
-    """One unit per tar; duplicate keys (first occurrence kept) are reported."""
-    units, dupes, seen = [], [], set()
+    """One unit per tar; duplicate keys (first occurrence kept) and damaged shards are reported."""
+    units, skipped, seen = [], [], set()
     for tar in tars:
-        groups: dict[str, dict[str, str]] = {}
-        with tarfile.open(tar) as tf:
-            for m in tf.getmembers():
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                if "." not in base or base.startswith("."):
-                    continue
-                stem, ext = base.split(".", 1)
-                key = os.path.join(os.path.dirname(m.name), stem)
-                groups.setdefault(key, {})[ext.lower()] = m.name
+        groups, damage = _tar_groups(tar)
+        if damage is not None:
+            skipped.append({"key": None, "source": os.fspath(tar),
+                            "reason": f"damaged shard ({damage}): members after the damage are lost"})
         items = []
         for key, files in groups.items():
             image = next((files[e] for e in WDS_IMAGE_EXTS if e in files), None)
             if key in seen:
-                dupes.append({"key": key, "source": os.fspath(tar), "reason": "duplicate key"})
+                skipped.append({"key": key, "source": os.fspath(tar), "reason": "duplicate key"})
                 continue
             seen.add(key)
             items.append(Item(key=key, image=image or "", captions=[], tar=os.fspath(tar),
                               txt=files.get("txt", ""), json=files.get("json", "")))
         units.append(items)
-    return units, dupes
+    return units, skipped
 
 
 def plan_image_folder(src: pathlib.Path, template: str) -> tuple[list[Item], list[str]]:
@@ -159,8 +253,8 @@ def plan_image_folder(src: pathlib.Path, template: str) -> tuple[list[Item], lis
 def make_plan(src: pathlib.Path, shard_size: int, template: str) -> dict:
     """{"kind", "classnames", "units": [[Item...]], "skipped": [...]} for ``src``."""
     if src.is_file() and src.suffix.lower() in (".csv", ".jsonl", ".json"):
-        items = plan_table(src)
-        kind, classnames, skipped = "table", None, []
+        items, skipped = plan_table(src)
+        kind, classnames = "table", None
         units = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
     elif src.is_dir() and sorted(src.glob("*.tar")):
         units, skipped = plan_webdataset(sorted(src.glob("*.tar")))
@@ -168,13 +262,13 @@ def make_plan(src: pathlib.Path, shard_size: int, template: str) -> dict:
     elif src.is_dir():
         items, classnames = plan_image_folder(src, template)
         if not classnames:
-            raise ValueError(f"{src}: no .tar shards and no class subfolders: not a dataset source")
+            raise IngestError(f"{src}: no .tar shards and no class subfolders: not a dataset source")
         kind, skipped = "imagefolder", []
         units = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
     else:
-        raise ValueError(f"{src}: expected a .csv/.jsonl file, a folder of .tar shards or an ImageFolder")
+        raise IngestError(f"{src}: expected a .csv/.jsonl file, a folder of .tar shards or an ImageFolder")
     if not any(units):
-        raise ValueError(f"{src}: no records found")
+        raise IngestError(_nothing_usable(src, skipped) if skipped else f"{src}: no records found")
     return {"kind": kind, "classnames": classnames, "units": units, "skipped": skipped}
 
 
@@ -199,9 +293,24 @@ def _check_image(data: bytes) -> str | None:
     return None
 
 
-def _read_item(item: Item, tar: tarfile.TarFile | None) -> tuple[bytes | None, list[str], str | None]:
+class _Shard:
+    """A webdataset shard opened to read members by name without scanning past any damage (tarfile's own lookup by
+    name reads the whole archive and fails on a truncated one)."""
+
+    def __init__(self, path: str):
+        self.members = {m.name: m for m in _tar_members(pathlib.Path(path))[0]}
+        self.tar = tarfile.open(path, "r:")
+
+    def read(self, name: str) -> bytes:
+        return self.tar.extractfile(self.members[name]).read()
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+def _read_item(item: Item, shard: _Shard | None) -> tuple[bytes | None, list[str], str | None]:
     """(image bytes, captions, error)."""
-    if tar is None:
+    if shard is None:
         try:
             with open(item.image, "rb") as f:
                 return f.read(), item.captions, None
@@ -209,28 +318,31 @@ def _read_item(item: Item, tar: tarfile.TarFile | None) -> tuple[bytes | None, l
             return None, [], f"cannot read {item.image}: {e.strerror or e}"
     if not item.image:
         return None, [], "no image file (jpg/jpeg/png/webp) for this key"
-    data = tar.extractfile(item.image).read()
-    captions = []
-    if item.txt:
-        captions = _captions(tar.extractfile(item.txt).read().decode("utf-8", errors="replace"))
-    elif item.json:
-        try:
-            meta = json.loads(tar.extractfile(item.json).read())
-            captions = _captions(meta.get("caption") if isinstance(meta, dict) else None)
-        except json.JSONDecodeError:
-            captions = []
+    try:
+        data = shard.read(item.image)
+        captions = []
+        if item.txt:
+            captions = _captions(shard.read(item.txt).decode("utf-8", errors="replace"))
+        elif item.json:
+            try:
+                meta = json.loads(shard.read(item.json))
+                captions = _captions(meta.get("caption") if isinstance(meta, dict) else None)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                captions = []
+    except (KeyError, tarfile.TarError, EOFError, OSError) as e:
+        return None, [], f"cannot read {item.image} from the shard ({' '.join(str(e).split())})"
     return data, captions, None
 
 
 def _ingest_unit(unit: list[Item], out_path: str, report_path: str, features_spec: list[str] | None) -> dict:
     feats = records.image_text_features(features_spec)
     skipped: list[dict] = []
-    tar = tarfile.open(unit[0].tar) if unit and unit[0].tar else None
+    shard = _Shard(unit[0].tar) if unit and unit[0].tar else None
     try:
         with records.ShardWriter(out_path, feats) as writer:
             for item in unit:
                 source = item.tar or item.image
-                data, captions, error = _read_item(item, tar)
+                data, captions, error = _read_item(item, shard)
                 captions = [c for c in captions if c]
                 if error is None:
                     error = _check_image(data)
@@ -242,8 +354,8 @@ def _ingest_unit(unit: list[Item], out_path: str, report_path: str, features_spe
                 writer.write({"image": data, "captions": captions, "key": item.key, "label": item.label})
             report = {"records": writer.count, "image_bytes": writer.image_bytes, "skipped": skipped}
     finally:
-        if tar is not None:
-            tar.close()
+        if shard is not None:
+            shard.close()
     tmp = report_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(report, f)
@@ -277,7 +389,56 @@ def _sanitize(name: str) -> str:
 
 
 def _load_json(path: pathlib.Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IngestError(f"{path}: unreadable ({e}); it was written by an interrupted or other program") from None
+
+
+def _nothing_usable(src: pathlib.Path, skipped: list[dict], report: pathlib.Path | None = None) -> str:
+    """The one-line error of an ingestion where every record was skipped: the count and the first reasons."""
+    first = "; ".join(f"{x['key'] if x['key'] is not None else x['source']}: {x['reason']}"
+                      for x in skipped[:FIRST_REASONS])
+    where = f"; every reason is in {report}" if report is not None else ""
+    return f"{src}: nothing to ingest: all {len(skipped)} records were skipped (first: {first}){where}"
+
+
+def check_output(out: pathlib.Path, src: pathlib.Path) -> None:
+    """Refuse an --output that holds files this command did not write (see the module docstring)."""
+    if out.exists() and not out.is_dir():
+        raise IngestError(f"--output {out} is an existing file; give a new or empty directory")
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise IngestError(f"--output {out} is inside the source {src}; choose a directory outside it")
+    if not out.exists() or (out / STATE_DIR / MANIFEST).is_file():
+        return
+    present = sorted(p.name for p in out.iterdir())
+    if present:
+        raise IngestError(f"--output {out} holds files not written by clipjax.data.ingest (e.g. {present[0]!r}); "
+                          f"choose a new or empty directory")
+
+
+def _prepare(out: pathlib.Path, name: str | None, split: str, src: pathlib.Path, plan: dict) -> dict:
+    """The manifest of `out` with `split` planned (written to `out`), after the checks that refuse mixing."""
+    manifest_path = out / STATE_DIR / MANIFEST
+    manifest = _load_json(manifest_path) or {"name": _sanitize(name or out.name), "splits": {}}
+    if name is not None and _sanitize(name) != manifest["name"]:
+        raise IngestError(f"{out} already holds dataset {manifest['name']!r}, not {_sanitize(name)!r}")
+    fingerprint = _fingerprint(plan)
+    previous = manifest["splits"].get(split)
+    if previous and previous["fingerprint"] != fingerprint:
+        raise IngestError(f"{out}: split {split!r} was ingested from a different source listing "
+                          f"({previous['source']}); use a new --output or --split")
+    for other, info in manifest["splits"].items():
+        if other != split and info["classnames"] != plan["classnames"]:
+            raise IngestError(f"{out}: split {split!r} has classes {plan['classnames']} but split {other!r} "
+                              f"has {info['classnames']}")
+    manifest["splits"][split] = {"source": os.fspath(src), "kind": plan["kind"], "fingerprint": fingerprint,
+                                 "classnames": plan["classnames"], "units": len(plan["units"])}
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return manifest
 
 
 def ingest(
@@ -297,28 +458,11 @@ def ingest(
     if not src.exists():
         raise FileNotFoundError(f"ingest source not found: {src}")
     if "{}" not in template:
-        raise ValueError(f"caption template must contain '{{}}', got {template!r}")
-    state = out / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
-    manifest_path = state / "manifest.json"
-    manifest = _load_json(manifest_path) or {"name": _sanitize(name or out.name), "splits": {}}
-    if name is not None and _sanitize(name) != manifest["name"]:
-        raise ValueError(f"{out} already holds dataset {manifest['name']!r}, not {_sanitize(name)!r}")
+        raise IngestError(f"caption template must contain '{{}}', got {template!r}")
+    check_output(out, src)
     plan = make_plan(src, shard_size, template)
-    fingerprint = _fingerprint(plan)
-    previous = manifest["splits"].get(split)
-    if previous and previous["fingerprint"] != fingerprint:
-        raise ValueError(f"{out}: split {split!r} was ingested from a different source listing "
-                         f"({previous['source']}); use a new --output or --split")
-    for other, info in manifest["splits"].items():
-        if other != split and info["classnames"] != plan["classnames"]:
-            raise ValueError(f"{out}: split {split!r} has classes {plan['classnames']} but split {other!r} "
-                             f"has {info['classnames']}")
-    manifest["splits"][split] = {"source": os.fspath(src), "kind": plan["kind"], "fingerprint": fingerprint,
-                                 "classnames": plan["classnames"], "units": len(plan["units"])}
-    manifest_path.write_text(json.dumps(manifest, indent=1))
-
-    dsname, count = manifest["name"], len(plan["units"])
+    manifest = _prepare(out, name, split, src, plan)
+    state, dsname, count = out / STATE_DIR, manifest["name"], len(plan["units"])
     tasks = []
     for i, unit in enumerate(plan["units"]):
         shard = out / records.shard_filename(dsname, split, i, count)
@@ -344,6 +488,16 @@ def ingest(
     return _finish(out, manifest, split, plan, len(tasks), start)
 
 
+def _drop_split(out: pathlib.Path, manifest: dict, split: str) -> None:
+    """Remove `split`'s shards, unit reports and manifest entry (a split with no records is not a dataset)."""
+    state, dsname, count = out / STATE_DIR, manifest["name"], manifest["splits"][split]["units"]
+    for i in range(count):
+        (out / records.shard_filename(dsname, split, i, count)).unlink(missing_ok=True)
+        (state / f"{split}-{i:05d}.json").unlink(missing_ok=True)
+    del manifest["splits"][split]
+    (state / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
 def _finish(out: pathlib.Path, manifest: dict, split: str, plan: dict, done: int, start: float) -> Summary:
     state, dsname = out / STATE_DIR, manifest["name"]
     lengths, reports = {}, {}
@@ -358,6 +512,10 @@ def _finish(out: pathlib.Path, manifest: dict, split: str, plan: dict, done: int
     report[split] = {"source": manifest["splits"][split]["source"], "records": sum(lengths[split]),
                      "image_bytes": sum(r["image_bytes"] for r in mine), "skipped": skipped}
     (out / REPORT).write_text(json.dumps(report, indent=1))
+    if not sum(lengths[split]):
+        source = manifest["splits"][split]["source"]
+        _drop_split(out, manifest, split)
+        raise IngestError(_nothing_usable(pathlib.Path(source), skipped, out / REPORT))
     records.write_metadata(
         out, dsname, records.image_text_features(plan["classnames"]), lengths,
         description=f"Image-text data ingested by clipjax.data.ingest from {manifest['splits'][split]['source']}.",
@@ -368,25 +526,35 @@ def _finish(out: pathlib.Path, manifest: dict, split: str, plan: dict, done: int
                    len(plan["units"]) - done, time.time() - start)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clipjax.data.ingest", description=__doc__.split("\n")[0])
+def _parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m clipjax.data.ingest", description=__doc__)
     parser.add_argument("src", help="a .csv/.jsonl file, a folder of webdataset .tar shards, or an ImageFolder")
-    parser.add_argument("--output", required=True, help="dataset directory to write (read it with dir:DIR)")
+    parser.add_argument("--output", required=True,
+                        help="dataset directory to write (read it with dir:DIR): new, empty, or an earlier output "
+                             "of this command")
     parser.add_argument("--name", default=None, help="dataset name (default: the output folder's name)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
     parser.add_argument("--shard-size", type=int, default=2_000, help="records per shard (tables, ImageFolders)")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="ImageFolder caption template")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        summary = ingest(args.src, args.output, name=args.name, split=args.split, workers=args.workers,
-                         shard_size=args.shard_size, template=args.template, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse `argv` and ingest; bad input raises."""
+    args = _parser().parse_args(argv)
+    if args.shard_size < 1:
+        raise IngestError(f"--shard-size must be at least 1, got {args.shard_size}")
+    summary = ingest(args.src, args.output, name=args.name, split=args.split, workers=args.workers,
+                     shard_size=args.shard_size, template=args.template, progress=not args.quiet)
     print(summary)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0, or 2 after one `error: ...` line for bad input."""
+    return cli.run_main(run, argv)
 
 
 if __name__ == "__main__":

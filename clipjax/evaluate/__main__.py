@@ -8,7 +8,10 @@
 an ingested dataset, PATH of an ImageFolder (class names from the folder names, or --classnames), or a prepared
 TFDS name. The summary is {"dataset", "model", "pretrained", "task", "metrics": {...}, "language": "en"} with
 CLIP_benchmark's metric names (acc1, acc5, mean_per_class_recall; image_retrieval_recall@K,
-text_retrieval_recall@K; lp_acc1, ...).
+text_retrieval_recall@K; lp_acc1, ...); "metrics"."split" is the split that was evaluated.
+
+Bad input (weights, data, arguments) and a model whose features are NaN or Inf print one line `error: ...` on
+stderr and exit with status 2 (CLIPJAX_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
@@ -22,16 +25,23 @@ import sys
 import time
 from typing import Any
 
+from clipjax import cli
+
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "linear_probe": "linear_probe"}
+SPLIT_HELP = ("split to evaluate. Default: for 'scenes', heldout with --task zeroshot and test otherwise; for an "
+              "ImageFolder, test (it has a single split: the whole folder is read whatever --split says); for any "
+              "other dataset the first of test, validation, val, train that it has, else its first split, so a "
+              "dataset ingested with a train split only is evaluated on train (metrics.split in the summary says "
+              "which). linear_probe refuses a test split equal to --train-split")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m clipjax.evaluate", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m clipjax.evaluate", description=__doc__)
     p.add_argument("--model", required=True, help="anything clipjax.load accepts (HF dir, .pt, .safetensors, workdir)")
     p.add_argument("--config", default=None, help="model config name or open_clip JSON, when the weights need one")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--data", required=True, help="scenes | dir:PATH | PATH (ingested dataset or ImageFolder) | TFDS")
-    p.add_argument("--split", default=None, help="split to evaluate (default: scenes→heldout for zero-shot, else test)")
+    p.add_argument("--split", default=None, help=SPLIT_HELP)
     p.add_argument("--train-split", default="train", help="linear probe: the split the classifier is fitted on")
     p.add_argument("--templates", default=None, help="template set name, file (one per line with {}) or a template")
     p.add_argument("--classnames", default=None, help="class-name list name (imagenet, cifar10, ...) or file")
@@ -74,23 +84,32 @@ def _json_safe(value: Any) -> Any:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from clipjax.evaluate.linear_probe import LinearProbeEvaluator
-    from clipjax.evaluate.retrieval import RetrievalEvaluator
-    from clipjax.evaluate.zeroshot import ClassifierCache, ZeroShotEvaluator
+    """Load `args.model` and evaluate it; non-finite features are an error naming the model and the data."""
+    from clipjax.evaluate.features import finite_context
     from clipjax.interop.load import load
 
     model = load(args.model, args.config)
+    with finite_context(f"model {args.model}"):
+        return _evaluate_model(args, model)
+
+
+def _evaluate_model(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """The summary of `args.task` for the loaded `model` (evaluators are named after the task)."""
+    from clipjax.evaluate.linear_probe import LinearProbeEvaluator
+    from clipjax.evaluate.retrieval import RetrievalEvaluator
+    from clipjax.evaluate.zeroshot import ClassifierCache, ZeroShotEvaluator
+
     cfg, tokenizer = model.config, _tokenizer_of(args, args.model)
     common = dict(data=args.data, split=args.split, batch_size=args.batch_size, max_examples=args.max_examples,
                   progress=True, cache_images=False)
     if args.task == "zeroshot":
-        ev = ZeroShotEvaluator("cli", cfg, templates=args.templates, classnames=args.classnames, tokenizer=tokenizer,
-                               cache=ClassifierCache(args.cache_dir or None),
+        ev = ZeroShotEvaluator(args.task, cfg, templates=args.templates, classnames=args.classnames,
+                               tokenizer=tokenizer, cache=ClassifierCache(args.cache_dir or None),
                                model_key=_model_key(args.model, model.source), **common)
     elif args.task == "retrieval":
-        ev = RetrievalEvaluator("cli", cfg, tokenizer=tokenizer, **common)
+        ev = RetrievalEvaluator(args.task, cfg, tokenizer=tokenizer, **common)
     else:
-        ev = LinearProbeEvaluator("cli", cfg, train_split=args.train_split,
+        ev = LinearProbeEvaluator(args.task, cfg, train_split=args.train_split,
                                   max_train_examples=args.max_train_examples, **common)
     start = time.perf_counter()
     metrics = ev.evaluate(model.variables)
@@ -112,15 +131,15 @@ def _model_name(cfg) -> str:
     return "custom"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse `argv`, evaluate, print the JSON summary (and write it to --out); bad input raises."""
     args = parse_args(argv)
+    if args.out and pathlib.Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give the path of the JSON file to write")
     from clipjax.cpu import apply_cpu_defaults
 
     apply_cpu_defaults()
-    try:
-        result = evaluate(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    result = evaluate(args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -130,5 +149,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0, or 2 after one `error: ...` line for bad input."""
+    return cli.run_main(run, argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -10,9 +10,10 @@ Letters: N examples, B batch, E embed dim, L context length, S image side.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -26,6 +27,34 @@ from clipjax.models.config import CLIPConfig
 Tokenizer = Callable[[Sequence[str]], np.ndarray]  # texts → int32 [N, L]
 
 CLIP_VOCAB_SIZE = 49408
+
+
+# ============================================================================================ non-finite features
+
+class NonFiniteFeaturesError(ValueError):
+    """A model gave NaN or Inf features (or classifier weights): no score is computed from them."""
+
+
+def require_finite(x: Any, what: str, rows: str = "rows") -> np.ndarray:
+    """`x` [N, ...] as an array, or NonFiniteFeaturesError naming `what` and how many of its N `rows` hold a NaN
+    or Inf (a model with non-finite weights would otherwise score as if it ranked everything first)."""
+    x = np.asarray(x)
+    if x.ndim == 0 or x.size == 0:
+        bad, n = int(x.size and not np.isfinite(x)), 1
+    else:
+        bad, n = int((~np.isfinite(x.reshape(len(x), -1))).any(axis=1).sum()), len(x)
+    if bad:
+        raise NonFiniteFeaturesError(f"{what}: {bad} of {n} {rows} hold NaN or Inf (non-finite weights?)")
+    return x
+
+
+@contextlib.contextmanager
+def finite_context(prefix: str) -> Iterator[None]:
+    """Prefix `prefix: ` to the message of a NonFiniteFeaturesError raised inside (which model, which data)."""
+    try:
+        yield
+    except NonFiniteFeaturesError as e:
+        raise NonFiniteFeaturesError(f"{prefix}: {e}") from None
 
 
 # ============================================================================================ tokenizers
@@ -178,4 +207,5 @@ def image_features(encoder: Encoder, variables: Any, batches: Iterable[dict], *,
         keys += [k for k, m in zip(batch["key"], mask) if m]
     if not feats:
         raise ValueError("the evaluation data yielded no examples")
-    return ImageFeatures(np.concatenate(feats), np.concatenate(labels), captions, keys)
+    features = require_finite(np.concatenate(feats), "image features", "images")  # [N, E]
+    return ImageFeatures(features, np.concatenate(labels), captions, keys)

@@ -7,6 +7,8 @@ warm-started along the regularisation path. λ is chosen on a validation split
 carved from the training features (a seeded random `val_fraction`): a coarse log-spaced sweep, then a finer one
 around the best value; the classifier is then refitted on all training features with that λ and scored on the
 test split (top-1, top-5, mean per-class recall). Ties in validation accuracy go to the larger λ.
+Features holding NaN or Inf (non-finite weights) are a `NonFiniteFeaturesError`; the test split must differ
+from the training split (and an ImageFolder, which has no splits, cannot be probed).
 
 Letters: N examples, D feature dim, C classes, K regularisation strengths.
 """
@@ -23,7 +25,7 @@ import numpy as np
 import optax
 
 from clipjax.evaluate import datasets
-from clipjax.evaluate.features import Encoder, image_features
+from clipjax.evaluate.features import Encoder, finite_context, image_features, require_finite
 from clipjax.evaluate.zeroshot import classification_metrics
 from clipjax.models.config import CLIPConfig
 
@@ -129,6 +131,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
                  grid: Sequence[float] = COARSE_GRID, max_iter: int = 1000) -> dict[str, Any]:
     """The full protocol: choose λ on a validation split of train, refit on all of train, score test."""
     train_y, test_y = np.asarray(train_y, np.int64), np.asarray(test_y, np.int64)
+    train_x = require_finite(train_x, "training features", "examples")
+    test_x = require_finite(test_x, "test features", "examples")
     c = num_classes or int(max(train_y.max(), test_y.max())) + 1
     lam, sweep = select_l2(train_x, train_y, num_classes=c, val_fraction=val_fraction, seed=seed, grid=grid,
                            max_iter=max_iter)
@@ -153,20 +157,28 @@ class LinearProbeEvaluator:
                  max_train_examples: int | None = None, val_fraction: float = 0.2, seed: int = 0,
                  max_iter: int = 1000, progress: bool = False, cache_images: bool = True):
         self.name, self.cfg, self.data = name, model_cfg, data
+        if datasets.is_image_folder(data):
+            raise ValueError(f"linear probe {name!r} on {data!r}: an ImageFolder has no splits to fit on one and test "
+                             f"on another; ingest its train and test folders as two splits of one dataset")
         kw = dict(task=self.task, image_size=model_cfg.vision.image_size, batch_size=batch_size,
                   label_space="all")
         train, _, self.train_split = datasets.open_eval_data(data, train_split, max_examples=max_train_examples, **kw)
         test, _, self.split = datasets.open_eval_data(data, split, max_examples=max_examples, **kw)
         wrap = datasets.Cached if cache_images else (lambda b: b)
+        if self.split == self.train_split:
+            raise ValueError(f"linear probe {name!r} on {data!r}: the test split must differ from the training split "
+                             f"{self.train_split!r} (pass another split or train_split)")
         self.train_batches, self.test_batches = wrap(train), wrap(test)
         self.val_fraction, self.seed, self.max_iter, self.progress = val_fraction, seed, max_iter, progress
         self.encoder = Encoder(model_cfg)
 
     def evaluate(self, variables: Any) -> dict[str, Any]:
-        tr = image_features(self.encoder, variables, self.train_batches, progress=self.progress,
-                            total=len(self.train_batches), desc="train images")
-        te = image_features(self.encoder, variables, self.test_batches, progress=self.progress,
-                            total=len(self.test_batches), desc="test images")
+        with finite_context(f"eval {self.name!r} on {self.data!r} split {self.train_split!r}"):
+            tr = image_features(self.encoder, variables, self.train_batches, progress=self.progress,
+                                total=len(self.train_batches), desc="train images")
+        with finite_context(f"eval {self.name!r} on {self.data!r} split {self.split!r}"):
+            te = image_features(self.encoder, variables, self.test_batches, progress=self.progress,
+                                total=len(self.test_batches), desc="test images")
         for what, f in (("train", tr), ("test", te)):
             if (f.labels < 0).any():
                 raise ValueError(f"linear probe on {self.data!r}: the {what} split has unlabelled examples")

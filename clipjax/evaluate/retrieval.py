@@ -4,7 +4,9 @@
     text retrieval  (image → text)   every image is a query; a hit when any of its captions is among the top K texts
 
 Scores are cosine similarities. Ties are broken by index (the lower index ranks first), so results are
-deterministic. Metric names follow CLIP_benchmark: ``image_retrieval_recall@K``, ``text_retrieval_recall@K``.
+deterministic. Non-finite features (a model with NaN or Inf weights) are a `NonFiniteFeaturesError`, never a
+score: NaN similarities would otherwise rank every positive first. Metric names follow CLIP_benchmark:
+``image_retrieval_recall@K``, ``text_retrieval_recall@K``.
 
 Letters: I images, T texts (captions), E embed dim, Q queries in a chunk.
 """
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from clipjax.evaluate import datasets
-from clipjax.evaluate.features import Encoder, image_features, make_tokenizer
+from clipjax.evaluate.features import Encoder, finite_context, image_features, make_tokenizer, require_finite
 from clipjax.models.config import CLIPConfig
 
 DEFAULT_KS = (1, 5, 10)
@@ -46,7 +48,8 @@ def best_positive_rank(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
 def recall_at_k(image_features: np.ndarray, text_features: np.ndarray, text_to_image: Sequence[int],
                 ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """Recall@K both ways. image_features [I, E], text_features [T, E], text_to_image [T] (the image of each text)."""
-    img, txt = _normalize(image_features), _normalize(text_features)  # [I, E], [T, E]
+    img = _normalize(require_finite(image_features, "image features", "images"))  # [I, E]
+    txt = _normalize(require_finite(text_features, "text features", "texts"))  # [T, E]
     owner = np.asarray(text_to_image, np.int64)  # [T]
     n_img, n_txt = img.shape[0], txt.shape[0]
     if owner.shape != (n_txt,) or (n_txt and (owner.min() < 0 or owner.max() >= n_img)):
@@ -96,6 +99,10 @@ class RetrievalEvaluator:
         return self._tokens[1], owner
 
     def evaluate(self, variables: Any) -> dict[str, Any]:
+        with finite_context(f"eval {self.name!r} on {self.data!r} split {self.split!r}"):
+            return self._evaluate(variables)
+
+    def _evaluate(self, variables: Any) -> dict[str, Any]:
         feats = image_features(self.encoder, variables, self.batches, progress=self.progress,
                                total=len(self.batches))
         missing = [k for k, caps in zip(feats.keys, feats.captions) if not caps]
@@ -103,7 +110,8 @@ class RetrievalEvaluator:
             raise ValueError(f"retrieval on {self.data!r} split {self.split!r}: {len(missing)} images without "
                              f"captions (first: {missing[0]!r})")
         tokens, owner = self._caption_tokens(feats.captions)
-        txt = self.encoder.texts(variables, tokens, self.batch_size)  # [T, E]
+        txt = require_finite(self.encoder.texts(variables, tokens, self.batch_size), "caption features",
+                             "captions")  # [T, E]
         out: dict[str, Any] = recall_at_k(feats.features, txt, owner, self.ks)
         out.update(num_images=int(len(feats.keys)), num_texts=int(len(owner)))
         return out

@@ -3,7 +3,8 @@
 Classifier (prompt ensembling, paper §3.1.4): for each class, embed every template filled with the class name,
 L2-normalise each embedding, average over templates, re-normalise → W [E, C]. Logits = 100 · normalize(image
 features) @ W. Metrics: top-1, top-5 (with at least 5 classes) and the mean per-class recall (balanced accuracy,
-CLIP_benchmark's ``mean_per_class_recall``).
+CLIP_benchmark's ``mean_per_class_recall``). A classifier or image features holding NaN or Inf (non-finite
+weights) are a `NonFiniteFeaturesError` naming the data and how many rows; such a classifier is never cached.
 
 Letters: N images, C classes, T templates, E embed dim, L context length.
 """
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from clipjax.evaluate import datasets, templates as tpl
-from clipjax.evaluate.features import Encoder, encode_in_batches, image_features, make_tokenizer
+from clipjax.evaluate.features import (Encoder, encode_in_batches, finite_context, image_features, make_tokenizer,
+                                       require_finite)
 from clipjax.models.config import CLIPConfig
 
 LOGIT_SCALE = 100.0
@@ -82,14 +84,16 @@ def build_classifier(encode_text: Callable[[np.ndarray], Any], tokenize: Callabl
         toks = cache.get(cache.key("tokens", tokenizer_key, classnames, templates), tokens, "tokens") \
             if cache is not None and tokenizer_key is not None else tokens()
         emb = encode_in_batches(encode_text, toks, batch_size)  # [C·T, E]
+        require_finite(emb.reshape(c, -1), "zero-shot classifier (prompt features)", "classes")
         emb = emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
         mean = emb.reshape(c, t, -1).mean(axis=1)  # [C, E]
         mean = mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
         return np.ascontiguousarray(mean.T, np.float32)  # [E, C]
 
     if cache is not None and model_key is not None:
-        return cache.get(cache.key("classifier", model_key, tokenizer_key, classnames, templates), classifier,
-                         "classifier")
+        w = cache.get(cache.key("classifier", model_key, tokenizer_key, classnames, templates), classifier,
+                      "classifier")
+        return require_finite(w.T, "cached zero-shot classifier", "classes").T
     return classifier()
 
 
@@ -97,7 +101,8 @@ def build_classifier(encode_text: Callable[[np.ndarray], Any], tokenize: Callabl
 
 def zeroshot_logits(image_features: np.ndarray, classifier: np.ndarray) -> np.ndarray:
     """100 · normalize(image_features) @ classifier: [N, E] × [E, C] → [N, C]."""
-    f = np.asarray(image_features, np.float32)
+    f = require_finite(np.asarray(image_features, np.float32), "image features", "images")
+    classifier = require_finite(np.asarray(classifier, np.float32).T, "zero-shot classifier", "classes").T
     f = f / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), 1e-12)  # [N, E]
     return LOGIT_SCALE * f @ np.asarray(classifier, np.float32)  # [N, C]
 
@@ -108,7 +113,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
     Top-k counts an example as correct when its label is among the k highest logits (ties broken by class
     index); rows with label < 0 are ignored.
     """
-    logits, labels = np.asarray(logits), np.asarray(labels)
+    logits, labels = require_finite(logits, "logits", "examples"), np.asarray(labels)
     keep = labels >= 0
     logits, labels = logits[keep], labels[keep]
     n, c = logits.shape
@@ -166,18 +171,24 @@ class ZeroShotEvaluator:
         self.cache = cache if cache is not None else ClassifierCache()
         self.model_key = model_key
 
+    def _context(self):
+        """Names this eval and its data in a NonFiniteFeaturesError raised inside."""
+        return finite_context(f"eval {self.name!r} on {self.data!r} split {self.split!r}")
+
     def classifier(self, variables: Any, templates: Sequence[str] | None = None) -> np.ndarray:
         """W [E, C] for `variables` (the evaluator's templates unless given)."""
         tok_key = ClassifierCache.key(self.tokenizer_spec, self.cfg.text)
-        return build_classifier(lambda t: self.encoder.texts(variables, t, self.batch_size), self.tokenize,
-                                self.classnames, templates or self.templates, self.batch_size, cache=self.cache,
-                                tokenizer_key=tok_key, model_key=self.model_key)
+        with self._context():
+            return build_classifier(lambda t: self.encoder.texts(variables, t, self.batch_size), self.tokenize,
+                                    self.classnames, templates or self.templates, self.batch_size, cache=self.cache,
+                                    tokenizer_key=tok_key, model_key=self.model_key)
 
     def evaluate(self, variables: Any, templates: Sequence[str] | None = None) -> dict[str, Any]:
         """All metrics (CLIP_benchmark names: acc1, acc5, mean_per_class_recall) plus per-class recall."""
         w = self.classifier(variables, templates)  # [E, C]
-        feats = image_features(self.encoder, variables, self.batches, progress=self.progress,
-                               total=len(self.batches))
+        with self._context():
+            feats = image_features(self.encoder, variables, self.batches, progress=self.progress,
+                                   total=len(self.batches))
         m = classification_metrics(zeroshot_logits(feats.features, w), feats.labels)
         out = {"acc1": m["top1"], "mean_per_class_recall": m["mean_per_class_recall"],
                "num_examples": int(feats.labels.size), "num_classes": len(self.classnames),

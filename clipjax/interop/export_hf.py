@@ -29,6 +29,7 @@ _HF_SPECIAL_NAMES = {"<start_of_text>": HF_BOS, "<end_of_text>": HF_EOS}
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def hf_config(cfg: CLIPConfig) -> dict[str, Any]:

@@ -20,7 +20,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> CLIPConfi
     v = {**_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
     acts = {t["hidden_act"], v["hidden_act"]}
     if not acts <= set(_ACTS) or len(acts) != 1:
-        raise ValueError(f"{source}: hidden_act {sorted(acts)} not supported (need one of {sorted(_ACTS)} for both towers)")
+        raise ValueError(f"{source}: hidden_act {sorted(acts)} not supported (need one of {sorted(_ACTS)} for both "
+                         f"towers)")
     for name, cfg in (("text_config", t), ("vision_config", v)):
         if abs(cfg["layer_norm_eps"] - 1e-5) > 1e-12:
             raise ValueError(f"{source}: {name}.layer_norm_eps={cfg['layer_norm_eps']} is not supported (1e-5 only)")
@@ -42,7 +43,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> CLIPConfi
 def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
     """A transformers CLIPConfig dict for a ViT CLIPConfig."""
     if cfg.vision.is_resnet:
-        raise ValueError("Hugging Face transformers has no ResNet CLIP; export ResNet models in open_clip format")
+        raise ValueError("Hugging Face's CLIPModel needs a ViT image tower and cannot represent a ModifiedResNet; "
+                         "export ResNet models in open_clip format")
     t, v = cfg.text, cfg.vision
     act = "quick_gelu" if cfg.quick_gelu else "gelu"
     eos = 2 if t.eot_token_id is None else t.eot_token_id

@@ -8,6 +8,10 @@ Formats, recognised from the path:
   and `clipjax.finetune` write);
 - an OpenAI checkpoint .pt (TorchScript archive or state dict): config inferred from the tensors (QuickGELU).
 `.pt`/`.bin` files are read without torch and without executing pickled code.
+
+Weights that cannot be read (random bytes, a truncated or empty file, a directory of neither layout, a config
+that is not JSON) raise `WeightsError`, a ValueError whose one-line message names the file; a `.pt` whose pickle
+could run code or allocate far more than its size raises `torch_pickle.UnsafeCheckpointError` (also a ValueError).
 """
 
 from __future__ import annotations
@@ -28,8 +32,12 @@ from clipjax.interop.hf import config_from_hf
 from clipjax.interop.openai import infer_config
 from clipjax.models.clip import CLIP
 from clipjax.models.config import CLIPConfig
-from clipjax.models.layers import stack_layers
+from clipjax.models.layers import stack_layers, unstack_layers
 from clipjax.models.specs import get_model_config
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be read or do not fit their architecture (the message names the file)."""
 
 
 @dataclasses.dataclass
@@ -82,20 +90,30 @@ class Pretrained:
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Flat name → array dict from .safetensors, or (torch-free, no code execution) .pt/.pth/.bin."""
     path = os.fspath(path)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise WeightsError(f"{path}: empty file, not a weight file")
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
+        return _read_safetensors(path)
+    if path.endswith((".pt", ".pth", ".bin")):
+        from clipjax.interop.torch_pickle import load_torch_file
 
+        return load_torch_file(path)
+    raise WeightsError(f"{path}: unsupported weight file (expected .safetensors, .pt, .pth or .bin)")
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file; a file that is not one (random bytes, truncated) is a WeightsError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
         try:
             with safe_open(path, framework="numpy") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}
         except (TypeError, ValueError):  # e.g. bfloat16, which numpy lacks: read through JAX
             with safe_open(path, framework="flax") as f:
                 return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
-    if path.endswith((".pt", ".pth", ".bin")):
-        from clipjax.interop.torch_pickle import load_torch_file
-
-        return load_torch_file(path)
-    raise ValueError(f"{path}: unsupported weight file (expected .safetensors, .pt, .pth or .bin)")
+    except SafetensorError as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
 
 
 def variables_from_state(state: dict[str, np.ndarray], cfg: CLIPConfig, source: str) -> dict[str, Any]:
@@ -104,7 +122,12 @@ def variables_from_state(state: dict[str, np.ndarray], cfg: CLIPConfig, source: 
         rules, ignored = names.hf_rules(cfg), names.HF_IGNORED
     else:
         rules, ignored = names.openai_rules(cfg), names.OPENAI_IGNORED
-    variables = names.import_state(state, rules, ignored, source)
+    try:
+        variables = names.import_state(state, rules, ignored, source)
+    except (IndexError, TypeError, ValueError) as e:  # a tensor of the wrong rank or size for its rule
+        if str(e).startswith(source):
+            raise
+        raise WeightsError(f"{source}: tensors do not fit the architecture ({e})") from None
     check_shapes(variables, cfg, source)
     if cfg.scan_layers:
         variables = stack_layers(variables)
@@ -127,12 +150,12 @@ def check_shapes(variables: dict[str, Any], cfg: CLIPConfig, source: str) -> Non
     got = {k: tuple(np.shape(v)) for k, v in _flatten(variables)}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
-        raise ValueError(f"{source}: variables do not match the architecture: missing {missing[:4]}, "
-                         f"unexpected {extra[:4]}")
+        raise WeightsError(f"{source}: variables do not match the architecture: missing {missing[:4]}, "
+                           f"unexpected {extra[:4]}")
     for k in sorted(want):
         if want[k] != got[k]:
-            raise ValueError(f"{source}: tensor for {k} has shape {got[k]}, the config expects {want[k]} "
-                             f"(wrong config for these weights?)")
+            raise WeightsError(f"{source}: tensor for {k} has shape {got[k]}, the config expects {want[k]} "
+                               f"(wrong config for these weights?)")
 
 
 def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -147,15 +170,72 @@ def _resolve_config(config: Any) -> CLIPConfig:
     return get_model_config(config)
 
 
+def _read_json(path: pathlib.Path) -> Any:
+    """The JSON value of `path`; unreadable text or invalid JSON is a WeightsError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not a JSON file ({e})") from None
+
+
+def _hf_config(hf: dict[str, Any], path: pathlib.Path) -> CLIPConfig:
+    """The CLIPConfig of a Hugging Face config.json; fields of the wrong type are a WeightsError naming it."""
+    try:
+        return config_from_hf(hf, str(path))
+    except (TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
+        raise WeightsError(f"{path}: not a Hugging Face CLIPConfig ({type(e).__name__}: {e})") from None
+
+
+def _infer_config(state: dict[str, np.ndarray], source: str) -> CLIPConfig:
+    """The OpenAI architecture of `state`; tensors of impossible ranks are a WeightsError naming `source`."""
+    try:
+        return infer_config(state, source)
+    except (IndexError, TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(source):
+            raise
+        raise WeightsError(f"{source}: tensor shapes are not those of an OpenAI/open_clip CLIP ({e}); pass config= "
+                           f"for other layouts") from None
+
+
+def load_workdir(workdir: str | os.PathLike) -> Pretrained:
+    """A `Pretrained` from a clipjax training workdir: its config.json and its newest checkpoint's weights."""
+    from clipjax.checkpoint import Checkpointer  # late: orbax is only needed for workdirs
+
+    workdir = pathlib.Path(workdir)
+    config = _read_json(workdir / "config.json")
+    if not isinstance(config, dict) or not isinstance(config.get("model_config"), dict):
+        raise WeightsError(f"{workdir}/config.json has no 'model_config': not a clipjax training workdir")
+    try:
+        cfg = CLIPConfig.from_dict(config["model_config"])
+    except (TypeError, KeyError) as e:
+        raise WeightsError(f"{workdir}/config.json: bad 'model_config' ({e})") from None
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False, read_only=True)
+    try:
+        restored = ckpt.restore()
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise WeightsError(f"{workdir}: no checkpoint in {workdir / 'checkpoints'}")
+    step, state, _ = restored
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    variables = jax.tree.map(jnp.asarray, variables)
+    if cfg.scan_layers:
+        variables = unstack_layers(variables)
+    return Pretrained(cfg.replace(scan_layers=False, remat="none"), variables, f"{workdir}@{step}")
+
+
 def load(path: str | os.PathLike, config: str | os.PathLike | dict | CLIPConfig | None = None) -> Pretrained:
     """Load CLIP weights from any supported source (see the module docstring)."""
     p = pathlib.Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file or directory")
     if p.is_dir():
-        if (p / "checkpoints").is_dir():
-            from clipjax.checkpoint import load_workdir  # training workdir
-
+        if (p / "checkpoints").is_dir():  # training workdir
             return load_workdir(p)
         if (p / "open_clip_config.json").is_file() and (p / "model.safetensors").is_file():
             # open_clip layout: weights + model-config JSON side by side (also what clipjax.finetune writes)
@@ -165,11 +245,13 @@ def load(path: str | os.PathLike, config: str | os.PathLike | dict | CLIPConfig 
         cfg_file = p / "config.json"
         weights = p / "model.safetensors"
         if not cfg_file.is_file() or not weights.is_file():
-            raise ValueError(f"{p}: a directory must be a Hugging Face CLIPModel (config.json + model.safetensors) "
-                             f"or a clipjax workdir (checkpoints/)")
-        with open(cfg_file) as f:
-            hf = json.load(f)
-        cfg = _resolve_config(config) if config is not None else config_from_hf(hf, str(cfg_file))
+            raise WeightsError(f"{p}: a directory must be a Hugging Face CLIPModel (config.json + model.safetensors), "
+                               f"an open_clip export (open_clip_config.json + model.safetensors) or a clipjax "
+                               f"workdir (checkpoints/)")
+        hf = _read_json(cfg_file)
+        if not isinstance(hf, dict):
+            raise WeightsError(f"{cfg_file}: expected a JSON object (a Hugging Face CLIPConfig)")
+        cfg = _resolve_config(config) if config is not None else _hf_config(hf, cfg_file)
         state = read_state_dict(weights)
         return Pretrained(cfg, variables_from_state(state, cfg, str(weights)), str(p))
     state = read_state_dict(p)
@@ -177,7 +259,7 @@ def load(path: str | os.PathLike, config: str | os.PathLike | dict | CLIPConfig 
         if p.suffix == ".safetensors":
             raise ValueError(f"{p}: an open_clip state dict needs config= (a model name such as 'ViT-B-32' or the "
                              f"path of its model-config JSON)")
-        cfg = infer_config(state, str(p))
+        cfg = _infer_config(state, str(p))
     else:
         cfg = _resolve_config(config)
     return Pretrained(cfg, variables_from_state(state, cfg, str(p)), str(p))

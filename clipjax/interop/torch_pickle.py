@@ -15,6 +15,13 @@ Pickles are read by a restricted unpickler: a global is resolved only from a fix
 bags. Any other global raises `UnsafeCheckpointError` when the unpickler meets it, before anything runs.
 Tensors stay lazy (storage key, offset, shape, strides) until the final state dict is known, so optimizer state
 in a training checkpoint is never read from disk.
+
+A file cannot make the reader allocate much more than its own size. Before any storage is read, every tensor of
+the state dict must be a view that touches each storage element at most once (contiguous, transposed, sliced
+or stepped, as `torch.save` writes parameters and their views; not an expanded (stride 0) or overlapping view)
+and lie inside its storage; storages may not be larger than the file could hold, and all tensors together may
+hold at most `MAX_EXPANSION` times the file's size plus `SLACK_BYTES`. Anything else raises
+`UnsafeCheckpointError` naming the file and the tensor.
 """
 from __future__ import annotations
 
@@ -35,7 +42,12 @@ import numpy as np
 
 
 class UnsafeCheckpointError(ValueError):
-    """A checkpoint's pickle names a global outside the allowlist (it could run code when unpickled)."""
+    """A checkpoint that could run code (a global outside the allowlist) or exhaust memory (a tensor bigger than
+    its storage, an expanded or overlapping view, more tensor bytes than the file's size allows) when loaded."""
+
+
+MAX_EXPANSION = 2  # tensor bytes a file may produce per byte of file (shared views of one storage add up)
+SLACK_BYTES = 16 << 20  # plus this much, for tiny files with small views into one storage
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -155,6 +167,16 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
+def _bytearray(source: Any = b"", encoding: Any = None) -> bytearray:
+    """`bytearray` as protocol-2 pickles call it (from a latin1 string or bytes), never from a length."""
+    if isinstance(source, str) and encoding in ("latin1", "latin-1"):
+        return bytearray(source.encode("latin1"))
+    if isinstance(source, (bytes, bytearray)) and encoding is None:
+        return bytearray(source)
+    raise UnsafeCheckpointError(f"refused bytearray({type(source).__name__}): only bytes or a latin1 string may "
+                                f"build one, never a length")
+
+
 def _identity(value: Any, *_: Any) -> Any:
     return value
 
@@ -167,7 +189,7 @@ def _device(kind: Any, index: Any = None) -> str:
 
 _ALLOWED: dict[str, Any] = {
     "collections.OrderedDict": collections.OrderedDict,
-    "builtins.set": set, "builtins.frozenset": frozenset, "builtins.bytearray": bytearray,
+    "builtins.set": set, "builtins.frozenset": frozenset, "builtins.bytearray": _bytearray,
     "builtins.complex": complex,
     "_codecs.encode": _codecs_encode,
     "torch._utils._rebuild_tensor": _rebuild_tensor,
@@ -230,8 +252,10 @@ def _unpickle(file: Any, source: str, storage_factory: Callable[[tuple], Any] | 
     """One restricted `pickle.load`; malformed streams become a ValueError naming `source`."""
     try:
         return _RestrictedUnpickler(file, source, storage_factory).load()
-    except UnsafeCheckpointError:
-        raise
+    except UnsafeCheckpointError as e:
+        if str(e).startswith(source):
+            raise
+        raise UnsafeCheckpointError(f"{source}: {e}") from None
     except ValueError as e:
         if str(e).startswith(source):
             raise
@@ -256,6 +280,7 @@ class _ZipSource:
     def __init__(self, zf: zipfile.ZipFile, root: str, path: str):
         self.zf, self.root, self.path = zf, root, path
         self.names = set(zf.namelist())
+        self.limit = MAX_EXPANSION * os.path.getsize(path) + SLACK_BYTES  # bytes any one record may inflate to
 
     def storage(self, pid: tuple) -> _StorageRef:
         if len(pid) < 4:
@@ -270,16 +295,22 @@ class _ZipSource:
         return self.read_record(record).decode("utf-8", "replace") if record in self.names else None
 
     def read(self, ref: _StorageRef) -> bytes:
+        """The storage's bytes, at most as many as it declares (a compressed record cannot inflate past them)."""
         record = f"{self.root}data/{ref.key}"
         if record not in self.names:
             raise ValueError(f"{self.path}: missing storage record {record!r}")
-        return self.read_record(record)
+        return self.read_record(record, ref.byte_offset + ref.numel * ref.dtype.itemsize)
 
-    def read_record(self, record: str) -> bytes:
+    def read_record(self, record: str, limit: int | None = None) -> bytes:
+        """The record's bytes: at most `limit` (a storage's declared size), else refused past `self.limit`."""
         try:
-            return self.zf.read(record)
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+            with self.zf.open(record) as f:
+                data = f.read(self.limit + 1 if limit is None else limit)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError) as e:
             raise ValueError(f"{self.path}: cannot read record {record!r} ({e})") from None
+        if limit is None and len(data) > self.limit:
+            raise UnsafeCheckpointError(f"{self.path}: record {record!r} inflates to more than {self.limit} bytes")
+        return data
 
 
 class _LegacySource:
@@ -333,8 +364,54 @@ class _LegacySource:
 # ------------------------------------------------------------------ materialising tensors
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _view_problem(t: _LazyTensor) -> str | None:
+    """Why view `t` may not be materialised (None when it may): it must touch each storage element at most once
+    and lie inside its storage."""
+    if 0 in t.shape:
+        return None
+    dims = sorted((s, n) for n, s in zip(t.shape, t.stride) if n > 1)  # by stride; size-1 dims move nothing
+    if any(s == 0 for s, _ in dims):
+        return f"is an expanded view (size {t.shape}, stride {t.stride}): it repeats storage elements"
+    for (s, n), (s_next, _) in zip(dims, dims[1:]):
+        if s_next < s * n:
+            return f"is an overlapping view (size {t.shape}, stride {t.stride}): it repeats storage elements"
+    item = t.dtype.itemsize
+    capacity = t.storage.numel * t.storage.dtype.itemsize  # bytes in the storage (or legacy storage view)
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride))  # elements from the first to the last
+    if (t.offset + span) * item > capacity:
+        return (f"needs {(t.offset + span) * item} bytes (offset {t.offset}, size {t.shape}, stride {t.stride}) "
+                f"but its storage {t.storage.key!r} holds {capacity}")
+    return None
+
+
+def check_tensors(tensors: dict[str, _LazyTensor], path: str, file_size: int) -> None:
+    """Refuse, before reading any storage, views that repeat or overrun their storage, storages larger than the
+    file allows and more tensor bytes in all than `MAX_EXPANSION` × the file's size + `SLACK_BYTES`."""
+    limit = MAX_EXPANSION * file_size + SLACK_BYTES
+    total = 0
+    for name, t in tensors.items():
+        problem = _view_problem(t)
+        if problem is not None:
+            raise UnsafeCheckpointError(f"{path}: tensor {name!r} {problem}")
+        storage_bytes = t.storage.byte_offset + t.storage.numel * t.storage.dtype.itemsize
+        if storage_bytes > limit:
+            raise UnsafeCheckpointError(f"{path}: tensor {name!r} uses storage {t.storage.key!r} of {storage_bytes} "
+                                        f"bytes, more than a {file_size}-byte file can hold")
+        total += _numel(t.shape) * t.dtype.itemsize
+        if total > limit:
+            raise UnsafeCheckpointError(f"{path}: tensor {name!r} brings the tensors to {total} bytes, more than "
+                                        f"{MAX_EXPANSION} x the file's {file_size} bytes + {SLACK_BYTES}")
+
+
 def _materialize(t: _LazyTensor, raw: bytes, big_endian: bool, name: str, path: str) -> np.ndarray:
-    """Copy tensor `t` out of its storage bytes `raw`, honouring offset and strides."""
+    """Copy tensor `t` (checked by `check_tensors`) out of its storage bytes `raw`, honouring offset and strides."""
     dtype, item = t.dtype, t.dtype.itemsize
     if 0 in t.shape:
         return np.zeros(t.shape, dtype)
@@ -361,7 +438,9 @@ def _materialize(t: _LazyTensor, raw: bytes, big_endian: bool, name: str, path: 
 
 def _materialize_all(tensors: dict[str, _LazyTensor], read: Callable[[_StorageRef], bytes], big_endian: bool,
                      path: str) -> dict[str, np.ndarray]:
-    """Read each storage once (holding one at a time) and copy every tensor out of it."""
+    """Check every view (`check_tensors`), then read each storage once (holding one at a time) and copy every
+    tensor out of it."""
+    check_tensors(tensors, path, os.path.getsize(path))
     by_key: dict[str, list[str]] = {}
     for name, t in tensors.items():
         by_key.setdefault(t.storage.key, []).append(name)

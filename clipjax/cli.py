@@ -1,0 +1,96 @@
+"""What every clipjax command line shares: user errors as one line `error: ...` on stderr and exit status 2.
+
+An entry point parses its arguments with `ArgumentParser` (a usage error is one `error:` line, status 2; `--help`
+exits 0) and runs its work through `run_main`:
+
+    def _run(argv):                      # raises ValueError, OSError, ... for bad input
+        args = parser().parse_args(argv)
+        ...
+
+    def main(argv=None) -> int:          # 0, or USER_ERROR_STATUS after printing one `error:` line
+        return cli.run_main(_run, argv)
+
+    if __name__ == "__main__":
+        sys.exit(main())
+
+Exceptions of the user-error types (`default_user_errors()`, or those passed as `user_errors=`) are printed as
+one line; anything else is a bug and keeps its traceback. With CLIPJAX_DEBUG=1 user errors show their traceback
+too. `fail(message)` ends the process with a user error from anywhere (e.g. a check of the arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+USER_ERROR_STATUS = 2
+DEBUG_ENV = "CLIPJAX_DEBUG"
+
+
+def one_line(message: Any) -> str:
+    """`message` as a single line (runs of whitespace, newlines included, become one space)."""
+    return " ".join(str(message).split())
+
+
+def print_error(message: Any) -> None:
+    """Print `error: <message>` as one line on stderr."""
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def warn(message: Any) -> None:
+    """Print `warning: <message>` as one line on stderr (for input that was partly usable)."""
+    print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def fail(message: Any) -> NoReturn:
+    """Print `error: <message>` as one line on stderr and exit with USER_ERROR_STATUS."""
+    print_error(message)
+    sys.exit(USER_ERROR_STATUS)
+
+
+def debug() -> bool:
+    """Whether user errors should keep their traceback (CLIPJAX_DEBUG set to anything but '' or '0')."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def default_user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad input, a refused run or an environment that refused a read or write.
+
+    ValueError covers the project's input errors (ConfigError, DatasetError, UnsafeCheckpointError, WeightsError,
+    NonFiniteFeaturesError, ...); OSError covers missing, unreadable and unwritable files. Imported late: the
+    checkpoint and run-control errors pull in JAX.
+    """
+    from clipjax.checkpoint import CheckpointError
+    from clipjax.run_control import NonFiniteError
+
+    return ValueError, OSError, CheckpointError, NonFiniteError
+
+
+def run_main(fn: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None, *,
+             user_errors: tuple[type[BaseException], ...] | None = None) -> int:
+    """`fn(argv)` → its int result (None or any other result: 0). A user error (`user_errors`, by default
+    `default_user_errors()`, resolved only when something was raised) prints one `error:` line and returns
+    USER_ERROR_STATUS; other exceptions (bugs) propagate with their traceback, as does SystemExit."""
+    try:
+        result = fn(argv)
+    except Exception as e:
+        if not isinstance(e, user_errors if user_errors is not None else default_user_errors()) or debug():
+            raise
+        print_error(e)
+        return USER_ERROR_STATUS
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with clipjax's error convention: a usage error is one `error: ...` line and exit status 2 (plain
+    argparse prints the usage first); the description keeps its line breaks."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
