@@ -57,15 +57,7 @@ class NonFiniteStateError(CheckpointError, FloatingPointError):
 
 def _path_name(path: tuple) -> str:
     """("params", "visual", ...) from a key path of a dict, dataclass, list or namedtuple, as "params/visual/..."."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _words(x: jax.Array) -> jax.Array:
