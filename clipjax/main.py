@@ -16,10 +16,11 @@ import difflib
 import logging
 import os
 import sys
-from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from clipjax.cli import fail as _fail  # one error style for every entry point
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path of an ml-collections config file[:arg].",
                                           lock_config=True)
@@ -31,23 +32,18 @@ _LOCAL_DEVICES = flags.DEFINE_integer("local_device_count", None,
                                       "Simulate this many CPU devices in this process (testing scaling on a CPU).")
 
 
-USER_ERROR_STATUS = 2
-
-
-def _fail(message: str) -> NoReturn:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    sys.exit(USER_ERROR_STATUS)
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that describe bad input or a refused run, not a bug (imported late: they pull in JAX)."""
     from clipjax.checkpoint import CheckpointError
     from clipjax.data.sources import DatasetError
+    from clipjax.evaluate.features import NonFiniteFeaturesError
+    from clipjax.interop.load import WeightsError
     from clipjax.interop.torch_pickle import UnsafeCheckpointError
     from clipjax.run_control import NonFiniteError
     from clipjax.train import ConfigError
 
-    return ConfigError, CheckpointError, DatasetError, UnsafeCheckpointError, NonFiniteError
+    return (ConfigError, CheckpointError, DatasetError, UnsafeCheckpointError, NonFiniteError, WeightsError,
+            NonFiniteFeaturesError)
 
 
 class _NoStorageTracebacks(logging.Filter):

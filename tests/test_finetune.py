@@ -204,6 +204,14 @@ def test_finetune_again_in_a_finished_workdir_resumes_and_keeps_the_outputs(fine
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # no row written twice
 
 
+def test_a_finetuning_workdir_loads_as_its_clip(finetuned):
+    """`clipjax.load(workdir)` reads the newest checkpoint: the CLIP without its head, equal to the exported files."""
+    from_checkpoint = clipjax.load(finetuned[0])
+    exported, _, _ = finetune.load_finetuned(finetuned[0])
+    assert "head" not in from_checkpoint.params
+    assert_trees_equal(from_checkpoint.variables, exported.variables)
+
+
 def test_save_finetuned_refuses_a_directory_that_holds_a_model(finetuned):
     model, head, meta = finetune.load_finetuned(finetuned[0])
     with pytest.raises(FileExistsError, match="already holds a model"):

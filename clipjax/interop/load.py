@@ -220,7 +220,8 @@ def load_workdir(workdir: str | os.PathLike) -> Pretrained:
     if restored is None:
         raise WeightsError(f"{workdir}: no checkpoint in {workdir / 'checkpoints'}")
     step, state, _ = restored
-    variables = {"params": state["params"]}
+    # the CLIP's own parameters: a fine-tuning run's classification head ("head") is read by clipjax.finetune
+    variables = {"params": {k: v for k, v in state["params"].items() if k != "head"}}
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]
     variables = jax.tree.map(jnp.asarray, variables)
