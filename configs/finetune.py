@@ -6,10 +6,10 @@ Then:  python -m clipjax.wise_ft --zeroshot PATH --finetuned DIR --alphas 0,0.25
            --eval-data SPEC --eval-split test,heldout
 The run is the one trainer's (`clipjax.train`, task "classify"): checkpoints, exact resume after any stop,
 SIGTERM handling and sharding (`--config.mesh.fsdp=-1`) as in pretraining; `clipjax.finetune` describes the outputs.
-CPU smoke run with the tiny test model ("folded" maps CLIP's BPE ids into its 1000-id vocabulary; the default data,
-the embedded scenes dataset, is built on first use):
-       python -m clipjax.main --config=configs/finetune.py:init_from=tests/fixtures/hf_clip,tokenizer=folded,\\
-runlocal --workdir=/tmp/ft
+CPU smoke run with the tiny test model (the tests' "folded" tokenizer maps CLIP's BPE ids into its 1000-id
+vocabulary; tests/run_cli.py registers it; the default data, the embedded scenes dataset, is built on first use):
+       python tests/run_cli.py clipjax.main --config=configs/finetune.py:init_from=tests/fixtures/hf_clip,\\
+tokenizer=folded,runlocal --workdir=/tmp/ft
 Recipe (Wortsman et al. 2022, WiSE-FT, ImageNet): AdamW lr 3e-5, weight decay 0.1, batch 512, 10 epochs, cosine
 with 500 warm-up steps, head initialised from the zero-shot classifier; β2 0.999, ε 1e-8. `runlocal` shrinks the
 batch, the number of steps and the evaluation for a CPU.
@@ -44,7 +44,7 @@ def get_config(arg=None):
 
     c.data.train = a.data  # "scenes" | "dir:PATH" | an ImageFolder path | a prepared TFDS name
     c.data.eval = a.data  # "" to skip evaluation
-    c.data.tokenizer = a.tokenizer  # "": CLIP BPE; "sentencepiece:PATH"; "folded" for test models
+    c.data.tokenizer = a.tokenizer  # "": CLIP BPE; "sentencepiece:PATH"; a registered name
 
     if a.runlocal:
         c.batch_size, c.total_steps, c.warmup_steps, c.log_every, c.ckpt_every = 16, 4, 1, 1, 2

@@ -16,3 +16,6 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 @pytest.fixture
 def fixtures_dir():
     return FIXTURES
+
+
+import folded_tokenizer  # noqa: E402,F401  (registers the tests' "folded" tokenizer)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from clipjax.data.preprocess import preprocess
 from clipjax.evaluate.__main__ import main, run
-from clipjax.evaluate.features import FoldedTokenizer
+from folded_tokenizer import FoldedTokenizer
 from clipjax.interop.load import load
 
 HF = pathlib.Path(__file__).parent / "fixtures" / "hf_clip"

@@ -21,7 +21,7 @@ import clipjax
 from clipjax import finetune, wise_ft
 from clipjax import sharding as shd
 from clipjax.data import scenes
-from clipjax.evaluate.features import FoldedTokenizer
+from folded_tokenizer import FoldedTokenizer
 from clipjax.losses import get_loss
 from clipjax.models import CLIP, CLIPConfig, TextConfig, VisionConfig
 from clipjax.train import make_train_state, make_tx, train_step

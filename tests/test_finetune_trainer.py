@@ -37,7 +37,7 @@ def scenes_spec(tmp_path_factory):
 
 
 def cli(workdir: pathlib.Path, spec: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "clipjax.main",
+    return [sys.executable, str(ROOT / "tests" / "run_cli.py"), "clipjax.main",
             f"--config={ROOT / 'configs' / 'finetune.py'}:init_from={HF},data={spec},tokenizer=folded,runlocal",
             f"--workdir={workdir}", "--config.total_steps=6", "--config.ckpt_every=2", "--config.batch_size=8",
             "--config.async_checkpoints=False", "--config.data.max_eval_examples=16", *extra]

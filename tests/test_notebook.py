@@ -40,6 +40,8 @@ def test_notebook_runs_end_to_end(tmp_path):
         "WORKDIR": str(tmp_path / "work"),
     }
     source = "\n".join(f"{k} = {v!r}" for k, v in overrides.items())
+    # the tests' "folded" tokenizer, registered in the notebook's kernel
+    source += f"\nimport sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nimport folded_tokenizer"
     nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})

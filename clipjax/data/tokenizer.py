@@ -20,7 +20,7 @@ import html
 import io
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import ftfy
@@ -345,14 +345,32 @@ class SentencePieceTokenizer:
 _SPM_PREFIX = "sentencepiece:"
 
 
+TokenizerFactory = Callable[[int, int], Tokenizer]  # (vocab_size, context_length) → tokenizer
+_REGISTERED: dict[str, TokenizerFactory] = {}
+
+
+def register_tokenizer(name: str, factory: TokenizerFactory) -> None:
+    """Make `name` a tokenizer spec everywhere a spec is taken (configs, `--tokenizer`): `factory(vocab_size,
+    context_length)` builds it for a model's text tower. For tokenizers that are not CLIP BPE or SentencePiece."""
+    if name in ("clip", "") or name.startswith(_SPM_PREFIX):
+        raise ValueError(f"tokenizer name {name!r} is reserved")
+    _REGISTERED[name] = factory
+
+
 def get_tokenizer(
-    spec: str | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH
-) -> ClipTokenizer | SentencePieceTokenizer:
-    """`None` or "clip" → the CLIP BPE tokenizer; "sentencepiece:/path/model.model" → that SentencePiece model."""
+    spec: str | None = None, context_length: int = DEFAULT_CONTEXT_LENGTH, vocab_size: int | None = None
+) -> Tokenizer:
+    """`None` or "clip" → the CLIP BPE tokenizer; "sentencepiece:/path/model.model" → that SentencePiece model;
+    a name given to `register_tokenizer` → its factory's tokenizer for `vocab_size`."""
+    if spec in _REGISTERED:
+        if vocab_size is None:
+            raise ValueError(f"tokenizer {spec!r} needs the model's vocabulary size")
+        return _REGISTERED[spec](vocab_size, context_length)
     if spec is None or spec == "clip":
         if context_length == DEFAULT_CONTEXT_LENGTH:
             return default_tokenizer()
         return ClipTokenizer(context_length=context_length)
     if spec.startswith(_SPM_PREFIX) and len(spec) > len(_SPM_PREFIX):
         return SentencePieceTokenizer(spec[len(_SPM_PREFIX) :], context_length=context_length)
-    raise ValueError(f"unknown tokenizer {spec!r}; valid forms: None, 'clip', 'sentencepiece:/path/to/model.model'")
+    raise ValueError(f"unknown tokenizer {spec!r}; valid forms: None, 'clip', 'sentencepiece:/path/to/model.model'"
+                     + (f", {', '.join(map(repr, sorted(_REGISTERED)))}" if _REGISTERED else ""))

@@ -2,7 +2,7 @@
 
     python -m clipjax.evaluate --model PATH [--config NAME_OR_JSON] --task zeroshot|retrieval|linear_probe \\
         --data SPEC [--split SPLIT] [--templates FILE|imagenet|simple|single|...] [--classnames FILE|imagenet|...] \\
-        [--tokenizer clip|sentencepiece:PATH|folded] [--batch-size 256] [--max-examples N] [--out results.json]
+        [--tokenizer clip|sentencepiece:PATH] [--batch-size 256] [--max-examples N] [--out results.json]
 
 --data: "scenes" (zero-shot defaults to its held-out split of unseen colour–shape pairs), "dir:PATH" or PATH of
 an ingested dataset, PATH of an ImageFolder (class names from the folder names, or --classnames), or a prepared
@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--templates", default=None, help="template set name, file (one per line with {}) or a template")
     p.add_argument("--classnames", default=None, help="class-name list name (imagenet, cifar10, ...) or file")
     p.add_argument("--tokenizer", default=None,
-                   help="clip (default) | sentencepiece:PATH | folded (CLIP ids folded into a small test vocabulary)")
+                   help="clip (default) | sentencepiece:PATH | a name registered with "
+                        "clipjax.data.tokenizer.register_tokenizer")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-examples", type=int, default=None, help="evaluate at most this many examples")
     p.add_argument("--max-train-examples", type=int, default=None, help="linear probe: cap the training examples")

@@ -59,46 +59,19 @@ def finite_context(prefix: str) -> Iterator[None]:
 
 # ============================================================================================ tokenizers
 
-class FoldedTokenizer:
-    """CLIP BPE ids folded into a smaller vocabulary (for tiny test models whose vocabulary is not CLIP's).
-
-    Start/end of text become ``vocab - 2`` / ``vocab - 1`` (the end token stays the row maximum, so argmax pooling
-    still finds it); every other id ``i`` becomes ``1 + (i - 1) mod (vocab - 3)``. Meaningless as language, but
-    deterministic: it lets any model be evaluated end to end without its own tokenizer.
-    """
-
-    def __init__(self, vocab_size: int, context_length: int):
-        if vocab_size < 4:
-            raise ValueError(f"FoldedTokenizer needs a vocabulary of at least 4 ids, got {vocab_size}")
-        from clipjax.data.tokenizer import ClipTokenizer, default_tokenizer
-
-        self.base: ClipTokenizer = default_tokenizer()
-        self.vocab_size, self.context_length = vocab_size, context_length
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        ids = self.base(list(texts), self.context_length).astype(np.int64)  # [N, L]
-        v = self.vocab_size
-        out = np.where(ids > 0, 1 + (ids - 1) % (v - 3), 0)
-        out = np.where(ids == self.base.sot_token_id, v - 2, out)
-        out = np.where(ids == self.base.eot_token_id, v - 1, out)
-        return out.astype(np.int32)  # [N, L]
-
-
 def make_tokenizer(spec: str | None, cfg: CLIPConfig) -> Tokenizer:
-    """The tokenizer for `cfg`'s text tower: None/"clip" (CLIP BPE), "sentencepiece:PATH", or "folded".
+    """The tokenizer for `cfg`'s text tower: None/"clip" (CLIP BPE), "sentencepiece:PATH", or a name given to
+    `clipjax.data.tokenizer.register_tokenizer`.
 
-    The CLIP tokenizer needs the CLIP vocabulary; a model with another vocabulary size needs its own tokenizer
-    (or "folded", which only makes sense for test models).
+    The CLIP tokenizer needs the CLIP vocabulary; a model with another vocabulary size needs its own tokenizer.
     """
     length, vocab = cfg.text.context_length, cfg.text.vocab_size
-    if spec == "folded":
-        return FoldedTokenizer(vocab, length)
     if spec in (None, "", "clip") and vocab != CLIP_VOCAB_SIZE:
         raise ValueError(f"the model's vocabulary has {vocab} ids, the CLIP tokenizer {CLIP_VOCAB_SIZE}: pass its "
-                         f"tokenizer ('sentencepiece:/path/model.model'), or 'folded' for a test model")
+                         f"tokenizer ('sentencepiece:/path/model.model')")
     from clipjax.data.tokenizer import get_tokenizer
 
-    tok = get_tokenizer(spec or None, context_length=length)
+    tok = get_tokenizer(spec or None, context_length=length, vocab_size=vocab)
     return lambda texts: np.asarray(tok(list(texts), length), np.int32)
 
 
