@@ -1,0 +1,102 @@
+"""What the trainer checks before it runs: numbers that cannot work are one error naming the key, a warm-up that does
+not fit a short run is clipped with a warning, a batch larger than the data is warned about, a workdir of another
+architecture is refused before anything is written, and re-logged steps never duplicate metrics rows."""
+
+import json
+import logging
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from clipjax.configs.common import base_config
+from clipjax.metrics import MetricWriter
+from clipjax.models.specs import get_model_config
+from clipjax.train import ConfigError, _check_same_model, _warn_small_dataset, check_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("key,value", [("total_steps", 0), ("total_steps", -5), ("batch_size", 0),
+                                       ("accum_steps", 0), ("log_every", 0), ("ckpt_every", -1)])
+def test_non_positive_counts_are_config_errors_naming_the_key(key, value):
+    c = base_config()
+    c[key] = value
+    with pytest.raises(ConfigError, match=rf"config\.{key}={value}: must be a positive integer"):
+        check_config(c)
+
+
+def test_unknown_task_is_an_error():
+    c = base_config()
+    c.task = "caption"
+    with pytest.raises(ConfigError, match="config.task='caption'; valid: contrastive, classify"):
+        check_config(c)
+
+
+def test_warmup_longer_than_the_run_is_clipped_with_a_warning(caplog):
+    c = base_config()
+    c.total_steps, c.warmup_steps = 5, 50
+    with caplog.at_level(logging.WARNING):
+        checked = check_config(c)
+    assert checked.warmup_steps == 0 and c.warmup_steps == 50  # a copy: the caller's config is unchanged
+    assert "config.warmup_steps=50 does not fit config.total_steps=5: warm-up clipped to 0 steps" in caplog.text
+    c.total_steps, c.warmup_steps = 100, 200
+    assert check_config(c).warmup_steps == 10
+    c.warmup_steps = 99
+    assert check_config(c).warmup_steps == 99  # fits: untouched
+
+
+def test_batch_larger_than_the_data_is_warned_about(caplog):
+    class Data:
+        sources = [range(30), range(20)]
+
+    with caplog.at_level(logging.WARNING):
+        _warn_small_dataset(Data(), 64)
+    assert "config.batch_size=64 is larger than the training data (50 records)" in caplog.text
+    caplog.clear()
+    _warn_small_dataset(Data(), 50)
+    assert not caplog.text
+
+
+def test_workdir_of_another_architecture_is_refused(tmp_path):
+    vit, rn = get_model_config("ViT-T-demo"), get_model_config("RN-T-demo")
+    (tmp_path / "config.json").write_text(json.dumps({"config": {}, "model_config": vit.to_dict()}))
+    _check_same_model(tmp_path, vit.replace(dtype="bfloat16", remat="full"))  # numerics may change
+    with pytest.raises(ConfigError, match="holds checkpoints of another model .*vision.layers"):
+        _check_same_model(tmp_path, rn)
+
+
+def test_truncate_after_drops_the_rows_a_resumed_run_writes_again(tmp_path):
+    w = MetricWriter(tmp_path)
+    for step in (0, 1, 2, 3, 4):
+        w.write(step, {"loss": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a torn last line of a killed run
+    assert w.truncate_after(2) == 3
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert w.truncate_after(0) == 3  # starting over: step 0 (e.g. the zero-shot head's evaluation) goes too
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    w.close()
+
+
+def test_cli_short_run_of_the_demo_recipe_and_bad_counts(tmp_path):
+    """`--config.total_steps=5` on configs/demo.py runs (warm-up clipped); batch size 0 is one error line."""
+    base = [sys.executable, "-m", "clipjax.main", f"--config={ROOT / 'configs' / 'demo.py'}:evals=0",
+            "--config.data.train=synthetic"]
+    bad = subprocess.run([*base, f"--workdir={tmp_path / 'bad'}", "--config.batch_size=0"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == \
+        "error: config.batch_size=0: must be a positive integer"
+    assert not (tmp_path / "bad").exists()  # nothing written
+    ok = subprocess.run([*base, f"--workdir={tmp_path / 'ok'}", "--config.total_steps=2", "--config.batch_size=8"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "warm-up clipped to 0 steps" in ok.stderr and "compiling the train step" in ok.stderr
+    assert f"done: step 2 of 2; checkpoints in {tmp_path / 'ok' / 'checkpoints'}" in ok.stderr
+
+
+def test_main_help_exits_zero():
+    out = subprocess.run([sys.executable, "-m", "clipjax.main", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and "--workdir" in out.stdout + out.stderr
