@@ -180,3 +180,13 @@ def test_prefetcher_close_closes_the_map_inside():
     assert next(p) == [0, 1, 4] and next(p) == [16, 25, 36]
     p.close()
     assert not _threads_alive("test-prefetch") and not _threads_alive("test-map")
+
+
+def test_worker_processes_plug_in_with_the_same_results():
+    threaded, s1 = _run(Square(), range(40))
+    processes, s2 = _run(Square(), range(40), executor=core.processes(2, 2))
+    assert threaded == processes and s1 == s2 == 6
+    assert core.make_executor(0, 3).keywords == {"num_threads": 3, "name": "clipjax-data"}
+    assert core.make_executor(2, 3).keywords["num_workers"] == 2
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        core.make_executor(-1, 2)

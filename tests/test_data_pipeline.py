@@ -2,6 +2,7 @@
 bad records."""
 
 import io
+import itertools
 import json
 
 import numpy as np
@@ -42,12 +43,13 @@ def _take(it, n):
 
 
 def _fingerprints(path, split="train"):
-    """Hash of each record's full-image normalised pixels → (key, tokenised captions)."""
+    """Each record's full-image uint8 RGB pixels (what a training batch holds at scale 1) → (key, tokenised
+    captions)."""
     src = sources.open_source(f"dir:{path}", split)
     out = {}
     for i in range(len(src)):
         rec = src.record(i)
-        out[pp.preprocess(rec.image, 64).tobytes()] = (rec.key, TOK(rec.captions, C))
+        out[np.asarray(pp.load_image(rec.image), np.uint8).tobytes()] = (rec.key, TOK(rec.captions, C))
     assert len(out) == len(src)
     return out
 
@@ -59,11 +61,55 @@ def _keys(batches, prints):
 def test_batches_are_records_with_one_of_their_captions(ds_a):
     prints = _fingerprints(ds_a)
     (batch,) = _take(_train(f"dir:{ds_a}", scale=(1.0, 1.0)), 1)  # scale 1: the crop is the whole image
-    assert batch["image"].shape == (16, 64, 64, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (16, 64, 64, 3) and batch["image"].dtype == np.uint8
     assert batch["text"].shape == (16, C) and batch["text"].dtype == np.int32
     for image, text in zip(batch["image"], batch["text"]):
         _, caption_tokens = prints[image.tobytes()]
         assert any((text == row).all() for row in caption_tokens)
+
+
+def test_train_transform_is_normalize_of_train_crop_bit_exactly(tmp_path):
+    """The float32 API keeps its numbers: train_transform == normalize(train_crop), for RGB, RGBA, palette and grey
+    images and for a large JPEG that is draft-decoded."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    images = [Image.fromarray(rgb), Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
+              Image.fromarray(rgb).convert("P"), Image.fromarray(rgb[..., 0], "L"),
+              Image.fromarray(rgb).resize((700, 600))]
+    for k, image in enumerate(images):
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG" if k == 4 else "PNG")
+        crop = pp.train_crop(buf.getvalue(), 32, np.random.default_rng(k))
+        assert crop.dtype == np.uint8 and crop.shape == (32, 32, 3)
+        want = pp.train_transform(buf.getvalue(), 32, np.random.default_rng(k))
+        assert want.dtype == np.float32
+        np.testing.assert_array_equal(pp.normalize(crop), want)
+
+
+def test_uint8_batches_normalised_as_on_the_device_equal_the_float32_host_batches(ds_a):
+    """What the device computes from a uint8 batch (clipjax.step.prepare_images) is the float32 batch the host used
+    to ship (train_transform of each slot's record with the slot's generator), to 1e-6, at a quarter of the bytes."""
+    import jax.numpy as jnp
+
+    from clipjax.step import prepare_images
+
+    it = _train(f"dir:{ds_a}")  # random crops at scale (0.9, 1.0), resized
+    slots = list(itertools.islice(it._slots(it.get_state()), 32))
+    batches = _take(it, 2)
+    src = sources.open_source(f"dir:{ds_a}", "train")
+    old = []
+    for slot in slots:
+        rec = src.record(slot.index)
+        rng = np.random.default_rng([0, 0, slot.t])  # seed, process index, slot
+        rng.integers(len(rec.captions))  # the caption is chosen first
+        old.append(pp.train_transform(rec.image, 64, rng, scale=(0.9, 1.0)))  # f32 [S, S, 3]
+    old = np.stack(old).reshape(2, 16, 64, 64, 3)
+    for batch, want in zip(batches, old):
+        assert batch["image"].dtype == np.uint8 and 4 * batch["image"].nbytes == want.nbytes
+        got = np.asarray(prepare_images({"image": jnp.asarray(batch["image"])}))
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(pp.normalize(batch["image"]), want)  # on the host: the same bits
 
 
 def test_deterministic_and_seed_dependent(ds_a):
@@ -136,8 +182,8 @@ def test_labels_need_one_labelled_dataset_and_skip_unlabelled_records(ds_a, ds_b
 
 
 def _solid_value(image):
-    """The 8-bit value of a solid grey image after normalisation (red channel)."""
-    return int(round((image[0, 0, 0] * pp.OPENAI_STD[0] + pp.OPENAI_MEAN[0]) * 255))
+    """The 8-bit value of a solid grey image (red channel)."""
+    return int(image[0, 0, 0])
 
 
 def test_loader_pickles_for_workers_and_close_leaves_no_threads(ds_a):
@@ -247,6 +293,26 @@ def test_eval_batches_padded_with_split_labels(ds_a):
         np.testing.assert_array_equal(b["image"][r], pp.preprocess(rec.image, 48))
     glob = pipeline.make_eval_dataset(spec, "heldout", image_size=48, batch_size=10, label_space="all")
     assert [scenes.CLASSNAMES[x] for x in next(iter(glob))["label"]] == [names[x] for x in batches[0]["label"]]
+
+
+def test_eval_decodes_to_rgb_before_the_transform_as_open_clip_does(tmp_path):
+    """open_clip's ImageFolder and webdataset evaluations load with Image.open(f).convert("RGB") and then resize:
+    an RGBA PNG is resized without its alpha (not as premultiplied RGBA, which preprocess of the file does)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+    pixels = rng.integers(0, 256, (40, 30, 4), dtype=np.uint8)
+    Image.fromarray(pixels, "RGBA").save(root / "cat" / "rgba.png")
+    Image.fromarray(pixels[..., :3]).save(root / "dog" / "rgb.png")
+    ev = pipeline.make_eval_dataset(str(root), "test", image_size=16, batch_size=2)
+    (batch,) = list(ev)
+    assert batch["key"] == ["cat/rgba.png", "dog/rgb.png"] and batch["mask"].all()
+    with Image.open(root / "cat" / "rgba.png") as f:
+        want = pp.preprocess(f.convert("RGB"), 16)  # open_clip: the loader's convert, then the eval transform
+    np.testing.assert_array_equal(batch["image"][0], want)
+    assert np.abs(batch["image"][0] - pp.preprocess(root / "cat" / "rgba.png", 16)).max() > 0.1  # not as decoded
+    np.testing.assert_array_equal(batch["image"][1], pp.preprocess(root / "dog" / "rgb.png", 16))  # RGB: the same
 
 
 def test_spec_errors_name_the_spec(tmp_path):

@@ -15,16 +15,27 @@ number of threads.
 
 Executors. An executor factory takes ``fn`` once and returns an ``Executor`` (``submit(item) -> Future``,
 ``close()``). ``threads(n)`` runs ``fn`` on ``n`` threads of this process (PIL and NumPy release the GIL).
-A process executor plugs in the same way: it ships ``fn`` to each worker once (e.g. as the initializer
-argument of a ``ProcessPoolExecutor``) and ``item``/result per call, so ``fn`` and the items must be picklable
-or reconstructible in a worker: ``fn`` is a small "loader" object holding specs, split and sizes that opens
-its readers on first use in each process (and drops them when pickled), never a closure over open readers;
-items are plain tuples of ints; results are arrays and strings.
+``processes(n, t)`` runs it in ``n`` worker processes of ``t`` threads each, for hosts where one GIL is the limit
+(``ProcessExecutor``): ``fn`` is pickled once to each worker and ``item``/result per call, so ``fn`` and the items
+must be picklable and importable by module name (not defined in ``__main__``): ``fn`` is a small "loader" object
+holding specs, split and sizes that opens its readers on first use in each process (and drops them when pickled),
+never a closure over open readers; items are plain tuples of ints; results are arrays and strings.
 
 ``Prefetcher(make_iterator, depth)`` runs an iterator on a background thread and keeps ``depth`` of its items
 ready (finished batches ahead of the training step); errors reach the consumer on its next ``next()``.
 
-``close()`` on either stops everything it started: pending work is cancelled and the threads are joined.
+``close()`` on any of them stops everything it started: pending work is cancelled, threads are joined and worker
+processes are ended and reaped.
+
+Worker processes (``ProcessExecutor``). Each is a fresh interpreter (``sys.executable``; never a fork of this
+process, which may hold JAX's threads and devices) that imports only ``clipjax.data`` modules: the ``clipjax``
+package is entered without running its ``__init__`` (which imports JAX), so a worker costs ~0.5 s to start and
+holds no JAX. Its lifetime is tied to two pipes: tasks in, results out. It ends when the tasks pipe closes, which is
+also what happens when this process dies in any way (``close()``, an exception, SIGTERM, Ctrl-C, SIGKILL), and when
+it sees its parent change (orphaned); it ignores SIGINT, which a terminal sends to the whole process group, and
+leaves Ctrl-C to the parent. A worker that dies (crash, ``os._exit``, the out-of-memory killer) fails every pending
+and later ``submit`` with one ``DataWorkerError`` naming the worker, its exit status or signal and the item it was
+working on: the map stops with that error rather than waiting for results that will never come.
 """
 
 from __future__ import annotations
@@ -32,9 +43,19 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import functools
+import itertools
 import logging
+import multiprocessing.connection as mpc
+import os
+import pathlib
+import pickle
 import queue
+import signal
+import subprocess
+import sys
 import threading
+import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -50,6 +71,10 @@ class BadRecord(Exception):
 
 class TooManyBadRecords(RuntimeError):
     """Too many consecutive bad records: the data, not a few records, is broken."""
+
+
+class DataWorkerError(RuntimeError):
+    """A data worker process died or could not start; the input pipeline cannot go on."""
 
 
 # ============================================================================================ executors
@@ -84,6 +109,301 @@ class ThreadExecutor:
 def threads(num_threads: int, name: str = "clipjax-data") -> ExecutorFactory:
     """The factory of a ``ThreadExecutor`` with ``num_threads`` threads named ``name_<i>``."""
     return functools.partial(ThreadExecutor, num_threads=max(1, num_threads), name=name)
+
+
+def processes(num_workers: int, threads_per_worker: int = 1, name: str = "clipjax-data") -> ExecutorFactory:
+    """The factory of a ``ProcessExecutor``: ``num_workers`` processes of ``threads_per_worker`` threads each."""
+    return functools.partial(ProcessExecutor, num_workers=max(1, num_workers),
+                             threads_per_worker=max(1, threads_per_worker), name=name)
+
+
+def make_executor(workers: int, num_threads: int, name: str = "clipjax-data") -> ExecutorFactory:
+    """``threads(num_threads)`` when ``workers`` is 0, else ``processes(workers, num_threads)``."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: threads in this process), got {workers}")
+    return processes(workers, num_threads, name) if workers else threads(num_threads, name)
+
+
+# ============================================================================================ worker processes
+
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parents[1])  # the clipjax package folder
+_WORKER_MAIN = """\
+import sys, types
+package = types.ModuleType("clipjax")  # the package without its __init__, which imports JAX
+package.__path__ = [sys.argv[1]]
+sys.modules["clipjax"] = package
+from clipjax.data import core
+core.worker_main(int(sys.argv[2]), int(sys.argv[3]))
+"""
+_ORPHAN_CHECK_S = 1.0
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker process (set as its ``__cause__``)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+
+    def __str__(self) -> str:
+        return "\n" + self.args[0]
+
+
+def _portable_error(error: BaseException) -> tuple[BaseException, str]:
+    """(the exception, or a RuntimeError naming it when it does not survive pickling; its traceback text)."""
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error, text
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}"), text
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(_ORPHAN_CHECK_S)
+    os._exit(0)
+
+
+def worker_main(task_fd: int, result_fd: int) -> None:
+    """A worker process: reads (sys.path, threads, pickled fn), then (id, item) tasks until the pipe closes, and
+    answers each with (id, True, fn(item)) or (id, False, (exception, traceback)); a failed start is answered
+    with id None. Results are sent from the worker's threads as they finish, in any order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    sys.stdout = sys.stderr  # the parent's stdout may be a protocol (JSON lines)
+    tasks = mpc.Connection(task_fd, writable=False)
+    results = mpc.Connection(result_fd, readable=False)
+    lock = threading.Lock()
+    parent = os.getppid()
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+    def answer(task_id: Any, ok: bool, payload: Any) -> None:
+        try:
+            data = pickle.dumps((task_id, ok, payload), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:  # an unpicklable result
+            data = pickle.dumps((task_id, False, _portable_error(e)))
+        with lock:
+            results.send_bytes(data)
+
+    try:
+        sys_path, num_threads, blob = tasks.recv()
+        sys.path[:] = sys_path
+        fn = pickle.loads(blob)
+    except EOFError:
+        os._exit(0)
+    except BaseException as e:  # reported to the parent, which raises it
+        answer(None, False, _portable_error(e))
+        os._exit(1)
+
+    def run(task_id: int, item: Any) -> None:
+        try:
+            result = fn(item)
+        except BaseException as e:  # BadRecord, or a bug: the parent decides
+            answer(task_id, False, _portable_error(e))
+            return
+        answer(task_id, True, result)
+
+    pool = cf.ThreadPoolExecutor(num_threads, thread_name_prefix="clipjax-worker")
+    while True:
+        try:
+            task = tasks.recv()
+        except (EOFError, OSError):
+            break
+        pool.submit(run, *task)
+    os._exit(0)  # without waiting for work in flight: nobody will read it
+
+
+def _exit_cause(returncode: int | None) -> str:
+    if returncode is None:
+        return "closed its pipe but is still running; it was killed"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        oom = " (killed: out of memory, or by someone)" if -returncode == signal.SIGKILL else ""
+        return f"signal {-returncode}, {name}{oom}"
+    return f"exit status {returncode}"
+
+
+class _Worker:
+    """One worker process and its two pipes."""
+
+    def __init__(self, index: int, init: tuple[list[str], int, bytes]):
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_MAIN, _PACKAGE_DIR, str(task_r), str(result_w)],
+                pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL, close_fds=True)
+        except BaseException:
+            for fd in (task_r, task_w, result_r, result_w):
+                os.close(fd)
+            raise
+        os.close(task_r)
+        os.close(result_w)
+        self.index = index
+        self.tasks = mpc.Connection(task_w, readable=False)
+        self.results = mpc.Connection(result_r, writable=False)
+        self.pending: dict[int, tuple[Any, cf.Future]] = {}  # task id → (item, future)
+        self.send_lock = threading.Lock()
+        try:
+            self.tasks.send(init)
+        except OSError:  # died at once; its pipe tells the collector
+            pass
+
+    def describe(self) -> str:
+        return f"data worker process {self.index} (pid {self.proc.pid})"
+
+
+class ProcessExecutor:
+    """``fn`` in ``num_workers`` worker processes of ``threads_per_worker`` threads each (see the module docstring).
+
+    A task goes to the worker with the fewest tasks in flight; results come back on one collector thread.
+    ``pids``: the worker processes' ids.
+    """
+
+    def __init__(self, fn: RecordFn, *, num_workers: int, threads_per_worker: int = 1, name: str = "clipjax-data",
+                 close_timeout_s: float = 5.0):
+        init = (list(sys.path), max(1, threads_per_worker), pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL))
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._error: str | None = None
+        self._closed = False
+        self._close_timeout_s = close_timeout_s
+        self._workers: list[_Worker] = []
+        try:
+            for i in range(max(1, num_workers)):
+                self._workers.append(_Worker(i, init))
+        except BaseException:
+            self._stop_workers()
+            raise
+        self._collector = threading.Thread(target=self._collect, daemon=True, name=f"{name}-results")
+        self._collector.start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers]
+
+    # -------------------------------------------------------------------------------------------- submit
+
+    def submit(self, item: Any) -> cf.Future:
+        future: cf.Future = cf.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("submit on a closed ProcessExecutor")
+            if self._error is not None:
+                future.set_exception(DataWorkerError(self._error))
+                return future
+            task_id = next(self._ids)
+            worker = min(self._workers, key=lambda w: len(w.pending))
+            worker.pending[task_id] = (item, future)
+        try:
+            with worker.send_lock:
+                worker.tasks.send((task_id, item))
+        except OSError:  # the worker is gone: the collector sees its pipe close and fails the futures
+            pass
+        return future
+
+    # -------------------------------------------------------------------------------------------- results
+
+    def _collect(self) -> None:
+        """Collector thread: routes each answer to its future; a closed results pipe is a dead worker."""
+        live = {w.results: w for w in self._workers}
+        while live:
+            for conn in mpc.wait(list(live)):
+                worker = live[conn]
+                try:
+                    answer = pickle.loads(conn.recv_bytes())
+                except (EOFError, OSError):
+                    del live[conn]
+                    self._lost(worker)
+                    continue
+                except Exception as e:  # a result that does not unpickle here
+                    self._fail(f"{worker.describe()} sent a result this process cannot read: "
+                               f"{type(e).__name__}: {e}")
+                    continue
+                self._deliver(worker, *answer)
+
+    def _deliver(self, worker: _Worker, task_id: int | None, ok: bool, payload: Any) -> None:
+        if task_id is None:  # the worker could not start: its error is everybody's
+            error, text = payload
+            self._fail(f"{worker.describe()} could not start: {type(error).__name__}: {error}\n{text}")
+            return
+        with self._lock:
+            _, future = worker.pending.pop(task_id, (None, None))
+        if future is None:
+            return
+        try:
+            if ok:
+                future.set_result(payload)
+            else:
+                error, text = payload
+                if not isinstance(error, BadRecord):
+                    error.__cause__ = _RemoteTraceback(text)
+                future.set_exception(error)
+        except cf.InvalidStateError:  # cancelled meanwhile
+            pass
+
+    def _lost(self, worker: _Worker) -> None:
+        """``worker``'s results pipe closed: expected while closing, otherwise it died."""
+        if self._closed:
+            return
+        try:
+            returncode = worker.proc.wait(timeout=self._close_timeout_s)
+        except subprocess.TimeoutExpired:
+            worker.proc.kill()
+            returncode = None
+        with self._lock:
+            doing = [repr(item) for item, _ in worker.pending.values()]
+        where = ""
+        if doing:
+            shown = ", ".join(doing[:4]) + (f" and {len(doing) - 4} more" if len(doing) > 4 else "")
+            where = f" while working on {shown}" if len(doing) == 1 else f" while working on one of {shown}"
+        self._fail(f"{worker.describe()} died ({_exit_cause(returncode)}){where}; the input pipeline cannot go on "
+                   f"(a record that crashes the decoder, or too little memory for the workers)")
+
+    def _fail(self, message: str) -> None:
+        """Fails every pending and later submit with ``DataWorkerError(message)``; the first failure wins."""
+        with self._lock:
+            if self._error is None:
+                self._error = message
+            message = self._error
+            pending = [f for w in self._workers for _, f in w.pending.values()]
+            for w in self._workers:
+                w.pending.clear()
+        for future in pending:
+            try:
+                future.set_exception(DataWorkerError(message))
+            except cf.InvalidStateError:
+                pass
+
+    # -------------------------------------------------------------------------------------------- close
+
+    def _stop_workers(self) -> None:
+        """Closes the task pipes (each worker exits), waits for the workers, kills any that do not exit."""
+        for w in self._workers:
+            w.tasks.close()
+        for w in self._workers:
+            try:
+                w.proc.wait(timeout=self._close_timeout_s)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = [f for w in self._workers for _, f in w.pending.values()]
+            for w in self._workers:
+                w.pending.clear()
+        for future in pending:
+            future.cancel()
+        self._stop_workers()
+        self._collector.join()
+        for w in self._workers:
+            w.results.close()
 
 
 # ============================================================================================ ordered map

@@ -14,13 +14,18 @@ label); bad records (corrupt bytes, empty captions, no label) are skipped and co
 therefore just ``{"sample": t, "counts": [n_s], "skipped": k}`` (plus identity fields checked on restore), and a
 restored iterator yields exactly the batches the uninterrupted one would.
 
+Training images stay uint8 from the decoder to the accelerator (``preprocess.train_crop``): the jitted step
+normalises them on the device (``clipjax.step.prepare_images``), so the host ships a quarter of the float32 bytes
+and never spends time on the normalisation. Eval batches are float32 (``preprocess.preprocess`` of the image
+decoded to RGB, as open_clip's ImageFolder and webdataset evaluations load it).
+
 Both loaders run on ``clipjax.data.core``: a picklable loader object (``TrainLoader``, ``EvalLoader``) is mapped
-over work items (slots, record indices) by an ``OrderedMap`` on ``num_threads`` threads (PIL and NumPy release the
-GIL); a ``Prefetcher`` thread keeps ``prefetch`` finished training batches ahead. Records are parsed straight
-from the serialized ``tf.train.Example`` (~13 µs) instead of TFDS's pure-Python ``deserialize_example_np`` (~1 ms,
-GIL-bound). Measured with ``experiments/bench_data.py`` on the shared 2-core machine (load ~8-13, batch 64):
-JPEG 256 px → 224 px, 2 threads 562 images/s vs grain ``MapDataset`` + ``mp_prefetch`` with 2 worker processes
-258 images/s; demo 64-px PNG 2646 vs 1142 images/s. Worker processes pay for pickling every float32 image back.
+over work items (slots, record indices) by an ``OrderedMap``, either on ``num_threads`` threads of this process
+(``workers=0``; PIL and NumPy release the GIL) or in ``workers`` worker processes of ``num_threads`` threads each
+(fresh interpreters without JAX; batches are the same either way); a ``Prefetcher`` thread keeps ``prefetch``
+finished training batches ahead. Records are parsed straight from the serialized ``tf.train.Example`` (~13 µs)
+instead of TFDS's pure-Python ``deserialize_example_np`` (~1 ms, GIL-bound). ``python -m clipjax.data.throughput``
+measures what a host delivers; ``experiments/bench_loader.py`` compares with open_clip's loader.
 
 Shapes: b per-host batch, S image size, C context length.
 """
@@ -52,9 +57,17 @@ def _valid_captions(captions: Sequence[str]) -> list[str]:
     return [c for c in captions if c and c.strip()]
 
 
-def _window(batch_size: int, num_threads: int) -> int:
-    """Records in flight: two batches, and enough to keep every thread busy."""
-    return max(2 * batch_size, 8 * num_threads)
+def _window(batch_size: int, decoders: int) -> int:
+    """Records in flight: two batches, and enough to keep every decoding thread (of every worker) busy."""
+    return max(2 * batch_size, 8 * decoders)
+
+
+def _executor(executor: core.ExecutorFactory | None, workers: int, num_threads: int, name: str
+              ) -> tuple[core.ExecutorFactory, int]:
+    """(the executor factory, the number of decoding threads in all) for ``workers``/``num_threads``."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: threads in this process), got {workers}")
+    return executor or core.make_executor(workers, num_threads, name), max(1, workers) * num_threads
 
 
 # ============================================================================================ training
@@ -70,7 +83,7 @@ class Slot(NamedTuple):
 
 @dataclasses.dataclass
 class TrainLoader:
-    """Slot → (image f32 [S,S,3], caption, label): the per-record work of training, picklable for workers.
+    """Slot → (image uint8 [S,S,3], caption, label): the per-record work of training, picklable for workers.
 
     Raises ``core.BadRecord`` for a record that cannot be read or decoded, has no non-empty caption or (with
     ``num_classes``) no label in [0, num_classes).
@@ -97,15 +110,16 @@ class TrainLoader:
         rng = np.random.default_rng([self.seed, self.process_index, slot.t])
         caption = captions[int(rng.integers(len(captions)))]
         try:
-            image = pp.train_transform(rec.image, self.image_size, rng, scale=self.scale)  # [S, S, 3]
+            image = pp.train_crop(rec.image, self.image_size, rng, scale=self.scale)  # uint8 [S, S, 3]
         except Exception as e:  # corrupt or undecodable image bytes
             raise core.BadRecord(f"record {rec.key!r} of {spec!r}: {e}") from None
         return image, caption, rec.label
 
 
 class TrainIterator:
-    """Infinite iterator of per-host training batches {"image": f32 [b,S,S,3], "text": i32 [b,C]}, plus
-    "label": i32 [b] with ``labels=True``."""
+    """Infinite iterator of per-host training batches {"image": uint8 [b,S,S,3], "text": i32 [b,C]}, plus
+    "label": i32 [b] with ``labels=True``. Images are the cropped pixels; ``preprocess.normalize`` (on the host) or
+    ``clipjax.step.prepare_images`` (on the device) makes them the model's float32 input."""
 
     def __init__(
         self,
@@ -124,6 +138,7 @@ class TrainIterator:
         num_threads: int,
         prefetch: int,
         labels: bool = False,
+        workers: int = 0,
         executor: core.ExecutorFactory | None = None,
     ):
         if process_count < 1 or not 0 <= process_index < process_count:
@@ -146,7 +161,8 @@ class TrainIterator:
         self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
         self.seed, self.process_index, self.process_count = seed, process_index, process_count
         self.scale, self.num_threads, self.prefetch = tuple(scale), max(1, num_threads), max(1, prefetch)
-        self.executor = executor or core.threads(self.num_threads)
+        self.workers = int(workers)
+        self.executor, self._decoders = _executor(executor, self.workers, self.num_threads, "clipjax-data")
         self.loader = TrainLoader(
             src_lib.SourceSet(specs, split, opened=self.sources), image_size, self.scale, seed, process_index,
             num_classes=len(self.classnames) if labels else None)
@@ -195,7 +211,7 @@ class TrainIterator:
     def _batches(self, state: dict) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
         """(batch, state after it) from ``state`` on; runs on the prefetch thread."""
         records = core.OrderedMap(self.loader, self._slots(state), executor=self.executor,
-                                  window=_window(self.batch_size, self.num_threads), skipped=state["skipped"],
+                                  window=_window(self.batch_size, self._decoders), skipped=state["skipped"],
                                   max_consecutive_bad=_MAX_CONSECUTIVE_BAD, logger=log)
         with records:
             while True:
@@ -210,7 +226,8 @@ class TrainIterator:
                 yield batch, {"sample": last.t + 1, "counts": list(last.counts), "skipped": records.skipped}
 
     def close(self) -> None:
-        """Stops the background threads (the iterator can be resumed: the next batch restarts them)."""
+        """Stops the background threads and worker processes (the iterator can be resumed: the next batch restarts
+        them)."""
         prefetcher, self._prefetcher = self._prefetcher, None
         if prefetcher is not None:
             prefetcher.close()
@@ -287,6 +304,7 @@ def make_train_iterator(
     prefetch: int = 2,
     split: str = "train",
     labels: bool = False,
+    workers: int = 0,
     executor: core.ExecutorFactory | None = None,
 ) -> TrainIterator:
     """Training batches of ``spec_or_mix`` (a spec string or {spec: weight}) for this host.
@@ -296,8 +314,11 @@ def make_train_iterator(
     ``labels=True`` (one labelled dataset, e.g. "scenes" or an ImageFolder): every batch also has "label": int32
     [b], the record's index into ``get_classnames(spec)`` (all classes, whatever the split); a record without a
     label is bad (skipped, counted). The other fields, and the state, are the same as without labels.
-    ``executor``: runs the per-record work (``clipjax.data.core``); default ``core.threads(num_threads)``. Batches
-    do not depend on it.
+    ``workers``: 0 decodes on ``num_threads`` threads of this process; N > 0 in N worker processes of
+    ``num_threads`` threads each (``core.processes``), for hosts where one process's GIL limits the rate. A worker
+    that dies raises ``core.DataWorkerError``; ``close()`` ends the workers. ``executor``: any other executor
+    factory (``clipjax.data.core``), in place of the one ``workers`` chooses. Batches and the resume state depend on
+    none of these.
     """
     if process_index is None or process_count is None:
         import jax
@@ -309,7 +330,7 @@ def make_train_iterator(
         specs, weights, split=split, global_batch_size=global_batch_size, image_size=image_size,
         context_length=context_length, tokenizer=tokenizer, seed=seed, process_index=process_index,
         process_count=process_count, scale=scale, num_threads=num_threads, prefetch=prefetch, labels=labels,
-        executor=executor,
+        workers=workers, executor=executor,
     )
 
 
@@ -317,7 +338,9 @@ def make_train_iterator(
 
 @dataclasses.dataclass
 class EvalLoader:
-    """Record index → (image f32 [S,S,3] (eval transform), label, captions, key); picklable for workers.
+    """Record index → (image f32 [S,S,3], label, captions, key); picklable for workers. The image is decoded to RGB
+    first (``preprocess.load_image``, as open_clip's ImageFolder and webdataset evaluations do), then given the eval
+    transform.
 
     ``label_map``: global label id → label in the evaluated label space (ids not in it become -1); None keeps
     the global ids. Raises ``core.BadRecord`` for a record that cannot be read or decoded.
@@ -335,7 +358,7 @@ class EvalLoader:
         except Exception as e:  # a corrupt serialized record, an unreadable file
             raise core.BadRecord(f"record {index} {where}: unreadable ({type(e).__name__}: {e})") from None
         try:
-            image = pp.preprocess(rec.image, self.image_size)  # [S, S, 3]
+            image = pp.preprocess(pp.load_image(rec.image), self.image_size)  # [S, S, 3]
         except Exception as e:  # corrupt or undecodable image bytes
             raise core.BadRecord(f"record {rec.key!r} {where}: {e}") from None
         label = rec.label if self.label_map is None else self.label_map.get(rec.label, -1)
@@ -352,25 +375,26 @@ def evenly_spaced_indices(n: int, k: int | None) -> list[int]:
 class EvalDataset:
     """In-order eval batches of one split; re-iterable.
 
-    Each batch: {"image": f32 [B,S,S,3] (eval transform), "label": i32 [B], "mask": bool [B],
+    Each batch: {"image": f32 [B,S,S,3] (eval transform of the RGB image), "label": i32 [B], "mask": bool [B],
     "captions": list of B lists of str, "key": list of B str}. Every batch has ``batch_size`` rows; the
     last one is padded (zeros, label -1, mask False, no captions). Records whose image does not decode
     are skipped and counted in ``skipped``. Labels index ``classnames``.
 
     ``classnames``: an ImageFolder's class names in place of its folder names (its captions use them).
     ``evenly_spaced``: read only that many records, spread evenly over the split (an ImageFolder's records are
-    sorted by class: every class stays represented). ``executor``: as in ``make_train_iterator``.
+    sorted by class: every class stays represented). ``workers``, ``executor``: as in ``make_train_iterator``
+    (worker processes start at each iteration).
     """
 
     def __init__(self, spec: str, split: str, *, image_size: int, batch_size: int, label_space: str,
                  num_threads: int, classnames: Sequence[str] | None = None, evenly_spaced: int | None = None,
-                 executor: core.ExecutorFactory | None = None):
+                 workers: int = 0, executor: core.ExecutorFactory | None = None):
         if label_space not in ("split", "all"):
             raise ValueError(f"label_space must be 'split' or 'all', got {label_space!r}")
         self.source = src_lib.open_source(spec, split, classnames=classnames)
         self.spec, self.split, self.image_size, self.batch_size = spec, split, image_size, batch_size
-        self.num_threads = max(1, num_threads)
-        self.executor = executor or core.threads(self.num_threads, "clipjax-eval")
+        self.num_threads, self.workers = max(1, num_threads), int(workers)
+        self.executor, self._decoders = _executor(executor, self.workers, self.num_threads, "clipjax-eval")
         self.indices = evenly_spaced_indices(len(self.source), evenly_spaced)  # the records read, in order
         self.num_examples = len(self.indices)
         self.skipped = 0
@@ -403,7 +427,7 @@ class EvalDataset:
         self.skipped = 0
         rows: list = []
         records = core.OrderedMap(self.loader, self.indices, executor=self.executor,
-                                  window=_window(self.batch_size, self.num_threads), logger=log)
+                                  window=_window(self.batch_size, self._decoders), logger=log)
         with records:
             for _, row in records:
                 self.skipped = records.skipped
@@ -430,11 +454,12 @@ def make_eval_dataset(
     num_threads: int = 2,
     classnames: Sequence[str] | None = None,
     evenly_spaced: int | None = None,
+    workers: int = 0,
     executor: core.ExecutorFactory | None = None,
 ) -> EvalDataset:
     """Eval batches of ``spec``/``split``. ``label_space="split"``: labels index ``get_classnames(spec, split)``
-    (e.g. the 10 scenes held-out classes); ``"all"``: the dataset's global label ids. ``classnames`` and
-    ``evenly_spaced``, ``executor`` as in ``EvalDataset``."""
+    (e.g. the 10 scenes held-out classes); ``"all"``: the dataset's global label ids. ``classnames``,
+    ``evenly_spaced``, ``workers`` and ``executor`` as in ``EvalDataset``."""
     return EvalDataset(spec, split, image_size=image_size, batch_size=batch_size, label_space=label_space,
                        num_threads=num_threads, classnames=classnames, evenly_spaced=evenly_spaced,
-                       executor=executor)
+                       workers=workers, executor=executor)

@@ -8,13 +8,13 @@ torchvision's offsets (`round((H - size) / 2)`, Python rounding), then PIL's `co
 transparency, scale to [0, 1] and normalise.
 `train_transform` is open_clip's training transform on RGB-decoded images (webdataset's "pilrgb" decoder):
 torchvision RandomResizedCrop's sampling (10 tries, then a center-crop fallback) driven by a NumPy Generator, bicubic
-resize, normalise.
+resize, normalise; `train_crop` is the same up to the normalisation, uint8 pixels (what the training pipeline ships).
 
-`load_image` (used by `train_transform` and the ingest check) converts to RGB right after decoding, as torchvision's
-ImageFolder loader and webdataset's "pilrgb" decoder do: PIL's `convert("RGB")`, which drops alpha and transparency
-without compositing (CMYK without colour management). Compositing transparency over white before resizing is an
-opt-in (`alpha_over_white=True`, what transformers' CLIPImageProcessor does); open_clip does not. One deliberate
-difference from PIL everywhere: 16-bit and 32-bit grey is scaled to 8 bits before anything else (PIL's
+`load_image` (used by `train_crop`, the eval pipeline and the ingest check) converts to RGB right after decoding, as
+torchvision's ImageFolder loader and webdataset's "pilrgb" decoder do: PIL's `convert("RGB")`, which drops alpha and
+transparency without compositing (CMYK without colour management). Compositing transparency over white before
+resizing is an opt-in (`alpha_over_white=True`, what transformers' CLIPImageProcessor does); open_clip does not. One
+deliberate difference from PIL everywhere: 16-bit and 32-bit grey is scaled to 8 bits before anything else (PIL's
 `convert("RGB")` clips it at 255). EXIF orientation is not applied, as in open_clip.
 
 Shapes: H, W image height and width; S the output size; N images in a batch.
@@ -299,6 +299,28 @@ def draft_min_short_side(image_size: int, scale: tuple[float, float], ratio: tup
     return math.ceil(image_size / smallest) + 1
 
 
+def train_crop(
+    image: ImageSource,
+    image_size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    *,
+    alpha_over_white: bool = False,
+) -> np.ndarray:
+    """open_clip's training geometry → uint8 [S, S, 3] pixels, not yet normalised; deterministic given `rng`'s state.
+
+    The image is decoded to RGB first (`load_image`: alpha dropped, as webdataset's "pilrgb" decoder does, unless
+    `alpha_over_white`). JPEG paths/bytes are decoded at reduced scale when even the smallest possible crop keeps
+    >= image_size pixels. `normalize` of the result is `train_transform`; the training pipeline ships these bytes
+    and normalises on the device (`clipjax.step.prepare_images`), a quarter of the float32 bytes.
+    """
+    rgb = load_image(image, min_short_side=draft_min_short_side(image_size, scale, ratio),
+                     alpha_over_white=alpha_over_white)
+    crop = random_resized_crop(rgb, image_size, rng, scale, ratio)
+    return np.asarray(crop, dtype=np.uint8)  # [S, S, 3]
+
+
 def train_transform(
     image: ImageSource,
     image_size: int,
@@ -310,13 +332,6 @@ def train_transform(
     *,
     alpha_over_white: bool = False,
 ) -> np.ndarray:
-    """open_clip's training transform → float32 [S, S, 3]; deterministic given `rng`'s state.
-
-    The image is decoded to RGB first (`load_image`: alpha dropped, as webdataset's "pilrgb" decoder does, unless
-    `alpha_over_white`). JPEG paths/bytes are decoded at reduced scale when even the smallest possible crop keeps
-    >= image_size pixels.
-    """
-    rgb = load_image(image, min_short_side=draft_min_short_side(image_size, scale, ratio),
-                     alpha_over_white=alpha_over_white)
-    crop = random_resized_crop(rgb, image_size, rng, scale, ratio)
-    return normalize(np.asarray(crop, dtype=np.uint8), mean, std)  # [S, S, 3]
+    """open_clip's training transform → float32 [S, S, 3]: `normalize(train_crop(...))`; deterministic given `rng`."""
+    crop = train_crop(image, image_size, rng, scale, ratio, alpha_over_white=alpha_over_white)  # uint8 [S, S, 3]
+    return normalize(crop, mean, std)  # [S, S, 3]
