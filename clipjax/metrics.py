@@ -159,13 +159,15 @@ def _input_layer_flops(cfg: CLIPConfig) -> float:
     return 2.0 * n * 3 * v.patch_size ** 2 * v.width
 
 
-def forward_flops_per_sample(cfg: CLIPConfig, text_tokens: int | None = None) -> float:
-    """Forward FLOPs of one (image, text) pair, from the same config the model reads."""
+def forward_flops_per_sample(cfg: CLIPConfig, text_tokens: int | None = None,
+                             patch_tokens: int | None = None) -> float:
+    """Forward FLOPs of one (image, text) pair, from the same config the model reads; `patch_tokens`: the ViT patch
+    tokens the transformer sees when some are dropped (FLIP; the patch embedding still sees them all)."""
     v, t = cfg.vision, cfg.text
     if v.is_resnet:
         image = _resnet_flops(cfg)
     else:
-        n = (v.image_size // v.patch_size) ** 2
+        n = patch_tokens or (v.image_size // v.patch_size) ** 2
         image = _input_layer_flops(cfg)  # patch conv
         image += _transformer_flops(n + 1, v.width, v.layers, v.mlp_ratio)
         image += 2 * v.width * cfg.embed_dim
@@ -174,8 +176,8 @@ def forward_flops_per_sample(cfg: CLIPConfig, text_tokens: int | None = None) ->
     return float(image + text)
 
 
-def train_flops_per_step(cfg: CLIPConfig, global_batch: int) -> float:
+def train_flops_per_step(cfg: CLIPConfig, global_batch: int, patch_tokens: int | None = None) -> float:
     """Training FLOPs per step: forward + backward (2 × forward: gradients w.r.t. inputs and weights) for both
     towers, less the pixel gradient nobody needs, plus the N×N similarity matmul of the loss and its two gradients."""
     loss = 3 * 2 * global_batch * global_batch * cfg.embed_dim
-    return (3 * forward_flops_per_sample(cfg) - _input_layer_flops(cfg)) * global_batch + loss
+    return (3 * forward_flops_per_sample(cfg, patch_tokens=patch_tokens) - _input_layer_flops(cfg)) * global_batch + loss

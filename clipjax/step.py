@@ -161,19 +161,28 @@ def _global_loss(loss_fn, mesh: Mesh):
     return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P())
 
 
-def _apply(model: CLIP, params, batch_stats, images, tokens, frozen: tuple[str, ...] = ()):
+def _apply(model: CLIP, params, batch_stats, images, tokens, frozen: tuple[str, ...] = (), drop=None):
     """Forward pass in training mode; a locked image tower (`frozen` names all of "visual", as in LiT) runs in
-    inference mode, so its BatchNorm uses and keeps its running statistics. `tokens` None: the image tower only."""
+    inference mode, so its BatchNorm uses and keeps its running statistics. `tokens` None: the image tower only.
+    `drop`: (patch dropout rate, PRNG key) of FLIP, or None."""
     train = not is_frozen("visual", frozen)
     variables = clip_variables(params, batch_stats)
+    kw: dict[str, Any] = {}
+    if drop is not None and drop[0] > 0 and train:
+        kw = {"patch_dropout": drop[0], "rngs": {"dropout": drop[1]}}
     if tokens is None:
         method, args = CLIP.encode_image, (images, train)
     else:
         method, args = CLIP.__call__, (images, tokens, train)
     if batch_stats:
-        out, updated = model.apply(variables, *args, method=method, mutable=["batch_stats"])
+        out, updated = model.apply(variables, *args, method=method, mutable=["batch_stats"], **kw)
         return out, updated["batch_stats"]
-    return model.apply(variables, *args, method=method), batch_stats
+    return model.apply(variables, *args, method=method, **kw), batch_stats
+
+
+def _micro_drop(drop, a):
+    """The patch-dropout key of micro-batch `a` (the same in the forward and the backward pass)."""
+    return None if drop is None else (drop[0], jax.random.fold_in(drop[1], a))
 
 
 def _bias(params) -> jax.Array:
@@ -188,10 +197,10 @@ def _freeze(params, frozen: tuple[str, ...]):
     return jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == FROZEN else p, params, labels)
 
 
-def _full_batch_grads(state, batch, model, global_loss, frozen):
+def _full_batch_grads(state, batch, model, global_loss, frozen, drop=None):
     def loss_of(params):
         params = _freeze(params, frozen)
-        out, new_bs = _apply(model, params, state.batch_stats, batch["image"], batch["text"], frozen)
+        out, new_bs = _apply(model, params, state.batch_stats, batch["image"], batch["text"], frozen, drop)
         loss = global_loss(out["image_embeds"], out["text_embeds"], params["logit_scale"], _bias(params))
         return loss, (new_bs, {})
 
@@ -207,7 +216,7 @@ def _split_micro(batch, accum: int, mesh: Mesh):
         micro, jax.tree.map(lambda x: NamedSharding(mesh, P(None, shd.BATCH_AXES)), micro))
 
 
-def _accumulated_grads(state, batch, model, global_loss, frozen, accum: int, mesh: Mesh):
+def _accumulated_grads(state, batch, model, global_loss, frozen, accum: int, mesh: Mesh, drop=None):
     """Exact global-batch gradient from A micro-batches (GradCache): embed all micro-batches without keeping
     activations, take the loss gradient w.r.t. the embeddings of the whole batch, then back-propagate each
     micro-batch's embedding gradient through the towers. Equal to the full-batch gradient (BatchNorm aside, whose
@@ -223,36 +232,38 @@ def _accumulated_grads(state, batch, model, global_loss, frozen, accum: int, mes
     micro = _split_micro(batch, accum, mesh)
     params = _freeze(state.params, frozen)
 
-    def embed(p, bs, m):
-        out, bs = _apply(model, p, bs, m["image"], m["text"], frozen)
+    def embed(p, bs, m, a):
+        out, bs = _apply(model, p, bs, m["image"], m["text"], frozen, _micro_drop(drop, a))
         return (out["image_embeds"], out["text_embeds"]), bs
 
-    def forward(bs, m):
-        emb, bs = embed(params, bs, m)
+    def forward(bs, xs):
+        m, a = xs
+        emb, bs = embed(params, bs, m, a)
         return bs, emb
 
-    new_bs, (img, txt) = jax.lax.scan(forward, state.batch_stats, micro)  # [A, N/A, E] each
+    index = jnp.arange(accum)
+    new_bs, (img, txt) = jax.lax.scan(forward, state.batch_stats, (micro, index))  # [A, N/A, E] each
     loss, (g_img, g_txt, g_scale, g_bias) = jax.value_and_grad(global_loss, argnums=(0, 1, 2, 3))(
         merge(img), merge(txt), params["logit_scale"], _bias(params))
 
     def backward(grads, xs):
-        m, gi, gt = xs
-        _, vjp = jax.vjp(lambda p: embed(_freeze(p, frozen), state.batch_stats, m)[0], state.params)
+        m, gi, gt, a = xs
+        _, vjp = jax.vjp(lambda p: embed(_freeze(p, frozen), state.batch_stats, m, a)[0], state.params)
         (g,) = vjp((gi, gt))
         return jax.tree.map(jnp.add, grads, g), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, _ = jax.lax.scan(backward, zeros, (micro, split(g_img), split(g_txt)))
+    grads, _ = jax.lax.scan(backward, zeros, (micro, split(g_img), split(g_txt), index))
     grads = {**grads, "logit_scale": grads["logit_scale"] + g_scale}
     if "logit_bias" in grads:
         grads["logit_bias"] = grads["logit_bias"] + g_bias
     return loss, grads, new_bs, {}
 
 
-def _classify_loss(params, batch_stats, batch, *, model, frozen, label_smoothing):
+def _classify_loss(params, batch_stats, batch, drop=None, *, model, frozen, label_smoothing):
     """Softmax cross-entropy of the head on the image tower's unit-norm features → (loss, (batch_stats, metrics))."""
     params = _freeze(params, frozen)
-    feats, new_bs = _apply(model, params, batch_stats, batch["image"], None, frozen)  # [B, E]
+    feats, new_bs = _apply(model, params, batch_stats, batch["image"], None, frozen, drop)  # [B, E]
     logits = head_logits(feats, params[HEAD])  # [B, K]
     targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)  # [B, K]
     loss = optax.softmax_cross_entropy(logits, targets).mean()
@@ -260,42 +271,48 @@ def _classify_loss(params, batch_stats, batch, *, model, frozen, label_smoothing
     return loss, (new_bs, {"accuracy": accuracy})
 
 
-def _classify_grads(state, batch, model, frozen, label_smoothing: float, accum: int, mesh: Mesh):
+def _classify_grads(state, batch, model, frozen, label_smoothing: float, accum: int, mesh: Mesh, drop=None):
     """Loss and gradient of the mean cross-entropy; with A > 1 the mean of A equal micro-batches' (exact: the loss is
     a mean over examples)."""
     loss_of = functools.partial(_classify_loss, model=model, frozen=frozen, label_smoothing=label_smoothing)
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     if accum == 1:
-        (loss, (new_bs, aux)), grads = grad_fn(state.params, state.batch_stats, batch)
+        (loss, (new_bs, aux)), grads = grad_fn(state.params, state.batch_stats, batch, drop)
         return loss, grads, new_bs, aux
 
-    def body(carry, m):
-        grads, bs = carry
-        (loss, (bs, aux)), g = grad_fn(state.params, bs, m)
+    def body(carry, xs):
+        (grads, bs), (m, a) = carry, xs
+        (loss, (bs, aux)), g = grad_fn(state.params, bs, m, _micro_drop(drop, a))
         return (jax.tree.map(jnp.add, grads, g), bs), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, new_bs), (losses, aux) = jax.lax.scan(body, (zeros, state.batch_stats), _split_micro(batch, accum, mesh))
+    xs = (_split_micro(batch, accum, mesh), jnp.arange(accum))
+    (grads, new_bs), (losses, aux) = jax.lax.scan(body, (zeros, state.batch_stats), xs)
     grads = jax.tree.map(lambda g: g / accum, grads)
     return losses.mean(), grads, new_bs, jax.tree.map(jnp.mean, aux)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: CLIP, tx: optax.GradientTransformation,
                loss_fn: Callable | None, mesh: Mesh, accum_steps: int = 1, frozen: tuple[str, ...] = (),
-               task: str = "contrastive", label_smoothing: float = 0.0):
+               task: str = "contrastive", label_smoothing: float = 0.0, patch_dropout: float = 0.0):
     """One optimizer step on a global batch → (new state, metrics). Contrastive: {"image": [N, H, W, 3], "text":
     [N, L]} under `loss_fn`; classify: {"image", "label": [N]} under the head's cross-entropy (`loss_fn` unused).
+    Images and texts may be shorter than the model's (a training phase of fewer tokens); `patch_dropout` drops that
+    fraction of ViT patch tokens per image, with a key of (state.rng, step).
 
     A non-finite loss or gradient skips the update (params, optimizer and BatchNorm state unchanged) and is counted.
     """
     batch = {**{k: v for k, v in batch.items() if k != "nan"}, "image": prepare_images(batch)}
+    drop = (patch_dropout, jax.random.fold_in(state.rng, state.step)) if patch_dropout else None
     if task == "classify":
-        loss, grads, new_bs, aux = _classify_grads(state, batch, model, frozen, label_smoothing, accum_steps, mesh)
+        loss, grads, new_bs, aux = _classify_grads(state, batch, model, frozen, label_smoothing, accum_steps, mesh,
+                                                   drop)
     elif accum_steps > 1:
         global_loss = _global_loss(loss_fn, mesh)
-        loss, grads, new_bs, aux = _accumulated_grads(state, batch, model, global_loss, frozen, accum_steps, mesh)
+        loss, grads, new_bs, aux = _accumulated_grads(state, batch, model, global_loss, frozen, accum_steps, mesh,
+                                                      drop)
     else:
-        loss, grads, new_bs, aux = _full_batch_grads(state, batch, model, _global_loss(loss_fn, mesh), frozen)
+        loss, grads, new_bs, aux = _full_batch_grads(state, batch, model, _global_loss(loss_fn, mesh), frozen, drop)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 

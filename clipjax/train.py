@@ -18,6 +18,7 @@ Letters: N global batch, B per-device batch, A accumulation steps, E embed dim, 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import logging
@@ -42,7 +43,9 @@ from clipjax.metrics import MetricWriter, Progress, train_flops_per_step
 from clipjax.models.clip import CLIP
 from clipjax.models.config import CLIPConfig
 from clipjax.models.specs import get_model_config
+from clipjax import phases as phases_lib
 from clipjax.optim import make_optimizer, make_schedule
+from clipjax.phases import Phase, PhasedData
 from clipjax.run_control import Preemption, StepCounters, sum_over_processes
 from clipjax.step import (HEAD, TrainState, abstract_with_shardings, batch_fields, batch_shardings,  # noqa: F401
                           clip_variables, make_train_state, train_step)
@@ -185,9 +188,9 @@ def load_init_variables(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> d
 
 
 def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags: bool = False,
-                   fields: dict[str, int] | None = None):
+                   fields: dict[str, int] | None = None, patch_dropout: float = 0.0):
     """`train_step` jitted with its shardings and the state donated. `fields`: the batch's fields and ranks (default:
-    the task's; the synthetic source may add its "nan" flags).
+    the task's; the synthetic source may add its "nan" flags); `patch_dropout`: the phase's (FLIP).
 
     `stop_flags`: the batch also carries "stop": int32 [N], each process's rows set to 1 when it was asked to stop;
     metrics["stop_requested"] is their maximum, the same on every process, so all processes agree on when to stop.
@@ -195,7 +198,7 @@ def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags
     step = functools.partial(
         train_step, model=model, tx=tx, loss_fn=get_loss(config.loss) if config.task == "contrastive" else None,
         mesh=mesh, accum_steps=int(config.accum_steps), frozen=frozen_prefixes(config, state_shardings.params),
-        task=config.task, label_smoothing=float(config.label_smoothing))
+        task=config.task, label_smoothing=float(config.label_smoothing), patch_dropout=float(patch_dropout))
     in_batch = batch_shardings(mesh, config.task, fields)
     if stop_flags:
         in_batch["stop"] = shd.batch_sharding(mesh, 1)
@@ -213,11 +216,19 @@ def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags
 
 # ============================================================================================ data
 
-def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mesh: Mesh):
-    """The per-host training iterator named by `config.data.train` (or a mix); with labels when classifying."""
+def make_phases(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> list[Phase]:
+    return _from_config("config.schedule", phases_lib.make_phases, config.schedule, config.total_steps,
+                        cfg.vision.image_size, cfg.text.context_length, float(config.model.patch_dropout),
+                        None if cfg.vision.is_resnet else cfg.vision.patch_size)
+
+
+def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mesh: Mesh, phase: Phase | None = None):
+    """The per-host training iterator named by `config.data.train` (or a mix), decoding at the phase's image size
+    (the model's by default); with labels when classifying."""
     d = config.data
-    kw = dict(global_batch_size=config.batch_size, image_size=cfg.vision.image_size,
-              context_length=cfg.text.context_length, seed=seed,
+    image_size = phase.image_size if phase else cfg.vision.image_size
+    context_length = phase.context_length if phase else cfg.text.context_length
+    kw = dict(global_batch_size=config.batch_size, image_size=image_size, context_length=context_length, seed=seed,
               process_index=jax.process_index(), process_count=jax.process_count())
     spec = d.train if not d.mix else dict(d.mix)
     if spec == "synthetic":
@@ -225,8 +236,8 @@ def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mes
             raise ConfigError("config.data.train='synthetic' has no labels: classifying needs a labelled dataset")
         from clipjax.data.synthetic import SyntheticIterator
 
-        return SyntheticIterator(global_batch_size=config.batch_size, image_size=cfg.vision.image_size,
-                                 context_length=cfg.text.context_length, seed=seed, mesh=mesh,
+        return SyntheticIterator(global_batch_size=config.batch_size, image_size=image_size,
+                                 context_length=context_length, seed=seed, mesh=mesh,
                                  vocab_size=cfg.text.vocab_size, nan_steps=tuple(d.synthetic_nan_steps),
                                  seconds_per_batch=float(d.synthetic_seconds_per_batch))
     from clipjax.data.pipeline import make_train_iterator
@@ -237,7 +248,7 @@ def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mes
             raise ConfigError("config.data.mix: classifying reads one labelled dataset (config.data.train)")
         return make_train_iterator(spec, tokenizer=_no_text, scale=tuple(d.crop_scale), num_threads=d.num_threads,
                                    split=d.train_split, labels=True, **kw)
-    tokenizer = get_tokenizer(d.tokenizer or None, cfg.text.context_length, cfg.text.vocab_size)
+    tokenizer = get_tokenizer(d.tokenizer or None, context_length, cfg.text.vocab_size)
     return make_train_iterator(spec, tokenizer=tokenizer, scale=tuple(d.crop_scale), num_threads=d.num_threads,
                                split=d.train_split, **kw)
 
@@ -344,7 +355,9 @@ def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: 
         _from_config("config.loss", get_loss, config.loss)  # bad names fail before anything compiles
     pretrained = load_pretrained(config)
     cfg = _from_config("config.model", model_config, config, pretrained)
-    data = _from_config("config.data", make_data, config, cfg, config.seed, mesh)
+    phases = make_phases(config, cfg)
+    data = PhasedData(lambda p: _from_config("config.data", make_data, config, cfg, config.seed, mesh, p), phases)
+    data.at(0)  # a bad data spec fails now, before the model is built
     _warn_small_dataset(data, config.batch_size)
 
     ckpt = writer = head_task = None
@@ -378,7 +391,8 @@ def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: 
         restored = ckpt.restore(abstract_with_shardings(state_shardings, state)) if resuming else None
         if restored is not None:
             start, state, data_state = restored
-            if data_state and hasattr(data, "set_state"):
+            data.at(start)
+            if data_state and data.get_state() is not None:
                 _from_config(f"config.data (the input position saved at step {start})", data.set_state, data_state)
             log.info("resumed from step %d in %s (fingerprints verified)", start, ckpt.directory)
         if is_main:
@@ -411,7 +425,6 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
     start = int(jax.device_get(state.step))
     is_main = jax.process_index() == 0
     evaluators = _make_evaluators(config, cfg)
-    flops = train_flops_per_step(cfg, config.batch_size)
     peak = float(config.peak_flops_per_device) * mesh.size
     progress = Progress(config.total_steps, start)
     counters = StepCounters(int(config.max_nonfinite_steps), ckpt)
@@ -421,15 +434,20 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
         last = _run_evals({}, state, cfg, head_task)
         _write_metrics(writer, 0, last)
     t_last, steps_since = time.perf_counter(), 0
-    step, stop, step_fn, fields = start, False, None, None
+    step, stop, fields = start, False, None
+    step_fns: dict[Phase, Any] = {}  # one compiled step per phase (its image size, text length, patch dropout)
     unchecked: collections.deque = collections.deque()  # (step, metrics) whose counters were not read yet
     if start < config.total_steps and is_main:
         log.info("compiling the train step (the first step includes it)…")
     while step < config.total_steps:
+        phase = data.at(step)
         local = next(data)
-        if step_fn is None:  # the batch's fields decide the compiled signature (synthetic data may add "nan")
+        if phase not in step_fns:  # the batch's fields decide the compiled signature (synthetic data may add "nan")
             fields = {k: v.ndim for k, v in local.items() if k in (*batch_fields(config.task), "nan")}
-            step_fn = make_step(fields=fields)
+            step_fns[phase] = make_step(fields=fields, patch_dropout=phase.patch_dropout)
+            phase_cfg, kept = _phase_config(cfg, phase)
+            flops = train_flops_per_step(phase_cfg, config.batch_size, kept)
+        step_fn = step_fns[phase]
         rows = len(local["image"]) // (jax.process_count() if isinstance(local["image"], jax.Array) else 1)
         batch = to_global({**local, "stop": preempt.flags(rows)}, mesh, (*fields, "stop"))
         with jax.transfer_guard("disallow"):
@@ -479,6 +497,17 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
         ckpt.wait()
         head_task.write_outputs(writer.path.parent, cfg, state, config)
     return last
+
+
+def _phase_config(cfg: CLIPConfig, phase: Phase) -> tuple[CLIPConfig, int | None]:
+    """The model config as a phase runs it (for FLOP counts): its image size and text length, and the patch tokens
+    it keeps under patch dropout (None: all)."""
+    vision = dataclasses.replace(cfg.vision, image_size=phase.image_size)
+    kept = None
+    if phase.patch_dropout and not cfg.vision.is_resnet:
+        kept = max(1, int((phase.image_size // cfg.vision.patch_size) ** 2 * (1 - phase.patch_dropout)))
+    text = dataclasses.replace(cfg.text, context_length=phase.context_length)
+    return cfg.replace(vision=vision, text=text), kept
 
 
 # ============================================================================================ evals

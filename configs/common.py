@@ -59,6 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.open_clip_config = ml_collections.ConfigDict()  # an open_clip model config; replaces model.name when set
     c.model.init_logit_scale = ml_collections.FieldReference(None, field_type=float)  # None: ln(1/0.07); SigLIP ln 10
     c.model.init_logit_bias = -10.0  # SigLIP only
+    c.model.patch_dropout = 0.0  # FLIP: fraction of ViT patch tokens dropped per image in training (never at eval)
+
+    # Phases that train on fewer tokens before full size (clipjax/phases.py): a list of
+    # {steps, image_size, context_length, patch_dropout}; the steps after the last phase run at the model's values.
+    c.schedule = ml_collections.FieldReference((), field_type=object)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.weight_decay = 0.2
