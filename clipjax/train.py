@@ -247,10 +247,10 @@ def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mes
         if d.mix:
             raise ConfigError("config.data.mix: classifying reads one labelled dataset (config.data.train)")
         return make_train_iterator(spec, tokenizer=_no_text, scale=tuple(d.crop_scale), num_threads=d.num_threads,
-                                   split=d.train_split, labels=True, **kw)
+                                   workers=d.workers, split=d.train_split, labels=True, **kw)
     tokenizer = get_tokenizer(d.tokenizer or None, context_length, cfg.text.vocab_size)
     return make_train_iterator(spec, tokenizer=tokenizer, scale=tuple(d.crop_scale), num_threads=d.num_threads,
-                               split=d.train_split, **kw)
+                               workers=d.workers, split=d.train_split, **kw)
 
 
 def _no_text(texts, context_length: int) -> np.ndarray:

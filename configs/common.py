@@ -78,7 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.mix = ml_collections.ConfigDict()  # {spec: weight}; when set, replaces `train`
     c.data.tokenizer = "clip"  # "clip" | "sentencepiece:/path/to/model"
     c.data.crop_scale = (0.9, 1.0)
-    c.data.num_threads = 2  # decoding threads per host
+    c.data.workers = 0  # decoding worker processes per host (0: threads in the training process)
+    c.data.num_threads = 2  # decoding threads per host (per worker process when workers > 0)
     # Fault injection for tests and drills, read by the synthetic source only: all-NaN images at these steps (the
     # trainer must skip and count them) and a delay per batch (a slow input pipeline).
     c.data.synthetic_nan_steps = ()
