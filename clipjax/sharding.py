@@ -9,13 +9,21 @@ One rule table serves every strategy; the mesh shape picks it (a mesh axis of si
     any mix             mesh {"data": 2, "fsdp": 4}
 
 A dimension that a mesh axis does not divide stays replicated (see `spec_for`), so odd sizes never fail to shard.
+
+Parameters are placed by `logical_shardings`. Activations are constrained where the model is traced: wrap the traced
+function with `with_activation_sharding(fn, mesh)` (then jit it), and every `constrain_activation` the model layers
+call inside becomes a `jax.lax.with_sharding_constraint` to the rule table's NamedSharding on that mesh; outside such
+a function they return their input unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -129,9 +137,66 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def flax_rules() -> tuple[tuple[str, Any], ...]:
-    """The rule table in the form `nn.logical_axis_rules` takes (for activation constraints)."""
-    return RULES
+# ============================================================================================ activations
+
+_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("clipjax_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None) -> Iterator[None]:
+    """While tracing inside this context, `constrain_activation` shards activations over `mesh` by RULES."""
+    token = _ACTIVE_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVE_MESH.reset(token)
+
+
+def with_activation_sharding(fn: Callable, mesh: Mesh | None) -> Callable:
+    """`fn` whose body runs with the activation rules active on `mesh`: jit the result.
+
+        step = jax.jit(shd.with_activation_sharding(step, mesh), in_shardings=..., out_shardings=...)
+
+    The rules are active while `fn` is traced, so the compiled program carries the constraints; `mesh` None (or a
+    one-device mesh) gives `fn`'s behaviour without constraints.
+    """
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_sharding(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `with_activation_sharding` (None outside one)."""
+    return _ACTIVE_MESH.get()
+
+
+def constrain_activation(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Shard activation `x` by its logical axis `names` over the active mesh (`spec_for`: a mesh axis that does not
+    divide a dimension is dropped). Without an active mesh, or when no mesh axis applies, `x` is returned as is."""
+    mesh = _ACTIVE_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    if len(names) != x.ndim:
+        raise ValueError(f"activation of shape {x.shape} given {len(names)} logical axis names {tuple(names)}")
+    spec = spec_for(names, x.shape, mesh)
+    if all(part is None for part in spec):
+        return x  # nothing to split: leave the layout to XLA rather than force a replicated copy
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh a tree's arrays are laid out on (the first leaf with a NamedSharding), or None."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

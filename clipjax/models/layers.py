@@ -1,8 +1,9 @@
 """Building blocks shared by the towers: fp32 LayerNorm, activations, fused-QKV attention, MLP, residual stack.
 
 Parameters carry *logical* axis names only (embed, mlp, heads, kv, vocab, ...); `clipjax.sharding` maps them to mesh
-axes in one rule table. Activations get logical constraints (`batch`, `length`, `act_embed`) that are no-ops unless a
-rule context is active.
+axes in one rule table. Activations get logical constraints (`batch`, `length`, `act_embed`, `act_mlp`, `act_heads`)
+that shard them when the model is traced inside `clipjax.sharding.with_activation_sharding(fn, mesh)` and are no-ops
+otherwise.
 
 Letters: B batch, L tokens, D width, H heads, K head width, F MLP width.
 """
@@ -15,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clipjax import sharding as shd
+
 Dtype = jnp.dtype
 
 LN_EPS = 1e-5
@@ -26,8 +29,8 @@ def logical(init: Callable, *names: str | None) -> Callable:
 
 
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
-    """Logical sharding constraint on an activation (no-op without an active rule context)."""
-    return nn.with_logical_constraint(x, names)
+    """Logical sharding constraint on an activation (no-op outside `clipjax.sharding.with_activation_sharding`)."""
+    return shd.constrain_activation(x, names)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -79,6 +82,7 @@ class Attention(nn.Module):
         w_out = self.param("out_kernel", logical(out_init, "heads", "kv", "embed"), (self.heads, k, d))
         b_out = self.param("out_bias", logical(nn.initializers.zeros, "embed"), (d,))
         qkv = jnp.einsum("bld,dthk->tblhk", x, w_qkv.astype(self.dtype)) + b_qkv.astype(self.dtype)[:, None, None]
+        qkv = constrain(qkv, None, "batch", "length", "act_heads", None)  # [3, B, L, H, K], heads split
         q, kk, v = qkv[0], qkv[1], qkv[2]  # [B, L, H, K] each
         o = jax.nn.dot_product_attention(q, kk, v, is_causal=self.causal)  # [B, L, H, K]
         o = constrain(o, "batch", "length", "act_heads", None)
@@ -110,6 +114,7 @@ class MLP(nn.Module):
         pr_init = nn.initializers.normal(self.proj_std) if self.proj_std else nn.initializers.lecun_normal()
         h = nn.Dense(f, dtype=self.dtype, kernel_init=logical(fc_init, "embed", "mlp"),
                      bias_init=logical(nn.initializers.zeros, "mlp"), name="c_fc")(x)  # [B, L, F]
+        h = constrain(h, "batch", "length", "act_mlp")  # the hidden width F split, as the kernels' `mlp` axis
         h = constrain(activation(self.quick_gelu)(h), "batch", "length", "act_mlp")
         return nn.Dense(d, dtype=self.dtype, kernel_init=logical(pr_init, "mlp", "embed"),
                         bias_init=logical(nn.initializers.zeros, "embed"), name="c_proj")(h)  # [B, L, D]

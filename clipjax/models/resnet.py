@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from clipjax.models.config import VisionConfig
-from clipjax.models.layers import logical
+from clipjax.models.layers import constrain, logical
 
 PAD1 = ((1, 1), (1, 1))  # torch padding=1 (symmetric, also for stride 2)
 
@@ -74,9 +74,10 @@ class AttentionPool(nn.Module):
         proj = functools.partial(nn.DenseGeneral, (self.heads, k), dtype=self.dtype,
                                  kernel_init=logical(std, "embed", "heads", "kv"),
                                  bias_init=logical(nn.initializers.zeros, "heads", "kv"))
-        q = proj(name="q_proj")(x[:, :1])  # [B, 1, H, K]
-        kk = proj(name="k_proj")(x)  # [B, S·S+1, H, K]
-        v = proj(name="v_proj")(x)
+        heads = ("batch", "length", "act_heads", None)  # heads split, as the projections' `heads` axis
+        q = constrain(proj(name="q_proj")(x[:, :1]), *heads)  # [B, 1, H, K]
+        kk = constrain(proj(name="k_proj")(x), *heads)  # [B, S·S+1, H, K]
+        v = constrain(proj(name="v_proj")(x), *heads)
         o = jax.nn.dot_product_attention(q, kk, v).reshape(b, c)  # [B, C]
         return nn.Dense(self.output_dim, dtype=self.dtype, kernel_init=logical(std, "embed", "joint"),
                         bias_init=logical(nn.initializers.zeros, "joint"), name="c_proj")(o)  # [B, E]
@@ -93,7 +94,7 @@ class ModifiedResNet(nn.Module):
         if images.shape[1] != c.image_size or images.shape[2] != c.image_size:
             raise ValueError(f"image tower expects [B, {c.image_size}, {c.image_size}, 3] images, got {images.shape}")
         w, relu = c.width, jax.nn.relu
-        x = images.astype(self.dtype)
+        x = constrain(images.astype(self.dtype), "batch", None, None, None)  # [B, S, S, 3]
         x = relu(_bn(train, self.dtype, "bn1")(_conv(w // 2, 3, self.dtype, "conv1", stride=2)(x)))
         x = relu(_bn(train, self.dtype, "bn2")(_conv(w // 2, 3, self.dtype, "conv2")(x)))
         x = relu(_bn(train, self.dtype, "bn3")(_conv(w, 3, self.dtype, "conv3")(x)))
@@ -103,5 +104,6 @@ class ModifiedResNet(nn.Module):
             for i in range(depth):
                 stride = 2 if (stage > 0 and i == 0) else 1
                 x = Bottleneck(planes, stride, self.dtype, name=f"layer{stage + 1}_{i}")(x, train)
+            x = constrain(x, "batch", None, None, None)  # [B, S', S', C]: the batch stays split between stages
         # [B, S/32, S/32, 32·w]
         return AttentionPool(c.heads, self.embed_dim, self.dtype, name="attnpool")(x)

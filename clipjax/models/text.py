@@ -36,7 +36,7 @@ class TextTransformer(nn.Module):
             raise ValueError(f"text tower takes at most {c.context_length} tokens, got {length}")
         x = nn.Embed(c.vocab_size, c.width, dtype=self.dtype,
                      embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
-                     name="token_embedding")(tokens)  # [B, L, D]
+                     name="token_embedding")(constrain(tokens, "batch", "length"))  # [B, L, D]
         pos = self.param("positional_embedding", logical(nn.initializers.normal(0.01), None, "embed"),
                          (c.context_length, c.width))
         x = x + pos[:length].astype(self.dtype)
@@ -45,7 +45,8 @@ class TextTransformer(nn.Module):
                         remat=self.remat, scan=self.scan, stds=openai_block_stds(c.width, c.layers),
                         name="transformer")(x)  # [B, L, D]
         x = LayerNorm(name="ln_final")(x)
-        x = x[jnp.arange(b), eot_positions(tokens, c.eot_token_id)]  # [B, D]
-        return nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
-                        kernel_init=logical(nn.initializers.normal(c.width ** -0.5), "embed", "joint"),
-                        name="text_projection")(x)  # [B, E]
+        x = constrain(x[jnp.arange(b), eot_positions(tokens, c.eot_token_id)], "batch", "act_embed")  # [B, D]
+        x = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                     kernel_init=logical(nn.initializers.normal(c.width ** -0.5), "embed", "joint"),
+                     name="text_projection")(x)  # [B, E]
+        return constrain(x, "batch", None)

@@ -30,7 +30,7 @@ class VisionTransformer(nn.Module):
         scale = d ** -0.5
         x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype,
                     kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, "embed"),
-                    name="conv1")(images.astype(self.dtype))  # [B, G, G, D]
+                    name="conv1")(constrain(images.astype(self.dtype), "batch", None, None, None))  # [B, G, G, D]
         b = x.shape[0]
         x = x.reshape(b, -1, d)  # [B, G·G, D]
         cls = self.param("class_embedding", logical(nn.initializers.normal(scale), "embed"), (d,))
@@ -43,6 +43,7 @@ class VisionTransformer(nn.Module):
         x = Transformer(c.layers, c.heads, c.mlp_ratio, self.quick_gelu, causal=False, dtype=self.dtype,
                         remat=self.remat, scan=self.scan, stds=openai_block_stds(d, c.layers),
                         name="transformer")(x)  # [B, L, D]
-        x = LayerNorm(name="ln_post")(x[:, 0])  # [B, D]
-        return nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
-                        kernel_init=logical(nn.initializers.normal(scale), "embed", "joint"), name="proj")(x)  # [B, E]
+        x = constrain(LayerNorm(name="ln_post")(x[:, 0]), "batch", "act_embed")  # [B, D]
+        x = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                     kernel_init=logical(nn.initializers.normal(scale), "embed", "joint"), name="proj")(x)  # [B, E]
+        return constrain(x, "batch", None)
