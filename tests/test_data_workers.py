@@ -125,6 +125,14 @@ class Bug:
         return item
 
 
+class Arrays:
+    """item → large arrays of several layouts, filled from the item (the pipe carries them in many writes)."""
+
+    def __call__(self, item):
+        big = np.random.default_rng(item).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)  # 3 MiB
+        return big, np.asfortranarray(big[:300, :200].astype(np.float32)), big[::3, ::2], np.int64(item), []
+
+
 # ============================================================================================ tests
 
 def test_batches_identical_for_any_workers_and_threads_and_resume_exact(ds):
@@ -165,6 +173,16 @@ def test_a_worker_that_exits_gives_one_clear_error_naming_the_item():
     assert "the input pipeline cannot go on" in str(info.value)
     assert got == list(range(1, len(got) + 1)) and len(got) <= 17  # in order, and nothing from after the crash
     assert not _children()
+
+
+def test_large_results_cross_the_pipe_intact():
+    with core.OrderedMap(Arrays(), range(6), executor=core.processes(2, 2), window=4) as m:
+        got = list(m)
+    for (item, result), want in zip(got, map(Arrays(), range(6))):
+        assert result[3] == item and result[4] == [] and result[1].flags.f_contiguous
+        for a, b in zip(result[:3], want[:3]):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
 
 
 def test_worker_exceptions_reach_the_caller_bad_records_are_skipped():

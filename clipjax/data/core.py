@@ -51,6 +51,7 @@ import pathlib
 import pickle
 import queue
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -158,6 +159,59 @@ def _portable_error(error: BaseException) -> tuple[BaseException, str]:
         return RuntimeError(f"{type(error).__name__}: {error}"), text
 
 
+def _write_all(fd: int, parts: list) -> None:
+    """Writes every byte of ``parts`` (bytes-like) to ``fd``, however the pipe splits them."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def _read_into(fd: int, view: memoryview) -> None:
+    """Fills ``view`` from ``fd``; EOFError when the pipe closes first (the writer died)."""
+    while len(view):
+        n = os.readv(fd, [view])
+        if n == 0:
+            raise EOFError("pipe closed")
+        view = view[n:]
+
+
+def _read(fd: int, size: int) -> bytearray:
+    buf = bytearray(size)
+    _read_into(fd, memoryview(buf))
+    return buf
+
+
+_HEAD = struct.Struct("<QQ")  # pickle length, number of out-of-band buffers; then one <Q length per buffer
+
+
+def encode_message(obj: Any) -> list:
+    """``obj`` as the parts ``send_message`` writes: pickle protocol 5 with arrays out of band, so that their bytes
+    are written from where they lie and read straight into the receiving array (no intermediate copies)."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    head = _HEAD.pack(len(data), len(raws)) + struct.pack(f"<{len(raws)}Q", *(r.nbytes for r in raws))
+    return [head, data, *raws]
+
+
+def send_message(fd: int, obj: Any) -> None:
+    """Writes ``obj`` to pipe ``fd`` (``recv_message`` reads it)."""
+    _write_all(fd, encode_message(obj))
+
+
+def recv_message(fd: int) -> Any:
+    """The next object ``send_message`` wrote to pipe ``fd``; EOFError when the pipe closed."""
+    size, count = _HEAD.unpack(_read(fd, _HEAD.size))
+    lengths = struct.unpack(f"<{count}Q", _read(fd, 8 * count)) if count else ()
+    data = _read(fd, size)
+    return pickle.loads(data, buffers=[_read(fd, n) for n in lengths])
+
+
 def _exit_when_orphaned(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(_ORPHAN_CHECK_S)
@@ -171,18 +225,17 @@ def worker_main(task_fd: int, result_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     sys.stdout = sys.stderr  # the parent's stdout may be a protocol (JSON lines)
     tasks = mpc.Connection(task_fd, writable=False)
-    results = mpc.Connection(result_fd, readable=False)
     lock = threading.Lock()
     parent = os.getppid()
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
 
     def answer(task_id: Any, ok: bool, payload: Any) -> None:
         try:
-            data = pickle.dumps((task_id, ok, payload), protocol=pickle.HIGHEST_PROTOCOL)
+            parts = encode_message((task_id, ok, payload))
         except Exception as e:  # an unpicklable result
-            data = pickle.dumps((task_id, False, _portable_error(e)))
+            parts = encode_message((task_id, False, _portable_error(e)))
         with lock:
-            results.send_bytes(data)
+            _write_all(result_fd, parts)
 
     try:
         sys_path, num_threads, blob = tasks.recv()
@@ -225,12 +278,27 @@ def _exit_cause(returncode: int | None) -> str:
     return f"exit status {returncode}"
 
 
+_F_SETPIPE_SZ = 1031  # Linux fcntl: a pipe's buffer size
+_PIPE_BYTES = 1 << 20  # room for a few 224-px images: a result goes through in one write, not in 64 KiB steps
+
+
+def _widen(fd: int) -> None:
+    """Grows the pipe's buffer where the system allows (Linux, up to /proc/sys/fs/pipe-max-size)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+    except (ImportError, OSError):  # not Linux, or above the limit for unprivileged users: the default works too
+        pass
+
+
 class _Worker:
     """One worker process and its two pipes."""
 
     def __init__(self, index: int, init: tuple[list[str], int, bytes]):
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
+        _widen(result_r)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _WORKER_MAIN, _PACKAGE_DIR, str(task_r), str(result_w)],
@@ -243,7 +311,7 @@ class _Worker:
         os.close(result_w)
         self.index = index
         self.tasks = mpc.Connection(task_w, readable=False)
-        self.results = mpc.Connection(result_r, writable=False)
+        self.results = result_r  # raw fd: ``recv_message``
         self.pending: dict[int, tuple[Any, cf.Future]] = {}  # task id → (item, future)
         self.send_lock = threading.Lock()
         try:
@@ -308,14 +376,14 @@ class ProcessExecutor:
 
     def _collect(self) -> None:
         """Collector thread: routes each answer to its future; a closed results pipe is a dead worker."""
-        live = {w.results: w for w in self._workers}
+        live = {w.results: w for w in self._workers}  # results fd → worker
         while live:
-            for conn in mpc.wait(list(live)):
-                worker = live[conn]
+            for fd in mpc.wait(list(live)):
+                worker = live[fd]
                 try:
-                    answer = pickle.loads(conn.recv_bytes())
+                    answer = recv_message(fd)
                 except (EOFError, OSError):
-                    del live[conn]
+                    del live[fd]
                     self._lost(worker)
                     continue
                 except Exception as e:  # a result that does not unpickle here
@@ -403,7 +471,7 @@ class ProcessExecutor:
         self._stop_workers()
         self._collector.join()
         for w in self._workers:
-            w.results.close()
+            os.close(w.results)
 
 
 # ============================================================================================ ordered map
