@@ -210,7 +210,8 @@ def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags
             state, metrics = inner(state, batch)
             return state, {**metrics, "stop_requested": stop}
 
-    return jax.jit(step, in_shardings=(state_shardings, in_batch),
+    # activations are sharded by their logical names (clipjax/sharding.py) while the step is traced
+    return jax.jit(shd.with_activation_sharding(step, mesh), in_shardings=(state_shardings, in_batch),
                    out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from clipjax import sharding as shd
 from clipjax.models.clip import CLIP
 from clipjax.models.config import CLIPConfig
 
@@ -78,18 +79,20 @@ def make_tokenizer(spec: str | None, cfg: CLIPConfig) -> Tokenizer:
 # ============================================================================================ encoders
 
 @functools.lru_cache(maxsize=16)
-def _encoders(cfg: CLIPConfig) -> tuple[Callable, Callable]:
+def _encoders(cfg: CLIPConfig, mesh: jax.sharding.Mesh | None = None) -> tuple[Callable, Callable]:
     model = CLIP(cfg)
 
-    def image(variables, images):  # [B, S, S, 3] → [B, E] unit norm
-        x = model.apply(variables, images, method=CLIP.encode_image)
+    def image(variables, images):  # [B, S, S, 3] (uint8 pixels or normalised floats) → [B, E] unit norm
+        from clipjax.step import prepare_images
+
+        x = model.apply(variables, prepare_images({"image": images}), method=CLIP.encode_image)
         return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
     def text(variables, tokens):  # [B, L] → [B, E] unit norm
         x = model.apply(variables, tokens, method=CLIP.encode_text)
         return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
-    return jax.jit(image), jax.jit(text)
+    return jax.jit(shd.with_activation_sharding(image, mesh)), jax.jit(shd.with_activation_sharding(text, mesh))
 
 
 def _batch_sharding(variables: Any, ndim: int, batch: int) -> Any:
@@ -98,8 +101,6 @@ def _batch_sharding(variables: Any, ndim: int, batch: int) -> Any:
     sharding = getattr(leaf, "sharding", None)
     if not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
         return None
-    from clipjax import sharding as shd
-
     if batch % shd.batch_device_count(sharding.mesh):
         return None
     return shd.batch_sharding(sharding.mesh, ndim)
@@ -116,13 +117,16 @@ class Encoder:
         return jax.device_put(x, sharding) if sharding is not None else x
 
     def images(self, variables: Any, images: np.ndarray) -> np.ndarray:
-        """float32 [B, S, S, 3] preprocessed images → float32 [B, E] unit-norm features."""
-        encode = _encoders(self.cfg)[0]
-        return np.asarray(encode(variables, self._put(variables, np.asarray(images, np.float32))))
+        """float32 [B, S, S, 3] preprocessed images (or uint8 pixels, normalised on the device) → float32 [B, E]
+        unit-norm features."""
+        encode = _encoders(self.cfg, shd.mesh_of(variables))[0]
+        images = np.asarray(images)
+        images = images if images.dtype == np.uint8 else images.astype(np.float32)
+        return np.asarray(encode(variables, self._put(variables, images)))
 
     def texts(self, variables: Any, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """int32 [N, L] → float32 [N, E] unit-norm features."""
-        encode = _encoders(self.cfg)[1]
+        encode = _encoders(self.cfg, shd.mesh_of(variables))[1]
         return encode_in_batches(lambda t: np.asarray(encode(variables, self._put(variables, t))),
                                  np.asarray(tokens, np.int32), batch_size, self.cfg.embed_dim)
 
