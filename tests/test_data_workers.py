@@ -185,6 +185,22 @@ def test_large_results_cross_the_pipe_intact():
             np.testing.assert_array_equal(a, b)
 
 
+def test_a_worker_that_cannot_start_says_why(tmp_path, monkeypatch):
+    """A record function the workers cannot import (its module is gone from their sys.path) fails the first
+    result with the worker's import error, instead of leaving the map waiting."""
+    (tmp_path / "vanishing_fn.py").write_text("class Fn:\n    def __call__(self, item):\n        return item\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vanishing_fn
+
+    fn = vanishing_fn.Fn()
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    m = core.OrderedMap(fn, range(10), executor=core.processes(2, 1), window=4)
+    with pytest.raises(core.DataWorkerError, match=r"data worker process \d \(pid \d+\) could not start: "
+                                                    r"ModuleNotFoundError: No module named 'vanishing_fn'"):
+        _within(60, lambda: next(m))
+    assert not _children()
+
+
 def test_worker_exceptions_reach_the_caller_bad_records_are_skipped():
     m = core.OrderedMap(Bug(), range(20), executor=core.processes(1, 2), window=4)
     assert [next(m) for _ in range(5)] == [(i, i) for i in range(5)]

@@ -395,7 +395,8 @@ class ProcessExecutor:
     def _deliver(self, worker: _Worker, task_id: int | None, ok: bool, payload: Any) -> None:
         if task_id is None:  # the worker could not start: its error is everybody's
             error, text = payload
-            self._fail(f"{worker.describe()} could not start: {type(error).__name__}: {error}\n{text}")
+            log.error("%s could not start:\n%s", worker.describe(), text)
+            self._fail(f"{worker.describe()} could not start: {type(error).__name__}: {error}")
             return
         with self._lock:
             _, future = worker.pending.pop(task_id, (None, None))
