@@ -51,6 +51,8 @@ def make_phases(schedule: Sequence[Any], total_steps: int, image_size: int, cont
         size = int(p.get("image_size") or image_size)
         length = int(p.get("context_length") or context_length)
         drop = float(p.get("patch_dropout") if p.get("patch_dropout") is not None else patch_dropout)
+        if size != image_size and not patch_size:
+            raise ValueError(f"{where}.image_size={size}: a lower image size needs a ViT image tower")
         if not 0 < size <= image_size or (patch_size and size % patch_size):
             raise ValueError(f"{where}.image_size={size}: must be ≤ the model's {image_size}"
                              + (f" and a multiple of its patch size {patch_size}" if patch_size else ""))

@@ -36,15 +36,22 @@ class CLIP(nn.Module):
         if c.init_logit_bias is not None:
             self.logit_bias = self.param("logit_bias", logical(nn.initializers.constant(c.init_logit_bias)), ())
 
-    def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def encode_image(self, images: jax.Array, train: bool = False, patch_dropout: float = 0.0) -> jax.Array:
+        """`patch_dropout` (ViT, training only): the fraction of patch tokens dropped per image (FLIP); its random
+        choice comes from the "dropout" PRNG stream."""
+        if patch_dropout:
+            if self.config.vision.is_resnet:
+                raise ValueError("patch dropout needs a ViT image tower")
+            return self.visual(images, train=train, patch_dropout=patch_dropout).astype(jnp.float32)
         return self.visual(images, train=train).astype(jnp.float32)  # [B, E]
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         return self.text(tokens).astype(jnp.float32)  # [B, E]
 
-    def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False,
+                 patch_dropout: float = 0.0) -> dict[str, jax.Array]:
         out = {
-            "image_embeds": l2_normalize(self.encode_image(images, train)),  # [B, E]
+            "image_embeds": l2_normalize(self.encode_image(images, train, patch_dropout)),  # [B, E]
             "text_embeds": l2_normalize(self.encode_text(tokens)),  # [B, E]
             "logit_scale": self.logit_scale,
         }
