@@ -482,6 +482,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
                 shown = ("loss", "accuracy") if head_task is not None else ("loss", "temperature")
                 log.info(progress.line(step, {k: m[k] for k in (*shown, "samples_per_sec")}))
         counters.raise_if_failed()  # after logging the step that failed, before evaluating or checkpointing it
+        t_pause = time.perf_counter()
         if evaluate:
             results = _run_evals(evaluators, state, cfg, head_task)
             if results:
@@ -490,6 +491,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
         if save:
             ckpt.save(step, state, data.get_state() if hasattr(data, "get_state") else None,
                       force=stop or step == config.total_steps)
+        t_last += time.perf_counter() - t_pause  # step_time and samples_per_sec count training only
         if stop:
             log.warning("stopped at step %d after a signal, with a checkpoint; re-run the same command to resume",
                         step)
