@@ -232,6 +232,10 @@ def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mes
     kw = dict(global_batch_size=config.batch_size, image_size=image_size, context_length=context_length, seed=seed,
               process_index=jax.process_index(), process_count=jax.process_count())
     spec = d.train if not d.mix else dict(d.mix)
+    if not spec:
+        raise ConfigError("config.data.train is empty: name the training data, e.g. --config=configs/vit_b32.py:"
+                          "data=dir:/data/laion400m (an ingested dataset) or --config.data.train=SPEC; 'synthetic' "
+                          "for a smoke run")
     if spec == "synthetic":
         if config.task == "classify":
             raise ConfigError("config.data.train='synthetic' has no labels: classifying needs a labelled dataset")
@@ -343,8 +347,6 @@ def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: 
     config = check_config(config)
     if workdir_p.exists() and not workdir_p.is_dir():
         raise CheckpointError(f"workdir {workdir_p} is a file, not a directory")
-    check_writable(workdir_p / "checkpoints")  # fail now rather than at the first save (writes nothing that stays)
-
     mesh = _from_config("config.mesh", shd.make_mesh,
                         dict(config.mesh) if isinstance(config.mesh, ml_collections.ConfigDict) else config.mesh)
     n_batch_devices = shd.batch_device_count(mesh)
@@ -363,6 +365,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: 
 
     ckpt = writer = head_task = None
     try:
+        check_writable(workdir_p / "checkpoints")  # fail now rather than at the first save
         model = CLIP(cfg)
         ckpt = Checkpointer(workdir_p / "checkpoints", keep=config.keep_checkpoints,
                             async_save=config.async_checkpoints)

@@ -95,8 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def pod_recipe(c: ml_collections.ConfigDict, *, model: str, lr: float, runlocal: bool) -> ml_collections.ConfigDict:
-    """The paper / open_clip recipe for a pod: global batch 32 768, AdamW wd 0.2, warm-up 10 000, cosine."""
+def pod_recipe(c: ml_collections.ConfigDict, *, model: str, lr: float, runlocal: bool,
+               data: str = "") -> ml_collections.ConfigDict:
+    """The paper / open_clip recipe for a pod: global batch 32 768, AdamW wd 0.2, warm-up 10 000, cosine. `data` is
+    the training data spec (e.g. "dir:/data/laion" or "wds:gs://bucket/laion/{00000..41455}.tar"); without it the
+    trainer stops at once and says what to pass."""
     c.model.name = model
     c.lr = lr
     c.batch_size = 32768
@@ -109,7 +112,7 @@ def pod_recipe(c: ml_collections.ConfigDict, *, model: str, lr: float, runlocal:
     c.ckpt_every = 2000
     c.log_every = 100
     c.eval_every = 5000
-    c.data.train = "laion400m"
+    c.data.train = data  # "": no default data for a pod: the trainer asks for it
     if runlocal:  # a CPU smoke run of the same recipe
         c.batch_size, c.total_steps, c.warmup_steps = 8, 2, 1
         c.model.dtype, c.model.remat, c.model.scan_layers = "float32", "none", False

@@ -1,6 +1,7 @@
 """RN50 with the CLIP paper / open_clip recipe (global batch 32 768, lr 5e-4, wd 0.2, warm-up 10 000, cosine).
 
-Pod:        python -m clipjax.main --config=configs/rn50.py --workdir=gs://bucket/rn50
+Pod:        python -m clipjax.main --config=configs/rn50.py:data=SPEC --workdir=DIR   (on every host)
+            SPEC: the training data, e.g. dir:/data/laion400m (from clipjax.data.ingest)
 CPU smoke:  python -m clipjax.main --config=configs/rn50.py:runlocal --workdir=/tmp/rn50
   (or any override, e.g. --config.batch_size=8 --config.total_steps=2 --config.data.train=synthetic)
 Reference: OpenAI RN50 reaches the zero-shot ImageNet top-1 listed in clip-facts (paper, Table 11).
@@ -14,7 +15,7 @@ from common import base_config, parse_arg, pod_recipe  # noqa: E402
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False)
-    c = pod_recipe(base_config(), model="RN50", lr=5e-4, runlocal=a.runlocal)
+    a = parse_arg(arg, runlocal=False, data="")
+    c = pod_recipe(base_config(), model="RN50", lr=5e-4, runlocal=a.runlocal, data=a.data)
     c.optimizer.b2, c.optimizer.eps = 0.999, 1e-8  # the paper's ResNet Adam settings
     return c

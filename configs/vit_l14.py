@@ -1,6 +1,7 @@
 """ViT-L-14 with the CLIP paper / open_clip recipe (global batch 32 768, lr 4e-4, wd 0.2, warm-up 10 000, cosine).
 
-Pod:        python -m clipjax.main --config=configs/vit_l14.py --workdir=gs://bucket/vit_l14
+Pod:        python -m clipjax.main --config=configs/vit_l14.py:data=SPEC --workdir=DIR   (on every host)
+            SPEC: the training data, e.g. dir:/data/laion400m (from clipjax.data.ingest)
 CPU smoke:  python -m clipjax.main --config=configs/vit_l14.py:runlocal --workdir=/tmp/vit_l14
   (or any override, e.g. --config.batch_size=8 --config.total_steps=2 --config.data.train=synthetic)
 Reference: OpenAI ViT-L-14 reaches the zero-shot ImageNet top-1 listed in clip-facts (paper, Table 11).
@@ -14,6 +15,6 @@ from common import base_config, parse_arg, pod_recipe  # noqa: E402
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False)
-    c = pod_recipe(base_config(), model="ViT-L-14", lr=4e-4, runlocal=a.runlocal)
+    a = parse_arg(arg, runlocal=False, data="")
+    c = pod_recipe(base_config(), model="ViT-L-14", lr=4e-4, runlocal=a.runlocal, data=a.data)
     return c

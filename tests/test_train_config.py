@@ -100,3 +100,21 @@ def test_main_help_exits_zero():
     out = subprocess.run([sys.executable, "-m", "clipjax.main", "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0 and "--workdir" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("recipe", ["vit_b32", "vit_b16", "vit_l14", "rn50"])
+def test_pod_recipes_name_their_data_explicitly(recipe):
+    from clipjax.configs import rn50, vit_b16, vit_b32, vit_l14  # noqa: F401
+
+    module = sys.modules[f"clipjax.configs.{recipe}"]
+    assert module.get_config().data.train == ""
+    assert module.get_config("data=dir:/data/laion").data.train == "dir:/data/laion"
+    assert module.get_config("runlocal").data.train == "synthetic"
+
+
+def test_a_pod_recipe_without_data_stops_with_one_line_and_writes_nothing(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "clipjax.main", f"--config={ROOT / 'configs' / 'vit_b32.py'}",
+                          f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("error: config.data.train is empty: name the training data")
+    assert not (tmp_path / "run").exists()
