@@ -13,6 +13,24 @@ import pytest  # noqa: E402
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
+# A three-class ImageFolder of flat colour images, shared by the evaluation tests.
+COLOURS = {"red_ball": (220, 30, 30), "green_leaf": (30, 190, 40), "blue_sky": (40, 60, 230)}
+
+
+def colour_folder(root: pathlib.Path, colours: dict = COLOURS, per_class: int = 2) -> pathlib.Path:
+    """ROOT/CLASS/i.png: noisy flat-colour 48×40 PNGs, the same every time."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, rgb in colours.items():
+        (root / name).mkdir()
+        for i in range(per_class):
+            px = np.clip(np.array(rgb) + rng.integers(-40, 40, (40, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(px).save(root / name / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def fixtures_dir():
     return FIXTURES

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from clipjax.data import ingest, scenes
@@ -24,7 +23,7 @@ from clipjax.models import CLIP, CLIPConfig, TextConfig, VisionConfig
 HF = pathlib.Path(__file__).parent / "fixtures" / "hf_clip"
 TINY = CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
                   text=TextConfig(context_length=16, width=32, heads=2, layers=1))
-COLOURS = {"red_ball": (220, 30, 30), "green_leaf": (30, 190, 40), "blue_sky": (40, 60, 230)}
+from conftest import COLOURS, colour_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +40,7 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagefolder")
-    rng = np.random.default_rng(0)
-    for name, rgb in COLOURS.items():
-        (root / name).mkdir()
-        for i in range(2):
-            px = np.clip(np.array(rgb) + rng.integers(-40, 40, (40, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(px).save(root / name / f"{i}.png")
-    return root
+    return colour_folder(tmp_path_factory.mktemp("imagefolder"), COLOURS)
 
 
 def _poison(variables, tower: str, value=np.nan):

@@ -7,7 +7,6 @@ import pathlib
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from clipjax.data.preprocess import preprocess
 from clipjax.evaluate.__main__ import main, run
@@ -15,7 +14,7 @@ from folded_tokenizer import FoldedTokenizer
 from clipjax.interop.load import load
 
 HF = pathlib.Path(__file__).parent / "fixtures" / "hf_clip"
-COLOURS = {"red_ball": (220, 30, 30), "green_leaf": (30, 190, 40), "blue_sky": (40, 60, 230)}
+from conftest import COLOURS, colour_folder  # noqa: E402
 
 
 def _unit(x):
@@ -25,14 +24,7 @@ def _unit(x):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagefolder")
-    rng = np.random.default_rng(0)
-    for name, rgb in COLOURS.items():
-        (root / name).mkdir()
-        for i in range(2):
-            px = np.clip(np.array(rgb) + rng.integers(-40, 40, (40, 48, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(px).save(root / name / f"{i}.png")
-    return root
+    return colour_folder(tmp_path_factory.mktemp("imagefolder"), COLOURS)
 
 
 def _reference(folder):
