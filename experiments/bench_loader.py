@@ -291,8 +291,8 @@ def _summary(runs: dict) -> dict:
     out = {}
     for case, ms in runs.items():
         quiet = [m["images_per_sec"] for m in ms if m["others_cores"] < QUIET_CORES]
-        out[case] = {"median": median([m["images_per_sec"] for m in ms]),
-                     "median_quiet": median(quiet) if quiet else None, "quiet_rounds": len(quiet),
+        out[case] = {"median": round(median([m["images_per_sec"] for m in ms]), 1),
+                     "median_quiet": round(median(quiet), 1) if quiet else None, "quiet_rounds": len(quiet),
                      "main_cpu_ms_per_image": round(median([m["main_ms"] for m in ms]), 3),
                      "workers_cpu_ms_per_image": round(median([m["workers_ms"] for m in ms]), 3)}
     return out

@@ -32,8 +32,9 @@ process, which may hold JAX's threads and devices) that imports only ``clipjax.d
 package is entered without running its ``__init__`` (which imports JAX), so a worker costs ~0.5 s to start and
 holds no JAX. Its lifetime is tied to two pipes: tasks in, results out. It ends when the tasks pipe closes, which is
 also what happens when this process dies in any way (``close()``, an exception, SIGTERM, Ctrl-C, SIGKILL), and when
-it sees its parent change (orphaned); it ignores SIGINT, which a terminal sends to the whole process group, and
-leaves Ctrl-C to the parent. A worker that dies (crash, ``os._exit``, the out-of-memory killer) fails every pending
+it sees its parent change (orphaned). It ignores SIGINT and SIGTERM, which a terminal (Ctrl-C) or a scheduler
+(preemption) may send to the whole process group: the parent handles them, e.g. saves a checkpoint, and the workers
+keep serving it until it closes them or exits. A worker that dies (crash, ``os._exit``, the out-of-memory killer) fails every pending
 and later ``submit`` with one ``DataWorkerError`` naming the worker, its exit status or signal and the item it was
 working on: the map stops with that error rather than waiting for results that will never come.
 """
@@ -222,7 +223,8 @@ def worker_main(task_fd: int, result_fd: int) -> None:
     """A worker process: reads (sys.path, threads, pickled fn), then (id, item) tasks until the pipe closes, and
     answers each with (id, True, fn(item)) or (id, False, (exception, traceback)); a failed start is answered
     with id None. Results are sent from the worker's threads as they finish, in any order."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    for sig in (signal.SIGINT, signal.SIGTERM):  # sent to the whole process group too: the parent decides
+        signal.signal(sig, signal.SIG_IGN)
     sys.stdout = sys.stderr  # the parent's stdout may be a protocol (JSON lines)
     tasks = mpc.Connection(task_fd, writable=False)
     lock = threading.Lock()

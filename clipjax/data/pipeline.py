@@ -25,7 +25,8 @@ over work items (slots, record indices) by an ``OrderedMap``, either on ``num_th
 (fresh interpreters without JAX; batches are the same either way); a ``Prefetcher`` thread keeps ``prefetch``
 finished training batches ahead. Records are parsed straight from the serialized ``tf.train.Example`` (~13 µs)
 instead of TFDS's pure-Python ``deserialize_example_np`` (~1 ms, GIL-bound). ``python -m clipjax.data.throughput``
-measures what a host delivers; ``experiments/bench_loader.py`` compares with open_clip's loader.
+measures what a host delivers; ``experiments/bench_loader.py`` compares with open_clip's loader (2-core machine,
+JPEGs of 256-400 px → 224 px, batch 64: 698 / 1167 images/s with 1 / 2 workers, open_clip's 397 / 676).
 
 Shapes: b per-host batch, S image size, C context length.
 """
