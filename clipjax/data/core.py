@@ -346,6 +346,8 @@ class ProcessExecutor:
                 self._workers.append(_Worker(i, init))
         except BaseException:
             self._stop_workers()
+            for w in self._workers:
+                os.close(w.results)
             raise
         self._collector = threading.Thread(target=self._collect, daemon=True, name=f"{name}-results")
         self._collector.start()
