@@ -161,7 +161,7 @@ def test_image_folder_trains_with_labels(folder):
     direct = {}  # full-image transform (scale 1 on square images) → (key, label)
     for key, label in _folder_files(folder):
         try:
-            image = pp.train_transform((folder / key).read_bytes(), 24, np.random.default_rng(0), scale=(1.0, 1.0))
+            image = pp.train_crop((folder / key).read_bytes(), 24, np.random.default_rng(0), scale=(1.0, 1.0))
         except ValueError:
             assert key.endswith("broken.jpg")
             continue
