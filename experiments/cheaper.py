@@ -82,16 +82,24 @@ def time_to(curve: list, target: float) -> float | None:
     return next((t for _, t, acc in curve if acc >= target - 1e-9), None)
 
 
+def steps_to(curve: list, target: float) -> int | None:
+    return next((s for s, _, acc in curve if acc >= target - 1e-9), None)
+
+
 def summarise(runs: list[dict]) -> list[dict]:
+    """Per run: the time (and step) at which it first reaches the same seed's baseline final held-out top-1, and
+    the saving = the baseline's own time to that accuracy ÷ the run's."""
     base = {r["seed"]: r for r in runs if r["variant"] == "baseline"}
     rows = []
     for r in runs:
         b = base.get(r["seed"])
         target = b["final_top1"] if b else None
         t = time_to(r["curve"], target) if target is not None else None
+        tb = time_to(b["curve"], target) if b else None
         rows.append({"variant": r["variant"], "seed": r["seed"], "final_top1": r["final_top1"],
                      "train_seconds": r["train_seconds"], "target": target, "seconds_to_target": t,
-                     "saving": (b["train_seconds"] / t) if (b and t) else None})
+                     "step_to_target": steps_to(r["curve"], target) if target is not None else None,
+                     "saving": (tb / t) if (tb and t) else None})
     return rows
 
 
@@ -115,6 +123,16 @@ def plot(runs: list[dict], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def resummarise(path: pathlib.Path) -> None:
+    """Recompute the summary and the plot of a results file (no training)."""
+    out = json.loads(path.read_text())
+    out["summary"] = summarise(out["runs"])
+    path.write_text(json.dumps(out, indent=2))
+    plot(out["runs"], path.with_suffix(".png"))
+    for row in out["summary"]:
+        print(json.dumps(row))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
@@ -123,7 +141,10 @@ def main() -> None:
     p.add_argument("--frac", type=float, default=0.8, help="fraction of the steps in the cheaper phase")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--resummarise", default="", help="a results JSON: recompute its summary and plot only")
     args = p.parse_args()
+    if args.resummarise:
+        return resummarise(pathlib.Path(args.resummarise))
     from clipjax.cpu import apply_cpu_defaults
 
     apply_cpu_defaults()
