@@ -39,7 +39,7 @@ def _generator(mesh: Mesh, n: int, size: int, length: int, vocab: int, with_nan:
 
     def make(key, nan):
         k_img, k_len, k_ids = jax.random.split(key, 3)
-        image = jax.random.randint(k_img, (n, size, size, 3), 0, 256, jnp.int32).astype(jnp.uint8)
+        image = jax.random.bits(k_img, (n, size, size, 3), jnp.uint8)  # uniform pixels, 1 byte each
         ends = jax.random.randint(k_len, (n, 1), 2, length)  # position of the end token: [N, 1]
         ids = jax.random.randint(k_ids, (n, length), 1, vocab - 2)  # [N, L]
         pos = jnp.arange(length)[None, :]  # [1, L]
