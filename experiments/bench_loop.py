@@ -9,7 +9,7 @@ and step function, one run:
 
     python experiments/bench_loop.py                      # ViT-T-demo at 64 px, batch 64 → results/bench_loop-DATE.json
     python experiments/bench_loop.py --model experiments/models/tiny_loop.json --batch 32   # a step of ≤ 20 ms on CPU
-    python experiments/bench_loop.py --model ViT-B-32 --batch 256 --dtype bfloat16 --image-size 224   # accelerators
+    python experiments/bench_loop.py --model ViT-B-32 --batch 256 --dtype bfloat16   # accelerators
 
 Loop rates are the median `samples_per_sec` of the log intervals after the first (which holds the compilation).
 Goal (CPU, synthetic source, a step of ≤ 20 ms): loop/bare ≥ 0.95; the JPEG loop is reported, not held to it.
