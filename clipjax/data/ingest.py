@@ -208,13 +208,41 @@ def _tar_groups(tar: pathlib.Path) -> tuple[dict[str, dict[str, str]], str | Non
                  f"damage, the rest is lost")
     groups: dict[str, dict[str, str]] = {}
     for m in files:
-        base = os.path.basename(m.name)
-        if "." not in base or base.startswith("."):
-            continue
-        stem, ext = base.split(".", 1)
-        key = os.path.join(os.path.dirname(m.name), stem)
-        groups.setdefault(key, {})[ext.lower()] = m.name
+        parts = member_key(m.name)
+        if parts is not None:
+            groups.setdefault(parts[0], {})[parts[1]] = m.name
     return groups, damage
+
+
+def member_key(name: str) -> tuple[str, str] | None:
+    """(sample key, lower-case extension) of a webdataset member name: ``dir/KEY.EXT`` → (``dir/KEY``, ``ext``), the
+    extension being everything after the first dot (``a.seg.png`` → ``seg.png``); None for a name without one."""
+    base = os.path.basename(name)
+    if "." not in base or base.startswith("."):
+        return None
+    stem, ext = base.split(".", 1)
+    return os.path.join(os.path.dirname(name), stem), ext.lower()
+
+
+def sample_image_ext(exts) -> str | None:
+    """The extension of a webdataset sample's image among its members' extensions (the first of
+    ``WDS_IMAGE_EXTS`` present), or None."""
+    return next((e for e in WDS_IMAGE_EXTS if e in exts), None)
+
+
+def sample_captions(txt: bytes | None, meta: bytes | None) -> list[str]:
+    """A webdataset sample's captions: its ``.txt`` member (UTF-8; a JSON list is read as several captions), else
+    the ``caption`` field of its ``.json`` member; [] when neither gives one (empty strings are kept: callers drop
+    them)."""
+    if txt is not None:
+        return _captions(txt.decode("utf-8", errors="replace"))
+    if meta is None:
+        return []
+    try:
+        data = json.loads(meta)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return []
+    return _captions(data.get("caption") if isinstance(data, dict) else None)
 
 
 def plan_webdataset(tars: list[pathlib.Path]) -> tuple[list[list[Item]], list[dict]]:
@@ -227,7 +255,8 @@ def plan_webdataset(tars: list[pathlib.Path]) -> tuple[list[list[Item]], list[di
                             "reason": f"damaged shard ({damage}): members after the damage are lost"})
         items = []
         for key, files in groups.items():
-            image = next((files[e] for e in WDS_IMAGE_EXTS if e in files), None)
+            ext = sample_image_ext(files)
+            image = files[ext] if ext is not None else None
             if key in seen:
                 skipped.append({"key": key, "source": os.fspath(tar), "reason": "duplicate key"})
                 continue
@@ -320,15 +349,9 @@ def _read_item(item: Item, shard: _Shard | None) -> tuple[bytes | None, list[str
         return None, [], "no image file (jpg/jpeg/png/webp) for this key"
     try:
         data = shard.read(item.image)
-        captions = []
-        if item.txt:
-            captions = _captions(shard.read(item.txt).decode("utf-8", errors="replace"))
-        elif item.json:
-            try:
-                meta = json.loads(shard.read(item.json))
-                captions = _captions(meta.get("caption") if isinstance(meta, dict) else None)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                captions = []
+        txt = shard.read(item.txt) if item.txt else None
+        meta = shard.read(item.json) if item.json and not item.txt else None
+        captions = sample_captions(txt, meta)
     except (KeyError, tarfile.TarError, EOFError, OSError) as e:
         return None, [], f"cannot read {item.image} from the shard ({' '.join(str(e).split())})"
     return data, captions, None

@@ -27,6 +27,8 @@ finished training batches ahead. Records are parsed straight from the serialized
 instead of TFDS's pure-Python ``deserialize_example_np`` (~1 ms, GIL-bound). ``python -m clipjax.data.throughput``
 measures what a host delivers; ``experiments/bench_loader.py`` compares with open_clip's loader (2-core machine,
 JPEGs of 256-400 px → 224 px, batch 64: 698 / 1167 images/s with 1 / 2 workers, open_clip's 397 / 676).
+``wds:`` specs (webdataset shards streamed in place) have their own iterator with the same interface,
+``clipjax.data.wds``.
 
 Shapes: b per-host batch, S image size, C context length.
 """
@@ -307,8 +309,13 @@ def make_train_iterator(
     labels: bool = False,
     workers: int = 0,
     executor: core.ExecutorFactory | None = None,
+    shuffle_buffer: int | None = None,
 ) -> TrainIterator:
     """Training batches of ``spec_or_mix`` (a spec string or {spec: weight}) for this host.
+
+    A ``wds:`` spec (webdataset shards) gets ``clipjax.data.wds``'s streaming iterator, with the same batches,
+    ``get_state``/``set_state``/``skipped``/``close``; ``shuffle_buffer``: its samples shuffled in a buffer of that
+    many (None: ``wds.DEFAULT_SHUFFLE_BUFFER``; ignored by other specs). It is not mixed with other sources.
 
     ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``.
     ``tokenizer(texts, context_length)`` → int32 [N, C] (e.g. ``clipjax.data.tokenizer.get_tokenizer()``).
@@ -327,6 +334,14 @@ def make_train_iterator(
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     specs, weights = src_lib.resolve_specs(spec_or_mix)
+    if any(src_lib.source_kind(s) == "stream" for s in specs):
+        from clipjax.data import wds
+
+        return wds.make_stream_iterator(
+            specs, split=split, labels=labels, shuffle_buffer=shuffle_buffer, global_batch_size=global_batch_size,
+            image_size=image_size, context_length=context_length, tokenizer=tokenizer, seed=seed,
+            process_index=process_index, process_count=process_count, scale=scale, num_threads=num_threads,
+            prefetch=prefetch, workers=workers, executor=executor)
     return TrainIterator(
         specs, weights, split=split, global_batch_size=global_batch_size, image_size=image_size,
         context_length=context_length, tokenizer=tokenizer, seed=seed, process_index=process_index,

@@ -11,6 +11,9 @@ Spec strings:
     "NAME"           (also accepted: ``NAME[/config][:version]``, as ``tfds.builder`` takes it)
     PATH             a directory: the same as "dir:PATH" when it (or a folder one or two levels below) holds
                      ``dataset_info.json``; otherwise an ImageFolder when it has class subfolders
+    "wds:PATTERN"    webdataset tar shards streamed in place for training (``clipjax.data.wds``): a brace pattern
+                     (``/data/{00000..00099}.tar``), a directory of ``*.tar``, a glob or one shard; local, or on
+                     gs://, s3://, ... through fsspec
 
 ``resolve_spec`` writes a spec in the canonical form above ("dir:PATH" for a dataset directory given as PATH).
 
@@ -18,9 +21,9 @@ Kinds of source:
 
     random access    ``open_source(spec, split)``: ``len(src)`` records, ``src.record(i)`` → ``Record``,
                      thread-safe. ``ArrayRecordSource`` (TFDS/ArrayRecord datasets) and ``ImageFolderSource``.
-    streaming        (next: webdataset tar shards read in place) records in shard order, without random access;
-                     they will get their own opener and kind here (``source_kind`` → "stream"), with a position
-                     per shard for resuming. Not implemented yet: such a spec is refused by ``open_source``.
+    streaming        ``wds:`` specs (``source_kind`` → "stream"): samples in shard order, without random access, read
+                     by ``clipjax.data.wds`` (``make_train_iterator`` hands them to it); training only:
+                     ``open_source`` refuses them with one line.
 
 ImageFolder: ROOT/CLASS/.../IMAGE, read in place. Classes are the non-hidden subfolders in sorted order; a record's
 label is its folder's index, its key the image path relative to ROOT, its caption ``"a photo of a {class}."``
@@ -51,6 +54,7 @@ from clipjax.data import records
 SCENES = "scenes"
 DIR_PREFIX = "dir:"
 TFDS_PREFIX = "tfds:"
+WDS_PREFIX = "wds:"
 CAPTION_KEYS = ("captions", "caption", "text")
 CLASS_TEMPLATE = "a photo of a {}."
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -101,8 +105,8 @@ def _holds_image_folder(path: str, stamp: int) -> bool:
 
 
 def is_image_folder(spec: str | os.PathLike) -> bool:
-    """A directory of class subfolders that is not a dataset directory (and not a "scenes"/"dir:"/"tfds:" spec)."""
-    if str(spec) == SCENES or str(spec).startswith((DIR_PREFIX, TFDS_PREFIX)):
+    """A directory of class subfolders that is not a dataset directory (nor a "scenes"/"dir:"/"tfds:"/"wds:" spec)."""
+    if str(spec) == SCENES or str(spec).startswith((DIR_PREFIX, TFDS_PREFIX, WDS_PREFIX)):
         return False
     p = pathlib.Path(spec).expanduser()
     try:  # the folder scan (two levels, every class folder) is remembered per folder mtime
@@ -115,15 +119,22 @@ def resolve_spec(spec: str) -> str:
     """``spec`` in canonical form: a directory PATH that is not an ImageFolder → "dir:PATH"; others unchanged."""
     if not isinstance(spec, str):
         raise DatasetError(f"dataset spec must be a string, got {type(spec).__name__}")
-    if spec == SCENES or spec.startswith((DIR_PREFIX, TFDS_PREFIX)) or is_image_folder(spec):
+    if spec == SCENES or spec.startswith((DIR_PREFIX, TFDS_PREFIX, WDS_PREFIX)) or is_image_folder(spec):
         return spec
     p = pathlib.Path(spec).expanduser()
     return f"{DIR_PREFIX}{p}" if p.is_dir() else spec
 
 
 def source_kind(spec: str) -> str:
-    """"image_folder" or "tfds" (ArrayRecord datasets: scenes, dir:, tfds:, NAME). Streaming kinds come next."""
+    """"stream" (wds:), "image_folder" or "tfds" (ArrayRecord datasets: scenes, dir:, tfds:, NAME)."""
+    if str(spec).startswith(WDS_PREFIX):
+        return "stream"
     return "image_folder" if is_image_folder(spec) else "tfds"
+
+
+def _stream_only(spec: str) -> DatasetError:
+    return DatasetError(f"dataset {spec!r} is a stream of webdataset shards, read for training only (no random "
+                        f"access, no splits); to evaluate on it, ingest it first (python -m clipjax.data.ingest)")
 
 
 # ============================================================================================ TFDS / ArrayRecord
@@ -180,6 +191,8 @@ def _tfds_builder(spec: str) -> tfds.core.DatasetBuilder:
 def builder(spec: str) -> tfds.core.DatasetBuilder:
     """The TFDS builder behind ``spec`` (raises ``DatasetError`` naming the spec on failure)."""
     spec = resolve_spec(spec)
+    if source_kind(spec) == "stream":
+        raise _stream_only(spec)
     if spec == SCENES:
         from clipjax.data import scenes  # builds on first use
 
@@ -284,6 +297,8 @@ def open_source(spec: str, split: str = "train", *, classnames: Sequence[str] | 
     """The random-access source of ``spec``/``split``. ``classnames`` renames an ImageFolder's classes (refused
     for other kinds, whose class names come from the dataset)."""
     spec_kind = source_kind(resolve_spec(spec))
+    if spec_kind == "stream":
+        raise _stream_only(spec)
     if spec_kind == "image_folder":
         return ImageFolderSource(spec, split, classnames)
     if classnames is not None:

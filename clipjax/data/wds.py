@@ -1,0 +1,590 @@
+"""Webdataset shards streamed in place as training data: the ``wds:PATTERN`` spec.
+
+    wds:/data/shards/{00000..00099}.tar       a brace pattern: ``{A..B}`` numeric ranges (zero-padded as written) and
+                                              ``{x,y}`` alternatives, expanded in order
+    wds:/data/shards                          a directory: every ``*.tar`` in it, sorted by name
+    wds:/data/shards/*.tar                    a glob, sorted; ``wds:/data/shards/00000.tar``: one shard
+    wds:gs://bucket/laion/{00000..41455}.tar  the same on a filesystem of fsspec (gs://, s3://, ...), read through
+                                              fsspec and its implementation (gcsfs, s3fs, ...), imported only then
+
+A shard holds img2dataset's samples: consecutive members ``KEY.jpg|jpeg|png|webp`` with ``KEY.txt`` (the caption)
+or ``KEY.json`` (its ``caption`` field), grouped and read by ``clipjax.data.ingest``'s rules (``member_key``,
+``sample_image_ext``, ``sample_captions``). Shards are read front to back in one pass (``tarfile`` stream mode: no
+seeks, no index), so a remote shard is one sequential download.
+
+The stream of one host (P hosts):
+
+    shards     shard i of the listing is this host's when i mod P == process_index (fewer shards than hosts is
+               refused); in epoch e the host reads them in the order ``permutation_e`` (from the seed, the host and
+               e), epoch after epoch, without end
+    shuffle    a buffer of K samples (``shuffle_buffer``): once full, slot t takes buffer[j_t], j_t uniform in [0, K)
+               from (seed, host, t), and the next sample read takes its place
+    slot t     crop and caption from ``default_rng([seed, process_index, t])``, as for ArrayRecord sources
+               (``clipjax.data.pipeline``): the same ``train_crop`` (uint8), tokenizer and batch format
+
+Skipped and counted in ``skipped`` (the first reasons logged): a sample without an image member or without a
+non-empty caption, an image that does not decode, the member where a shard is truncated or damaged (the samples
+before it are read, the rest of that shard is lost), and a shard that cannot be opened (deleted since it was listed,
+an error of remote storage).
+
+Resume state (``get_state``, JSON): ``sample`` (the next slot t); ``position`` [epoch, shard, member] (the next sample
+to read: its epoch, its shard's place in that epoch's order, its index among the shard's samples); ``buffer``, the
+identity [epoch, shard, member] of each buffered sample in buffer order; ``skipped`` and ``read_skipped`` (the part
+counted while reading); and the spec, number of shards, seed, hosts and K, checked on restore. A restored stream
+re-reads the buffered samples from the shards that hold them (each read up to its last buffered sample), then reads
+on from ``position``: its batches are bit-identical to the uninterrupted stream's. A buffered sample whose shard has
+gone by then is skipped and counted, its slot refilled from the stream. A spec that lists another number of shards
+than when the state was saved (a directory that lost one) goes on from the start of the state's epoch, with a warning.
+
+Reading the shards runs on the producer thread of this process; decoding on the executor of ``workers`` and
+``num_threads`` as for ArrayRecord sources (worker processes get each sample's bytes). A stream is not mixed with
+other sources (``data.mix``): its samples come in stream order, not by index as a mix draws them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from typing import IO, NamedTuple
+
+import numpy as np
+
+from clipjax.data import core, ingest, pipeline
+from clipjax.data import preprocess as pp
+from clipjax.data import sources as src_lib
+
+log = logging.getLogger(__name__)
+
+STATE_KIND = "wds"
+STATE_VERSION = 1
+DEFAULT_SHUFFLE_BUFFER = 1000
+_BLOCK = 4096  # buffer choices drawn per generator
+_LOG_FIRST = 10  # skips logged with their reason while reading (further ones are counted)
+_READ_BUFFER = 1 << 20
+_PROTOCOL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+SampleId = tuple[int, int, int]  # (epoch, shard position in that epoch's order, sample index in the shard)
+
+
+# ============================================================================================ shard listing
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{00..02}b{x,y}`` → a00bx, a00by, a01bx, ...: numeric ranges (zero-padded to the wider bound when a bound is
+    written with a leading zero) and comma lists, the leftmost brace varying slowest (as a shell expands them)."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    bounds = _RANGE.match(body)
+    if bounds:
+        lo, hi = bounds.groups()
+        padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (lo, hi))
+        width = max(len(lo), len(hi)) if padded else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        options = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise ValueError(f"brace {{{body}}} in {pattern!r} is neither a range {{A..B}} nor a list {{a,b}}")
+    return [name for option in options for name in expand_braces(head + option + tail)]
+
+
+def _protocol(path: str) -> str | None:
+    m = _PROTOCOL.match(path)
+    return m.group(1) if m else None
+
+
+def _fsspec(spec: str, protocol: str):
+    """fsspec, once its filesystem for ``protocol`` imports; a ``DatasetError`` naming what is missing otherwise."""
+    try:
+        import fsspec
+    except ImportError:
+        raise src_lib.DatasetError(f"dataset {spec!r}: reading {protocol}:// paths needs the fsspec package "
+                                   f"(pip install fsspec)") from None
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:  # the implementation (gcsfs, s3fs, ...) is not installed; fsspec's message names it
+        raise src_lib.DatasetError(f"dataset {spec!r}: cannot read {protocol}:// paths: {e}") from None
+    except ValueError:
+        raise src_lib.DatasetError(f"dataset {spec!r}: fsspec knows no filesystem {protocol!r}") from None
+    return fsspec
+
+
+def _local_shards(spec: str, path: str) -> list[str]:
+    path = os.path.expanduser(path)
+    if "{" in path:
+        urls = expand_braces(path)
+        present = sum(os.path.isfile(u) for u in urls)
+        if not present:
+            raise src_lib.DatasetError(f"dataset {spec!r}: none of its {len(urls)} shards exists (first: {urls[0]})")
+        if present < len(urls):
+            log.warning("dataset %r: %d of its %d shards do not exist; each is skipped and counted when its turn "
+                        "comes", spec, len(urls) - present, len(urls))
+        return urls
+    if any(c in path for c in "*?["):
+        return sorted(glob.glob(path))
+    if os.path.isdir(path):
+        return sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".tar") and not n.startswith("."))
+    if os.path.isfile(path):
+        return [path]
+    raise src_lib.DatasetError(f"dataset {spec!r}: {path} is neither a directory, a .tar shard nor a pattern of "
+                               f"shards ({{A..B}}, {{a,b}}, *)")
+
+
+def _remote_shards(spec: str, path: str, protocol: str) -> list[str]:
+    fsspec = _fsspec(spec, protocol)
+    if "{" in path:  # expanded without a request: listing a bucket of 10^5 shards is slow
+        return expand_braces(path)
+    fs, root = fsspec.core.url_to_fs(path)
+    if any(c in root for c in "*?["):
+        found = fs.glob(root)
+    elif root.endswith(".tar"):
+        return [path]
+    else:
+        found = fs.glob(root.rstrip("/") + "/*.tar")
+    return sorted(fs.unstrip_protocol(p) for p in found)
+
+
+def shard_urls(spec: str) -> list[str]:
+    """The shards of a ``wds:`` spec in listing order (local paths, or URLs read through fsspec)."""
+    path = spec[len(src_lib.WDS_PREFIX):]
+    if not path:
+        raise src_lib.DatasetError(f"dataset {spec!r}: name the shards, e.g. wds:/data/shards/{{00000..00099}}.tar")
+    protocol = _protocol(path)
+    try:
+        if protocol is None or protocol == "file":
+            urls = _local_shards(spec, path[len("file://"):] if protocol else path)
+        else:
+            urls = _remote_shards(spec, path, protocol)
+    except ValueError as e:  # a brace that is not a pattern
+        raise src_lib.DatasetError(f"dataset {spec!r}: {e}") from None
+    if not urls:
+        raise src_lib.DatasetError(f"dataset {spec!r}: no .tar shards found")
+    return urls
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """A shard opened for reading: a local file, or through fsspec for a URL with a protocol."""
+    if _protocol(url) is None:
+        return open(url, "rb", buffering=_READ_BUFFER)
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+# ============================================================================================ tar reading
+
+class ShardDamaged(Exception):
+    """A shard that ends in damage (a truncated member, an unreadable header): the samples before it were read."""
+
+
+def iter_groups(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of each run of consecutive members with one key (``ingest.member_key``), in one
+    pass; raises ``ShardDamaged`` where the tar is cut or unreadable, after the complete samples before the damage."""
+    key, files = None, {}
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r|")
+        while (member := tar.next()) is not None:
+            tar.members = []  # stream mode: keep no list of the members read
+            parts = ingest.member_key(member.name) if member.isfile() else None
+            if parts is None:
+                continue
+            if parts[0] != key:
+                if key is not None:
+                    yield key, files
+                key, files = parts[0], {}
+            files[parts[1]] = tar.extractfile(member).read()
+    except Exception as e:  # tarfile's errors, and remote storage's; it stops quietly at a cut header after the first
+        where = f" in sample {key!r}" if key is not None else ""
+        raise ShardDamaged(f"{' '.join(str(e).split())}{where}") from None
+    if key is not None:
+        yield key, files
+
+
+def _image_and_captions(files: dict[str, bytes]) -> tuple[bytes, list[str]] | str:
+    """(image bytes, non-empty captions) of a sample's members, or why it cannot be used."""
+    ext = ingest.sample_image_ext(files)
+    if ext is None:
+        return f"no image member ({'/'.join(ingest.WDS_IMAGE_EXTS)})"
+    captions = [c for c in ingest.sample_captions(files.get("txt"), files.get("json")) if c and c.strip()]
+    if not captions:
+        return "no caption (.txt, or 'caption' in .json)"
+    return files[ext], captions
+
+
+class Sample(NamedTuple):
+    id: SampleId
+    where: str  # "SHARD:KEY", for messages
+    image: bytes
+    captions: list[str]
+
+
+class ShardReader(Iterator[Sample]):
+    """The usable samples of this host's shards in stream order (epoch after epoch, each in its shard order), from
+    ``position`` on; the others are skipped and counted in ``skipped``. ``position`` is the next sample to read."""
+
+    def __init__(self, spec: str, urls: Sequence[str], *, seed: int, process_index: int,
+                 position: SampleId = (0, 0, 0), skipped: int = 0):
+        self.spec, self.urls, self.seed, self.process_index = spec, list(urls), seed, process_index
+        self.position, self.skipped = tuple(position), int(skipped)
+        self._orders: dict[int, np.ndarray] = {}
+        self._bad_run = self._logged = self._barren = 0
+        self._it = self._run()
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This host's shards (indices into ``urls``) in their epoch-``epoch`` order: int [n]."""
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, 0x5EED, self.process_index, epoch])
+                            .permutation(len(self.urls))}
+        return self._orders[epoch]
+
+    def url(self, epoch: int, pos: int) -> str:
+        return self.urls[int(self.order(epoch)[pos])]
+
+    def skip(self, reason: str) -> None:
+        """Counts a skipped sample or shard (the first ``_LOG_FIRST`` logged with ``reason``); too many in a row
+        raise ``core.TooManyBadRecords``."""
+        self.skipped += 1
+        self._bad_run += 1
+        if self._logged < _LOG_FIRST:
+            self._logged += 1
+            more = " (further skips are counted, not logged)" if self._logged == _LOG_FIRST else ""
+            log.warning("skipping %s%s", reason, more)
+        if self._bad_run >= pipeline._MAX_CONSECUTIVE_BAD:
+            raise core.TooManyBadRecords(f"{self._bad_run} consecutive bad samples or shards; last: {reason}")
+
+    def _shard(self, epoch: int, pos: int, start: int) -> Iterator[Sample]:
+        """The usable samples of shard ``pos`` of epoch ``epoch`` from sample ``start`` on."""
+        url = self.url(epoch, pos)
+        try:
+            f = open_shard(url)
+        except Exception as e:  # deleted since it was listed, or an error of remote storage
+            self.skip(f"shard {url}: cannot be opened ({type(e).__name__}: {e})")
+            return
+        with f:
+            groups = iter_groups(f)
+            try:
+                for index, (key, files) in enumerate(groups):
+                    if index < start:
+                        continue
+                    self.position = (epoch, pos, index + 1)
+                    got = _image_and_captions(files)
+                    if isinstance(got, str):
+                        self.skip(f"sample {key!r} of {url}: {got}")
+                        continue
+                    self._bad_run = self._barren = 0
+                    yield Sample((epoch, pos, index), f"{url}:{key}", *got)
+            except ShardDamaged as e:
+                self.skip(f"shard {url}: truncated or damaged ({e}); the samples before the damage were read")
+            finally:
+                groups.close()
+
+    def _run(self) -> Iterator[Sample]:
+        epoch, pos, start = self.position
+        while True:
+            while pos < len(self.urls):
+                self._barren += 1
+                yield from self._shard(epoch, pos, start)
+                if self._barren >= 2 * len(self.urls):  # a whole epoch of shards without a usable sample
+                    raise src_lib.DatasetError(
+                        f"dataset {self.spec!r}: none of this host's {len(self.urls)} shards holds a usable sample "
+                        f"(missing, damaged, or no image with a caption; the first reasons are logged above)")
+                pos, start = pos + 1, 0
+            epoch, pos = epoch + 1, 0
+
+    def __next__(self) -> Sample:
+        return next(self._it)
+
+    def fetch(self, ids: Iterable[SampleId]) -> dict[SampleId, Sample]:
+        """The samples ``ids`` read again from their shards (each up to its last wanted sample), nothing counted; an
+        id whose shard or sample is gone is missing from the result."""
+        wanted: dict[tuple[int, int], set[int]] = collections.defaultdict(set)
+        for epoch, pos, index in ids:
+            wanted[(epoch, pos)].add(index)
+        found: dict[SampleId, Sample] = {}
+        for (epoch, pos), indices in sorted(wanted.items()):
+            url, last = self.url(epoch, pos), max(indices)
+            try:
+                f = open_shard(url)
+            except Exception:  # gone: its samples are missing
+                continue
+            with f:
+                groups = iter_groups(f)
+                try:
+                    for index, (key, files) in enumerate(groups):
+                        got = _image_and_captions(files) if index in indices else None
+                        if isinstance(got, tuple):
+                            found[(epoch, pos, index)] = Sample((epoch, pos, index), f"{url}:{key}", *got)
+                        if index >= last:
+                            break
+                except ShardDamaged:
+                    pass
+                finally:
+                    groups.close()
+        return found
+
+    def close(self) -> None:
+        """Closes the shard being read."""
+        self._it.close()
+
+
+# ============================================================================================ shuffled slots
+
+class SampleStream(Iterator[tuple[int, Sample]]):
+    """Slots (t, sample) of the shuffle buffer over ``reader``, and the resume state after any slot not yet
+    forgotten: each slot is journalled (buffer place, sample taken out, reader position and skips after it), so the
+    state after slot t is the current buffer with the later slots undone."""
+
+    def __init__(self, reader: ShardReader, *, size: int, seed: int, process_index: int, sample: int):
+        self.reader, self.size, self.seed, self.process_index = reader, size, seed, process_index
+        self.t = int(sample)
+        self.slots: list[Sample] = []
+        self._journal: collections.deque = collections.deque()  # (t, j, id taken out, position, read skips)
+        self._block, self._choices = -1, np.zeros(0, np.int64)
+
+    def restore(self, ids: Sequence[SampleId]) -> None:
+        """Refills the buffer with the samples ``ids`` (in buffer order), read again from their shards; a sample
+        that is gone is skipped and counted, its place taken by the next sample read."""
+        found = self.reader.fetch(ids)
+        for i in ids:
+            if i not in found:
+                self.reader.skip(f"buffered sample {list(i)}: no longer in {self.reader.url(i[0], i[1])}")
+        self.slots = [found[i] if i in found else next(self.reader) for i in ids]
+
+    def _choice(self, t: int) -> int:
+        if t // _BLOCK != self._block:
+            self._block = t // _BLOCK
+            rng = np.random.default_rng([self.seed, 0xB0F, self.process_index, self._block])
+            self._choices = rng.integers(0, self.size, _BLOCK)
+        return int(self._choices[t % _BLOCK])
+
+    def __next__(self) -> tuple[int, Sample]:
+        while len(self.slots) < self.size:
+            self.slots.append(next(self.reader))
+        t, j = self.t, self._choice(self.t)
+        out = self.slots[j]
+        self.slots[j] = next(self.reader)
+        self._journal.append((t, j, out.id, self.reader.position, self.reader.skipped))
+        self.t += 1
+        return t, out
+
+    def state_after(self, t: int) -> dict:
+        """{"sample", "position", "buffer", "read_skipped"} as they were right after slot ``t`` was taken."""
+        ids = [s.id for s in self.slots]
+        for u, j, taken, position, read_skipped in reversed(self._journal):
+            if u == t:
+                return {"sample": t + 1, "position": list(position), "buffer": [list(i) for i in ids],
+                        "read_skipped": read_skipped}
+            ids[j] = taken
+        raise KeyError(f"slot {t} is not in the journal")
+
+    def forget_through(self, t: int) -> None:
+        """Drops the journal of slots up to ``t`` (their state is no longer asked for)."""
+        while self._journal and self._journal[0][0] <= t:
+            self._journal.popleft()
+
+
+# ============================================================================================ decoding
+
+class SampleItem(NamedTuple):
+    """One slot's work for ``SampleLoader``: plain data, picklable for worker processes."""
+
+    t: int
+    where: str
+    image: bytes
+    captions: list[str]
+
+    def __repr__(self) -> str:  # named in errors without its bytes
+        return f"SampleItem(t={self.t}, {self.where})"
+
+
+@dataclasses.dataclass
+class SampleLoader:
+    """SampleItem → (image uint8 [S,S,3], caption, -1): the caption and crop of slot t exactly as
+    ``pipeline.TrainLoader`` makes them; ``core.BadRecord`` for an image that does not decode."""
+
+    image_size: int
+    scale: tuple[float, float]
+    seed: int
+    process_index: int
+
+    def __call__(self, item: SampleItem) -> tuple[np.ndarray, str, int]:
+        rng = np.random.default_rng([self.seed, self.process_index, item.t])
+        caption = item.captions[int(rng.integers(len(item.captions)))]
+        try:
+            image = pp.train_crop(item.image, self.image_size, rng, scale=self.scale)  # uint8 [S, S, 3]
+        except Exception as e:  # corrupt or undecodable image bytes
+            raise core.BadRecord(f"sample {item.where}: {e}") from None
+        return image, caption, -1
+
+
+# ============================================================================================ iterator
+
+class StreamTrainIterator:
+    """Infinite per-host training batches of a ``wds:`` spec: {"image": uint8 [b,S,S,3], "text": i32 [b,C]}, with
+    ``get_state``/``set_state``/``skipped``/``close`` as ``pipeline.TrainIterator``. ``sources`` is empty (no
+    random-access source: the number of samples is not known before reading them)."""
+
+    def __init__(self, spec: str, *, global_batch_size: int, image_size: int, context_length: int,
+                 tokenizer: pipeline.Tokenizer, seed: int, process_index: int, process_count: int,
+                 scale: tuple[float, float], num_threads: int, prefetch: int, workers: int = 0,
+                 executor: core.ExecutorFactory | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} processes")
+        if shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1 (1: stream order), got {shuffle_buffer}")
+        self.urls = shard_urls(spec)
+        if len(self.urls) < process_count:
+            raise src_lib.DatasetError(
+                f"dataset {spec!r} has {len(self.urls)} shards, fewer than {process_count} hosts: each host reads "
+                f"whole shards (shard i goes to host i mod {process_count}); write the data in more shards")
+        self.spec, self.specs, self.weights = spec, [spec], np.ones(1)
+        self.sources: list = []
+        self.labels, self.classnames = False, None
+        self.batch_size, self.global_batch_size = global_batch_size // process_count, global_batch_size
+        self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
+        self.seed, self.process_index, self.process_count = seed, process_index, process_count
+        self.scale, self.num_threads, self.prefetch = tuple(scale), max(1, num_threads), max(1, prefetch)
+        self.shuffle_buffer, self.workers = int(shuffle_buffer), int(workers)
+        self.executor, self._decoders = pipeline._executor(executor, self.workers, self.num_threads, "clipjax-data")
+        self.loader = SampleLoader(image_size, self.scale, seed, process_index)
+        self._state = {"sample": 0, "position": [0, 0, 0], "buffer": [], "read_skipped": 0, "skipped": 0}
+        self._prefetcher: core.Prefetcher | None = None
+
+    def reader(self, state: dict | None = None) -> ShardReader:
+        """This host's shard reader at ``state``'s position (the start by default)."""
+        state = state or self._state
+        return ShardReader(self.spec, self.urls[self.process_index :: self.process_count], seed=self.seed,
+                           process_index=self.process_index, position=tuple(state["position"]),
+                           skipped=state["read_skipped"])
+
+    def stream(self, state: dict | None = None) -> SampleStream:
+        """The shuffled slots from ``state`` on (the start by default), its buffer restored."""
+        state = state or self._state
+        stream = SampleStream(self.reader(state), size=self.shuffle_buffer, seed=self.seed,
+                              process_index=self.process_index, sample=state["sample"])
+        stream.restore([tuple(i) for i in state["buffer"]])
+        return stream
+
+    def _batches(self, state: dict) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
+        """(batch, state after it) from ``state`` on; runs on the prefetch thread."""
+        stream = self.stream(state)
+        items = (SampleItem(t, s.where, s.image, s.captions) for t, s in stream)
+        records = core.OrderedMap(self.loader, items, executor=self.executor,
+                                  window=pipeline._window(self.batch_size, self._decoders),
+                                  skipped=state["skipped"] - state["read_skipped"],
+                                  max_consecutive_bad=pipeline._MAX_CONSECUTIVE_BAD, logger=log)
+        try:
+            with records:
+                while True:
+                    rows = [next(records) for _ in range(self.batch_size)]  # [(item, (image, caption, -1))] * b
+                    batch = {
+                        "image": np.stack([r[1][0] for r in rows]),  # [b, S, S, 3]
+                        "text": np.asarray(self.tokenizer([r[1][1] for r in rows], self.context_length), np.int32),
+                    }  # text: [b, C]
+                    t = rows[-1][0].t
+                    after = stream.state_after(t)
+                    after["skipped"] = after["read_skipped"] + records.skipped
+                    stream.forget_through(t)
+                    yield batch, after
+        finally:
+            stream.reader.close()
+
+    def close(self) -> None:
+        """Stops the background threads and worker processes (the iterator can be resumed: the next batch restarts
+        them, reading the buffered samples again)."""
+        prefetcher, self._prefetcher = self._prefetcher, None
+        if prefetcher is not None:
+            prefetcher.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __iter__(self) -> StreamTrainIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._prefetcher is None:
+            state = dict(self._state)
+            self._prefetcher = core.Prefetcher(lambda: self._batches(state), depth=self.prefetch,
+                                               name="clipjax-data-producer")
+        try:
+            batch, after = next(self._prefetcher)
+        except BaseException:
+            self.close()
+            raise
+        self._state = after
+        return batch
+
+    @property
+    def skipped(self) -> int:
+        """Samples and shards skipped so far (up to the batches yielded)."""
+        return self._state["skipped"]
+
+    def get_state(self) -> dict:
+        """JSON-able position after the last yielded batch (see the module docstring)."""
+        s = self._state
+        return {"version": STATE_VERSION, "kind": STATE_KIND, "sample": s["sample"], "position": list(s["position"]),
+                "buffer": [list(i) for i in s["buffer"]], "read_skipped": s["read_skipped"], "skipped": s["skipped"],
+                "specs": list(self.specs), "shards": len(self.urls), "seed": self.seed,
+                "process_index": self.process_index, "process_count": self.process_count,
+                "shuffle_buffer": self.shuffle_buffer}
+
+    def set_state(self, state: dict) -> None:
+        """Continues from ``state`` (from ``get_state`` of an iterator with the same spec, seed, hosts and shuffle
+        buffer). When the spec now lists another number of shards (a directory that lost one), the stream goes on
+        from the start of the state's epoch, with a warning: positions in the old listing mean nothing."""
+        if state.get("kind") != STATE_KIND or state.get("version") != STATE_VERSION:
+            raise ValueError(f"data iterator state of {state.get('specs')!r} is not a wds: stream's (kind "
+                             f"{state.get('kind')!r}, version {state.get('version')!r}); this iterator reads "
+                             f"{self.specs!r}")
+        mine = self.get_state()
+        for field in ("specs", "seed", "process_index", "process_count", "shuffle_buffer"):
+            if state.get(field) != mine[field]:
+                raise ValueError(f"data iterator state has {field}={state.get(field)!r}, this iterator {mine[field]!r}")
+        position, buffer = list(state["position"]), [list(i) for i in state["buffer"]]
+        if (len(position) != 3 or len(buffer) not in (0, self.shuffle_buffer) or any(len(i) != 3 for i in buffer)
+                or not 0 <= state["read_skipped"] <= state["skipped"]):
+            raise ValueError(f"inconsistent data iterator state: position={position}, {len(buffer)} buffered samples "
+                             f"for a buffer of {self.shuffle_buffer}, skipped={state['skipped']} "
+                             f"read_skipped={state['read_skipped']}")
+        if state.get("shards") != len(self.urls):  # shards assigned and ordered otherwise: positions mean nothing
+            log.warning("dataset %r lists %d shards, %s when its state was saved: the stream goes on from the start "
+                        "of epoch %d, not from the exact sample", self.spec, len(self.urls), state.get("shards"),
+                        position[0])
+            position, buffer = [position[0], 0, 0], []
+        self.close()
+        self._state = {"sample": int(state["sample"]), "position": [int(p) for p in position],
+                       "buffer": [[int(v) for v in i] for i in buffer], "read_skipped": int(state["read_skipped"]),
+                       "skipped": int(state["skipped"])}
+
+
+def make_stream_iterator(specs: Sequence[str], *, split: str, labels: bool, shuffle_buffer: int | None = None,
+                         **kw) -> StreamTrainIterator:
+    """``make_train_iterator`` for a ``wds:`` spec (``kw``: its other arguments); a mix, a split other than "train"
+    or ``labels=True`` is refused with one line."""
+    if len(specs) != 1:
+        raise src_lib.DatasetError(
+            f"dataset mix {list(specs)}: a wds: stream cannot be mixed with other sources (its samples come in stream "
+            f"order, not by index as a mix draws them); train on it alone, or ingest the shards "
+            f"(python -m clipjax.data.ingest) and mix the dir: dataset")
+    if split != "train":
+        raise src_lib.DatasetError(f"dataset {specs[0]!r} has no splits (got split {split!r}): point the pattern at "
+                                   f"the shards to read")
+    if labels:
+        raise src_lib.DatasetError(f"dataset {specs[0]!r}: webdataset shards give captions, not class labels")
+    buffer = DEFAULT_SHUFFLE_BUFFER if shuffle_buffer is None else shuffle_buffer
+    return StreamTrainIterator(specs[0], shuffle_buffer=buffer, **kw)

@@ -1,0 +1,427 @@
+"""Webdataset shards streamed in place (``wds:`` specs): real tar shards of real JPEG/PNG/WebP images with .txt and
+.json captions, a truncated shard, samples without a caption and an image that does not decode. Batches are the
+train crops of the members' bytes, skips are counted, the stream is deterministic, hosts read disjoint shards that
+cover the data, resume is exact mid-epoch and across an epoch boundary, and the trainer runs on it.
+
+This module is imported by decode workers too (a record function below is pickled by name): no JAX at the top.
+"""
+
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipjax.data import core, ingest, pipeline, sources, wds
+from clipjax.data import preprocess as pp
+from clipjax.data.tokenizer import get_tokenizer
+
+TOK = get_tokenizer()
+C = 16  # context length
+S = 32  # image size
+NUM_SHARDS, PER_SHARD = 6, 6
+NO_CAPTION = {(1, 2), (2, 4)}  # .json without a caption; an image alone
+UNDECODABLE = (3, 1)
+CUT = (5, 4)  # shard 5 is cut inside this sample's image: samples 0-3 are kept, 4 and 5 lost
+USABLE = NUM_SHARDS * PER_SHARD - len(NO_CAPTION) - 2  # read from the shards (the undecodable one too)
+READ_SKIPS = len(NO_CAPTION) + 1  # per epoch: no caption ×2, the damaged shard
+
+
+def _encode(seed: int, fmt: str) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _sample(s: int, i: int) -> dict[str, bytes]:
+    """The members of sample i of shard s, by extension."""
+    fmt, ext = {(4, 0): ("PNG", "png"), (4, 3): ("WEBP", "webp")}.get((s, i), ("JPEG", "jpg"))
+    files = {ext: _encode(100 * s + i, fmt)}
+    if (s, i) == UNDECODABLE:
+        files = {"jpg": b"these bytes are not an image"}
+    if (s, i) == (1, 2):
+        files["json"] = json.dumps({"url": "http://example.com/x.jpg", "width": 64}).encode()
+    elif (s, i) == (0, 5):
+        files["txt"] = b'["a first caption", "a second caption"]'
+    elif (s, i) not in NO_CAPTION:
+        if (s + i) % 2:
+            files["txt"] = f"a photo number {s} {i}".encode()
+        else:
+            files["json"] = json.dumps({"caption": f"json caption {s} {i}", "similarity": 0.3}).encode()
+    return files
+
+
+def _write_tar(path, samples) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _key(s: int, i: int) -> str:
+    return f"{s:02d}{i:03d}"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """(directory of the shards, {key: (image bytes, captions)} of the samples that can be read)."""
+    root = tmp_path_factory.mktemp("wds")
+    readable = {}
+    for s in range(NUM_SHARDS):
+        samples = [(_key(s, i), _sample(s, i)) for i in range(PER_SHARD)]
+        path = root / f"{s:06d}.tar"
+        _write_tar(path, samples)
+        if s == CUT[0]:
+            with tarfile.open(path) as tar:
+                member = tar.getmember(f"{_key(*CUT)}.jpg")
+            data = path.read_bytes()
+            path.write_bytes(data[: member.offset_data + member.size // 2])
+        for i, (key, files) in enumerate(samples):
+            if (s, i) in NO_CAPTION or (s == CUT[0] and i >= CUT[1]):
+                continue
+            image = next(files[e] for e in ("jpg", "png", "webp") if e in files)
+            captions = ingest.sample_captions(files.get("txt"), files.get("json"))
+            readable[key] = (image, captions)
+    assert len(readable) == USABLE
+    return root, readable
+
+
+def _brace(root) -> str:
+    return f"wds:{root}/{{000000..{NUM_SHARDS - 1:06d}}}.tar"
+
+
+def _train(spec, **kw):
+    args = dict(global_batch_size=8, image_size=S, context_length=C, tokenizer=TOK, seed=0, process_index=0,
+                process_count=1, num_threads=2, shuffle_buffer=16)
+    return pipeline.make_train_iterator(spec, **{**args, **kw})
+
+
+def _take(it, n):
+    out = [next(it) for _ in range(n)]
+    it.close()
+    return out
+
+
+def _key_of(sample: wds.Sample) -> str:
+    return sample.where.rsplit(":", 1)[1]
+
+
+def _shard_number(url: str) -> int:
+    return int(os.path.basename(url)[:6])
+
+
+def _assert_same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for x, y in zip(batches_a, batches_b):
+        assert set(x) == set(y) == {"image", "text"}
+        for field in x:
+            np.testing.assert_array_equal(x[field], y[field])
+
+
+# ============================================================================================ specs and reading
+
+def test_brace_patterns_expand_as_a_shell_does():
+    assert wds.expand_braces("a/{00..02}.tar") == ["a/00.tar", "a/01.tar", "a/02.tar"]
+    assert wds.expand_braces("s{0..10}")[-2:] == ["s9", "s10"]
+    assert wds.expand_braces("{x,y}-{1..2}") == ["x-1", "x-2", "y-1", "y-2"]
+    assert wds.expand_braces("{3..1}") == ["3", "2", "1"]
+    assert len(wds.expand_braces("gs://b/laion/{00000..41455}.tar")) == 41456
+    with pytest.raises(ValueError, match="neither a range"):
+        wds.expand_braces("a{b}c")
+
+
+def test_spec_forms_list_the_same_shards(shards, tmp_path):
+    root, _ = shards
+    want = [str(root / f"{s:06d}.tar") for s in range(NUM_SHARDS)]
+    assert wds.shard_urls(_brace(root)) == want
+    assert wds.shard_urls(f"wds:{root}") == want  # a directory: its *.tar, sorted
+    assert wds.shard_urls(f"wds:{root}/*.tar") == want
+    assert wds.shard_urls(f"wds:file://{root}/000003.tar") == want[3:4]
+    assert sources.source_kind(f"wds:{root}") == "stream" and sources.resolve_spec(f"wds:{root}") == f"wds:{root}"
+    for bad, message in [(f"wds:{tmp_path}/none", "neither a directory"), (f"wds:{tmp_path}", "no .tar shards"),
+                         (f"wds:{tmp_path}/{{0..3}}.tar", "none of its 4 shards exists"), ("wds:", "name the shards")]:
+        with pytest.raises(sources.DatasetError, match=message):
+            wds.shard_urls(bad)
+    with pytest.raises(sources.DatasetError, match="training only"):
+        sources.open_source(f"wds:{root}", "train")
+    with pytest.raises(sources.DatasetError, match="fewer than 7 hosts"):
+        _train(f"wds:{root}", global_batch_size=7, process_index=0, process_count=7)
+    with pytest.raises(sources.DatasetError, match="cannot be mixed"):
+        _train({f"wds:{root}": 0.5, "scenes": 0.5})
+    with pytest.raises(sources.DatasetError, match="not class labels"):
+        _train(f"wds:{root}", labels=True)
+    with pytest.raises(sources.DatasetError, match="no splits"):
+        _train(f"wds:{root}", split="test")
+
+
+def test_remote_shards_through_fsspec_and_a_missing_implementation_named(shards):
+    fsspec = pytest.importorskip("fsspec")
+    root, _ = shards
+    fs = fsspec.filesystem("memory")
+    for s in range(NUM_SHARDS):
+        fs.pipe(f"/wds-test/{s:06d}.tar", (root / f"{s:06d}.tar").read_bytes())
+    try:
+        local = _take(_train(f"wds:{root}"), 3)
+        for spec in ("wds:memory://wds-test", f"wds:memory://wds-test/{{000000..{NUM_SHARDS - 1:06d}}}.tar"):
+            assert len(wds.shard_urls(spec)) == NUM_SHARDS
+            _assert_same(_take(_train(spec), 3), local)
+    finally:
+        fs.rm("/wds-test", recursive=True)
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        with pytest.raises(sources.DatasetError, match="s3fs") as e:
+            _train("wds:s3://bucket/laion/{00000..00009}.tar")
+        assert "\n" not in str(e.value)
+
+
+def test_one_epoch_reads_every_member_as_written_and_counts_what_it_skips(shards, caplog):
+    """The reader yields each readable sample once per epoch with its bytes and captions (.txt, a JSON list in a
+    .txt, .json's caption); samples without a caption and the truncated shard's damage are skipped and counted;
+    the truncated shard keeps its samples before the damage."""
+    root, readable = shards
+    reader = _train(_brace(root)).reader()
+    caplog.set_level(logging.WARNING, logger="clipjax.data.wds")
+    seen = []  # (id, key) in stream order
+    while (sample := next(reader)).id[0] == 0:
+        image, captions = readable[_key_of(sample)]
+        assert sample.image == image and sample.captions == captions
+        seen.append((sample.id, _key_of(sample)))
+    reader.close()
+    assert sorted(k for _, k in seen) == sorted(readable)  # each once
+    assert readable[_key(0, 5)][1] == ["a first caption", "a second caption"]
+    assert readable[_key(0, 0)][1] == ["json caption 0 0"] and readable[_key(0, 1)][1] == ["a photo number 0 1"]
+    assert reader.skipped == READ_SKIPS  # every shard's first sample is readable: nothing of epoch 1 counted yet
+    text = caplog.text
+    assert text.count("no caption") == 2 and "000005.tar: truncated or damaged" in text
+    # the shards in epoch 0's order (shuffled), the samples of a shard in file order
+    order = [reader.url(0, p) for p in range(NUM_SHARDS)]
+    assert sorted(order) == wds.shard_urls(_brace(root)) and order != sorted(order)
+    assert [i for i, _ in seen] == sorted(i for i, _ in seen)
+    assert all(key == _key(_shard_number(reader.url(0, p)), i) for (_, p, i), key in seen)
+
+
+def test_a_zero_byte_shard_is_damaged_and_an_unusable_dataset_is_one_error(tmp_path):
+    _write_tar(tmp_path / "a.tar", [("k", {"txt": b"a caption but no image"})])
+    (tmp_path / "b.tar").write_bytes(b"")
+    it = _train(f"wds:{tmp_path}")
+    with pytest.raises(sources.DatasetError, match="none of this host's 2 shards holds a usable sample"):
+        next(it)
+    reader = it.reader()
+    with pytest.raises(sources.DatasetError):
+        next(reader)
+    assert reader.skipped >= 2  # the image-less sample and the empty shard, once per epoch read
+
+
+# ============================================================================================ batches
+
+def test_batches_are_train_crops_of_the_member_bytes_and_skips_add_up(shards):
+    """Each row is train_crop of its sample's bytes with the slot's generator (after the caption choice), the text
+    one of its captions tokenised; the undecodable image is skipped; ``skipped`` is what the reader skipped up to
+    its position plus the undecodable slots taken."""
+    root, readable = shards
+    it = _train(_brace(root), scale=(0.5, 1.0))
+    slots = []
+    stream = it.stream()
+    while len([s for s in slots if s[2] is not None]) < 12 * 8:  # three epochs and more
+        t, sample = next(stream)
+        assert readable[_key_of(sample)][0] == sample.image
+        rng = np.random.default_rng([0, 0, t])  # seed, process index, slot
+        caption = sample.captions[int(rng.integers(len(sample.captions)))]
+        try:
+            crop = pp.train_crop(sample.image, S, rng, scale=(0.5, 1.0))
+        except Exception:
+            assert _key_of(sample) == _key(*UNDECODABLE)
+            crop = None
+        slots.append((t, caption, crop))
+    stream.reader.close()
+    good = [s for s in slots if s[2] is not None]
+    batches = [next(it) for _ in range(12)]
+    for k, batch in enumerate(batches):
+        rows = good[8 * k : 8 * k + 8]
+        assert batch["image"].dtype == np.uint8 and batch["image"].shape == (8, S, S, 3)
+        np.testing.assert_array_equal(batch["image"], np.stack([r[2] for r in rows]))
+        np.testing.assert_array_equal(batch["text"], TOK([r[1] for r in rows], C))
+    state = it.get_state()
+    it.close()
+    last_t = good[-1][0]
+    assert state["sample"] == last_t + 1
+    decode_skips = sum(1 for t, _, crop in slots if crop is None and t < last_t)
+    assert decode_skips >= 2
+    reader = it.reader({"position": [0, 0, 0], "read_skipped": 0})
+    while list(reader.position) != state["position"]:
+        next(reader)
+    reader.close()
+    assert reader.skipped == state["read_skipped"] and state["skipped"] == state["read_skipped"] + decode_skips
+    assert it.skipped == state["skipped"] >= 3 * READ_SKIPS
+
+
+def test_deterministic_for_any_threads_and_workers_and_seed_dependent(shards):
+    root, _ = shards
+    spec = _brace(root)
+    base = _take(_train(spec, num_threads=2), 5)
+    _assert_same(_take(_train(spec, num_threads=1), 5), base)
+    _assert_same(_take(_train(spec, workers=1, num_threads=2), 5), base)  # decoded in a worker process
+    other = _take(_train(spec, seed=1), 1)
+    assert not np.array_equal(other[0]["image"], base[0]["image"])
+
+
+class HeavyModules:
+    """Runs ``loader`` on an item, then reports which heavy modules the worker process has imported."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __call__(self, item):
+        image = self.loader(item)[0]
+        return image.shape, sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "tensorflow"))
+
+
+def test_decode_workers_get_the_bytes_and_import_no_jax(shards):
+    import jax  # noqa: F401  (the parent holds JAX, as the trainer does)
+
+    root, _ = shards
+    it = _train(_brace(root))
+    t, sample = next(it.stream())
+    item = wds.SampleItem(t, sample.where, sample.image, sample.captions)
+    assert "bytes" not in repr(item) and len(repr(item)) < 200  # errors name the item, never its bytes
+    with core.OrderedMap(HeavyModules(it.loader), [item], executor=core.processes(1, 1), window=1) as m:
+        ((_, (shape, heavy)),) = list(m)
+    assert shape == (S, S, 3) and heavy == []
+
+
+def test_two_hosts_read_disjoint_shards_that_cover_the_data(shards):
+    root, readable = shards
+    spec = _brace(root)
+    keys = []
+    for host in range(2):
+        it = _train(spec, global_batch_size=16, process_index=host, process_count=2)
+        assert it.reader().urls == wds.shard_urls(spec)[host::2]
+        stream = it.stream()
+        keys.append({_key_of(next(stream)[1]) for _ in range(4 * USABLE)})
+        stream.reader.close()
+        assert len(_take(it, 2)[1]["image"]) == 8  # per-host batch: global / hosts
+    assert not keys[0] & keys[1]
+    assert keys[0] | keys[1] == set(readable)
+    assert {int(k[:2]) % 2 for k in keys[1]} == {1}  # shard i on host i mod 2
+
+
+# ============================================================================================ resume
+
+def test_resume_is_exact_mid_epoch_and_across_an_epoch_boundary(shards):
+    root, _ = shards
+    spec = _brace(root)
+    it = _train(spec)
+    full, states = [], []
+    for _ in range(14):
+        full.append(next(it))
+        states.append(json.loads(json.dumps(it.get_state())))  # as a checkpoint stores it
+    it.close()
+    mid = next(k for k, s in enumerate(states) if s["position"][0] == 0)
+    boundary = next(k for k, s in enumerate(states) if len({i[0] for i in s["buffer"]}) == 2)  # epochs 0 and 1
+    later = next(k for k, s in enumerate(states) if s["position"][0] == 2)
+    for k in (mid, boundary, later):
+        resumed = _train(spec, num_threads=1)
+        resumed.set_state(states[k])
+        assert resumed.skipped == states[k]["skipped"]
+        _assert_same(_take(resumed, len(full) - k - 1), full[k + 1 :])
+    restarted = _train(spec)
+    _take(restarted, 1)
+    restarted.set_state(states[boundary])  # set_state on a running iterator replaces its position
+    _assert_same(_take(restarted, 2), full[boundary + 1 : boundary + 3])
+    for field, value in [("seed", 3), ("shuffle_buffer", 8), ("process_count", 2)]:
+        with pytest.raises(ValueError, match=field):
+            _train(spec, **{field: value}).set_state(states[0])
+    with pytest.raises(ValueError, match="not a wds: stream"):
+        _train(spec).set_state({**states[0], "kind": None})
+
+
+def test_a_shard_deleted_mid_run_is_skipped_and_counted(shards, tmp_path, caplog):
+    """A shard removed while training, or before a resume, is one skip each time its turn comes; its samples never
+    come again, not even those the shuffle buffer held when the state was saved."""
+    root, _ = shards
+    copy = tmp_path / "shards"
+    shutil.copytree(root, copy)
+    spec, gone = _brace(copy), copy / "000000.tar"  # a shard without bad samples
+    baseline, live = _train(spec), _train(spec)
+    _take(baseline, 20)
+    for _ in range(3):
+        next(live)  # running on: its producer reads ahead of the batches taken
+    state = live.get_state()
+    buffered = [i for i in state["buffer"] if live.reader().url(i[0], i[1]) == str(gone)]
+    assert buffered  # the saved buffer holds samples of the shard
+    gone.unlink()
+    for _ in range(17):  # the running stream goes on (its buffered samples were read before)
+        next(live)
+    live.close()
+    assert live.skipped - baseline.skipped >= 3  # one more skip per epoch, and more epochs for as many samples
+    # one epoch read again: exactly one skip more than when the shard was there
+    epoch = live.get_state()["position"][0] + 1
+    reader = live.reader({"position": [epoch, 0, 0], "read_skipped": 0})
+    while next(reader).id[0] == epoch:
+        pass
+    reader.close()
+    assert reader.skipped == READ_SKIPS + 1 + (reader.url(epoch + 1, 0) == str(gone))
+    # resumed after the deletion: the buffered samples of the shard are skipped, counted, and replaced
+    resumed = _train(spec)
+    resumed.set_state(state)
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="clipjax.data.wds")
+    stream = resumed.stream(state)
+    assert caplog.text.count("no longer in") == min(len(buffered), 10)
+    assert not any(_key_of(next(stream)[1]).startswith("00") for _ in range(3 * USABLE))
+    stream.reader.close()
+    assert len(_take(resumed, 4)) == 4 and resumed.skipped >= state["skipped"] + len(buffered)
+    # a directory spec now lists 5 shards: the stream goes on from the start of the state's epoch
+    listed = _train(f"wds:{copy}")
+    caplog.clear()
+    listed.set_state({**state, "specs": [f"wds:{copy}"]})
+    assert "lists 5 shards, 6 when" in caplog.text and listed.get_state()["position"] == [state["position"][0], 0, 0]
+    assert len(_take(listed, 2)) == 2
+
+
+# ============================================================================================ trainer
+
+def _config(spec, total):
+    from clipjax.configs.common import base_config
+
+    c = base_config()
+    c.model.name = "ViT-T-demo"
+    c.batch_size, c.total_steps, c.warmup_steps, c.lr = 8, total, 1, 1e-3
+    c.log_every, c.ckpt_every, c.keep_checkpoints, c.async_checkpoints = 1, 2, 10, False
+    c.data.train = spec
+    return c
+
+
+def _rows(workdir):
+    return {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+@pytest.mark.slow
+def test_the_trainer_runs_on_wds_shards_and_resumes_exactly(shards, tmp_path):
+    from clipjax.train import train
+
+    root, _ = shards
+    spec = _brace(root)
+    ref = tmp_path / "ref"
+    train(_config(spec, 4), str(ref))
+    rows = _rows(ref)
+    assert sorted(rows) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows.values())
+    assert rows[4]["data_skipped"] > 0  # filling the 1000-sample buffer read ~30 epochs, 3 skips each
+    run = tmp_path / "resumed"
+    shutil.copytree(ref, run, ignore=shutil.ignore_patterns("tensorboard"))
+    shutil.rmtree(run / "checkpoints" / "4")
+    train(_config(spec, 4), str(run))
+    again = _rows(run)
+    for step in (3, 4):
+        assert again[step]["loss"] == rows[step]["loss"]
+        assert again[step]["data_skipped"] == rows[step]["data_skipped"]
