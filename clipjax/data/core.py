@@ -41,6 +41,7 @@ working on: the map stops with that error rather than waiting for results that w
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures as cf
 import functools
@@ -58,6 +59,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -351,6 +353,7 @@ class ProcessExecutor:
             raise
         self._collector = threading.Thread(target=self._collect, daemon=True, name=f"{name}-results")
         self._collector.start()
+        _OPEN_EXECUTORS.add(self)
 
     @property
     def pids(self) -> list[int]:
@@ -474,9 +477,25 @@ class ProcessExecutor:
         for future in pending:
             future.cancel()
         self._stop_workers()
-        self._collector.join()
-        for w in self._workers:
-            os.close(w.results)
+        # At interpreter exit daemon threads may be frozen mid-call: never wait on one then (a hang, not an exit).
+        self._collector.join(timeout=0 if sys.is_finalizing() else None)
+        if not self._collector.is_alive():
+            for w in self._workers:
+                os.close(w.results)
+
+
+_OPEN_EXECUTORS: weakref.WeakSet[ProcessExecutor] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_executors() -> None:
+    """Interpreter exit (an uncaught exception, Ctrl-C, sys.exit): ends the workers of executors left open, each
+    within its close timeout (killed after it), while this process's threads can still run."""
+    for executor in list(_OPEN_EXECUTORS):
+        try:
+            executor.close()
+        except Exception:
+            log.debug("closing a data executor at exit failed", exc_info=True)
 
 
 # ============================================================================================ ordered map
@@ -617,4 +636,5 @@ class Prefetcher(Iterator[Any]):
         thread, self._thread = self._thread, None
         if thread is not None:
             self._stop.set()
-            thread.join()
+            # At interpreter exit (a finalizer) the daemon producer may be frozen mid-call: joining it would hang.
+            thread.join(timeout=0 if sys.is_finalizing() else None)
