@@ -15,15 +15,21 @@ Guarantees:
   reported, moved aside to `<step>.corrupt` (so the step number can be written again) and the previous step is used.
 - Write failures (unwritable directory, disk full, quota) raise `CheckpointError` naming the step and the steps
   still on disk; earlier checkpoints are never deleted before a newer one is complete.
+
+On gs:// (orbax writes the arrays through tensorstore's GCS driver, the rest through `etils.epath`) there is no
+atomic rename: orbax writes a step in place and marks it complete with `<step>/commit_success.txt` last; a step
+without that marker is never listed nor restored, and is removed when that step is written again. An unreachable
+store (credentials, network, a missing bucket) is a `CheckpointError` naming the directory. s3:// is refused:
+orbax-checkpoint writes arrays only to local paths and gs://.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
-import pathlib
 import time
 from typing import Any
 
@@ -33,16 +39,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from clipjax import paths
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 CORRUPT_SUFFIX = ".corrupt"
+COMMIT_FILE = "commit_success.txt"  # orbax's completeness marker of a step written in place (gs://)
 # Storage-layer error texts that mean "the environment refused the write" (not a bug in the caller) → a short cause.
 _IO_ERRORS = {"No space left": "No space left on device", "Read-only file system": "Read-only file system",
               "Permission denied": "Permission denied", "Disk quota": "Disk quota exceeded",
               "Operation not permitted": "Operation not permitted", "Input/output error": "Input/output error",
               "File too large": "File too large", "RESOURCE_EXHAUSTED": "storage resources exhausted",
-              "PERMISSION_DENIED": "Permission denied"}
+              "PERMISSION_DENIED": "Permission denied", "UNAUTHENTICATED": "not authenticated (credentials)",
+              "UNAVAILABLE": "storage service unavailable", "DEADLINE_EXCEEDED": "storage request timed out"}
 
 
 class CheckpointError(RuntimeError):
@@ -172,9 +182,22 @@ def _is_io_failure(e: BaseException) -> bool:
     return any(isinstance(x, OSError) or any(m in str(x) for m in _IO_ERRORS) for x in _chain(e))
 
 
-def check_writable(directory: pathlib.Path) -> None:
+def check_supported(directory: str | os.PathLike) -> None:
+    """Refuse a checkpoint directory that orbax cannot write arrays to (an object store other than gs://)."""
+    if paths.scheme(directory) == "s3":
+        raise CheckpointError(f"checkpoint directory {directory}: orbax-checkpoint writes arrays only to local paths "
+                              f"and gs://; use a gs:// or local (or mounted) workdir")
+
+
+def check_writable(directory: str | os.PathLike) -> None:
     """Create `directory` and write, sync and delete a probe file in it (root ignores permission bits, so only a real
-    write tells a read-only mount or a full disk apart)."""
+    write tells a read-only mount or a full disk apart). On an object store, a probe object is written and deleted:
+    credentials, network and bucket are checked before anything else is written."""
+    check_supported(directory)
+    directory = paths.as_path(directory)
+    if paths.is_remote(directory):
+        _check_writable_remote(directory)
+        return
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-probe-{jax.process_index()}-{os.getpid()}"
@@ -187,6 +210,21 @@ def check_writable(directory: pathlib.Path) -> None:
         raise CheckpointError(f"checkpoint directory {directory} is not writable: {e.strerror or e}") from None
 
 
+def _check_writable_remote(directory) -> None:
+    probe = directory / f".write-probe-{jax.process_index()}-{os.getpid()}"
+    try:
+        with paths.storage_errors(directory, "write to"):
+            probe.write_bytes(b"clipjax")
+            probe.unlink()
+    except OSError as e:  # a StorageError, or FileNotFoundError for a bucket that does not exist
+        raise CheckpointError(f"checkpoint directory {directory} is not writable: {_remote_reason(e, directory)}") \
+            from None
+
+
+def _remote_reason(e: OSError, directory) -> str:
+    return paths.describe(e.__cause__ if isinstance(e, paths.StorageError) and e.__cause__ else e, directory)
+
+
 # ============================================================================================ checkpointer
 
 class Checkpointer:
@@ -194,18 +232,34 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = paths.as_path(directory)
+        if not paths.is_remote(self.directory):
+            self.directory = self.directory.absolute()
         self.read_only = read_only
-        if read_only:
-            if not self.directory.is_dir():
-                raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
-        else:
-            check_writable(self.directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=not read_only, read_only=read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+        check_supported(self.directory)
+        with self._reachable():
+            if read_only:
+                if not self.directory.is_dir():
+                    raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
+            else:
+                check_writable(self.directory)
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                   create=not read_only, read_only=read_only)
+            self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_names=("state", "data", "meta"))
         self._pending: int | None = None  # step of the save that may still be in flight
         self._failed = False  # a failed write was reported (orbax keeps re-raising it)
+
+    @contextlib.contextmanager
+    def _reachable(self):
+        """A failure of the object store's client (credentials, network) as a CheckpointError naming the directory;
+        local directories are left to the callers' own checks."""
+        try:
+            with paths.storage_errors(self.directory):
+                yield
+        except paths.StorageError as e:
+            raise CheckpointError(f"checkpoint directory {self.directory}: {_remote_reason(e, self.directory)}") \
+                from None
 
     # -------------------------------------------------------------------------------------------- save
 
@@ -269,10 +323,16 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def _steps_on_disk(self) -> list[int]:
+        """Complete steps in the directory (on gs://, those whose commit marker was written)."""
         try:
-            return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            with paths.storage_errors(self.directory, "list"):
+                return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and self._complete(p))
         except OSError:
             return []
+
+    def _complete(self, step_dir) -> bool:
+        """A local step directory is complete once renamed to its number; a gs:// one once its marker is written."""
+        return not paths.is_remote(step_dir) or (step_dir / COMMIT_FILE).exists()
 
     # -------------------------------------------------------------------------------------------- restore
 
@@ -353,7 +413,8 @@ class Checkpointer:
                 src = self.directory / str(s)
                 dst = self.directory / f"{s}{CORRUPT_SUFFIX}-{time.strftime('%Y%m%d-%H%M%S')}"
                 try:
-                    src.rename(dst)
+                    with paths.storage_errors(src, "move"):  # in a store: copied, then deleted
+                        src.rename(dst)
                     log.warning("moved damaged checkpoint step %d to %s", s, dst)
                 except OSError as e:
                     log.warning("could not move damaged checkpoint step %d aside: %s", s, e.strerror or e)

@@ -20,6 +20,9 @@ DIR must be new or empty: a non-empty DIR is refused unless `--force` (then the 
 replaced, each written to a temporary file first, and other files are left alone). A clipjax training workdir
 (`checkpoints/`, or `config.json` + `metrics.jsonl`), the model being exported and an existing file are refused
 even with `--force`. Bad input prints one line `error: ...` on stderr and exits with status 2.
+
+DIR (and --model) may be in an object store (`gs://BUCKET/DIR`, `s3://...`; `pip install 'clipjax[gcs]'`): the
+files are written to a local temporary directory and uploaded one by one, each as one object.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import logging
 import os
 import pathlib
 import sys
+import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipjax import cli
+from clipjax import cli, paths
 from clipjax.interop import export_hf as hf_files
 from clipjax.interop import names
 from clipjax.interop.load import Pretrained, load
@@ -87,14 +91,19 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
     _write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def is_training_workdir(path: pathlib.Path) -> bool:
+def is_training_workdir(path: paths.Path) -> bool:
     """Whether `path` is a clipjax training workdir (checkpoints/, or config.json next to metrics.jsonl)."""
     return (path / "checkpoints").is_dir() or ((path / "config.json").is_file() and (path / "metrics.jsonl").is_file())
 
 
 def check_out_dir(out: str | os.PathLike, model: str | os.PathLike | None = None, force: bool = False) -> None:
     """Refuse an output directory whose files an export would clobber (see the module docstring)."""
-    out = pathlib.Path(out)
+    out = paths.as_path(out)
+    with paths.storage_errors(out):
+        _check_out_dir(out, model, force)
+
+
+def _check_out_dir(out: paths.Path, model: str | os.PathLike | None, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file; give a directory (new or empty)")
     if not out.exists():
@@ -102,14 +111,37 @@ def check_out_dir(out: str | os.PathLike, model: str | os.PathLike | None = None
     if is_training_workdir(out):
         raise ValueError(f"--out {out} is a clipjax training workdir (exporting would overwrite its config.json); "
                          f"choose another directory")
-    if model is not None:
-        src = pathlib.Path(model).resolve()
-        if src == out.resolve() or out.resolve() in src.parents:
-            raise ValueError(f"--out {out} holds the model being exported ({model}); choose another directory")
+    if model is not None and _holds(out, model):
+        raise ValueError(f"--out {out} holds the model being exported ({model}); choose another directory")
     present = sorted(p.name for p in out.iterdir())
     if present and not force:
         raise ValueError(f"--out {out} is not empty (it holds {present[0]!r}{' and more' if len(present) > 1 else ''})"
                          f"; choose a new directory or pass --force to replace the exported files in it")
+
+
+def _holds(out: paths.Path, model: str | os.PathLike) -> bool:
+    """Whether directory `out` is `model` or holds it (object-store paths are compared as written)."""
+    if paths.is_remote(out) or paths.is_remote(model):
+        o, m = str(out).rstrip("/"), str(paths.as_path(model)).rstrip("/")
+        return m == o or m.startswith(o + "/")
+    src = pathlib.Path(model).resolve()
+    return src == out.resolve() or out.resolve() in src.parents
+
+
+def _export_remote(export, model: Pretrained, out: str | os.PathLike, *args: Any,
+                   stale: tuple[str, ...] = ()) -> paths.Path:
+    """`export(model, DIR, *args)` into a temporary local DIR whose files are then uploaded to the object-store
+    directory `out`, each as one object; the files named in `stale` that this export did not write (a previous
+    export's) are deleted from `out`."""
+    out = paths.as_path(out)
+    with tempfile.TemporaryDirectory(prefix="clipjax-export-") as tmp:
+        export(model, tmp, *args)
+        written = paths.upload_dir(pathlib.Path(tmp), out)
+    for name in sorted(set(stale) - set(written)):
+        with paths.storage_errors(out / name, "delete"):
+            (out / name).unlink(missing_ok=True)
+    log.info("uploaded %s to %s", ", ".join(written), out)
+    return out
 
 
 def _resnet_for_hf(model: Pretrained) -> str:
@@ -140,11 +172,13 @@ def _check_open_clip_pooling(cfg: CLIPConfig) -> None:
                          f"open_clip's argmax pooling would differ")
 
 
-def export_hf(model: Pretrained, out: str | os.PathLike) -> pathlib.Path:
+def export_hf(model: Pretrained, out: str | os.PathLike) -> paths.Path:
     """Write a transformers CLIPModel directory (weights, config, tokenizer and processor files) to `out`."""
     cfg = model.config
     if cfg.vision.is_resnet:
         raise ValueError(_resnet_for_hf(model))
+    if paths.is_remote(out):
+        return _export_remote(export_hf, model, out, stale=tuple(hf_files.TOKENIZER_FILES))
     config = hf_files.hf_config(cfg)
     state = hf_state_dict(model)
     out = pathlib.Path(out)
@@ -163,8 +197,10 @@ def export_hf(model: Pretrained, out: str | os.PathLike) -> pathlib.Path:
     return out
 
 
-def export_open_clip(model: Pretrained, out: str | os.PathLike, name: str = "clipjax-model") -> pathlib.Path:
+def export_open_clip(model: Pretrained, out: str | os.PathLike, name: str = "clipjax-model") -> paths.Path:
     """Write `out/model.safetensors` (open_clip state dict) and `out/NAME.json` (its open_clip model config)."""
+    if paths.is_remote(out):
+        return _export_remote(export_open_clip, model, out, name)
     state = open_clip_state_dict(model)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from clipjax import paths
 from clipjax.interop.load import Pretrained, load
 from clipjax.step import head_logits  # noqa: F401  (re-exported: the head's function lives with the update step)
 
@@ -90,7 +91,8 @@ def save_head(head: Head, path: str | os.PathLike) -> None:
 def load_head(path: str | os.PathLike) -> Head:
     from safetensors.numpy import load_file
 
-    t = load_file(os.fspath(path))
+    with paths.local_copy(path) as local:
+        t = load_file(os.fspath(local))
     if set(t) != {"kernel", "bias"} or t["kernel"].ndim != 2 or t["bias"].shape != t["kernel"].shape[1:]:
         raise ValueError(f"{path}: expected tensors kernel [E, K] and bias [K], got "
                          f"{ {k: v.shape for k, v in t.items()} }")
@@ -98,46 +100,59 @@ def load_head(path: str | os.PathLike) -> Head:
 
 
 def check_new_dir(out: str | os.PathLike) -> None:
-    if (pathlib.Path(out) / WEIGHTS).exists():
+    target = paths.as_path(out) / WEIGHTS
+    if paths.exists(target):
         raise FileExistsError(f"{out} already holds a model ({WEIGHTS}); choose a new directory")
 
 
 def save_finetuned(out: str | os.PathLike, model: Pretrained, head: Head | None = None,
-                   classifier: dict[str, Any] | None = None, *, replace: bool = False) -> pathlib.Path:
+                   classifier: dict[str, Any] | None = None, *, replace: bool = False) -> paths.Path:
     """Write `model` (and `head`, `classifier` metadata) so that `load_finetuned(out)` reads them back exactly.
 
     The files are written in a fresh sub-directory and then moved into `out` one by one (each move atomic), so a
-    crash never leaves a half-written file. `replace`: overwrite these files when `out` already holds them (the
-    trainer rewriting its own outputs); otherwise a directory that holds a model is refused."""
-    from clipjax.export import export_open_clip
-
-    out = pathlib.Path(out)
+    crash never leaves a half-written file; in an object store (gs://, s3://) they are written in a local temporary
+    directory and uploaded one by one, each as one object. `replace`: overwrite these files when `out` already holds
+    them (the trainer rewriting its own outputs); otherwise a directory that holds a model is refused."""
+    remote = paths.is_remote(out)
+    out = paths.as_path(out)
     if not replace:
         check_new_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".finetuned-", dir=out))
+    if not remote:
+        out.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".finetuned-", dir=None if remote else out))
     try:
-        export_open_clip(model, staging, name=pathlib.Path(OPEN_CLIP_CONFIG).stem)
-        if head is not None:
-            save_head(head, staging / HEAD_FILE)
-        if classifier is not None:
-            (staging / CLASSIFIER_FILE).write_text(json.dumps(classifier, indent=2) + "\n")
-        for f in sorted(staging.iterdir()):
-            os.replace(f, out / f.name)
+        _write_finetuned(staging, model, head, classifier)
+        if remote:
+            paths.upload_dir(staging, out)
+        else:
+            for f in sorted(staging.iterdir()):
+                os.replace(f, out / f.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
+def _write_finetuned(directory: pathlib.Path, model: Pretrained, head: Head | None,
+                     classifier: dict[str, Any] | None) -> None:
+    """The files of `save_finetuned`, written into the local `directory`."""
+    from clipjax.export import export_open_clip
+
+    export_open_clip(model, directory, name=pathlib.Path(OPEN_CLIP_CONFIG).stem)
+    if head is not None:
+        save_head(head, directory / HEAD_FILE)
+    if classifier is not None:
+        (directory / CLASSIFIER_FILE).write_text(json.dumps(classifier, indent=2) + "\n")
+
+
 def load_finetuned(path: str | os.PathLike, config: Any = None) -> tuple[Pretrained, Head | None, dict[str, Any]]:
-    """(model, head or None, classifier metadata or {}) from a `save_finetuned` directory, or plain CLIP weights
-    (anything `clipjax.load(path, config)` accepts: no head, no metadata)."""
-    p = pathlib.Path(path)
-    if not (p.is_dir() and (p / OPEN_CLIP_CONFIG).is_file() and (p / WEIGHTS).is_file()):
+    """(model, head or None, classifier metadata or {}) from a `save_finetuned` directory (local or in an object
+    store), or plain CLIP weights (anything `clipjax.load(path, config)` accepts: no head, no metadata)."""
+    p = paths.as_path(path)
+    if not (paths.is_dir(p) and paths.is_file(p / OPEN_CLIP_CONFIG) and paths.is_file(p / WEIGHTS)):
         return load(path, config), None, {}
     model = load(p / WEIGHTS, config if config is not None else p / OPEN_CLIP_CONFIG)
-    head = load_head(p / HEAD_FILE) if (p / HEAD_FILE).is_file() else None
-    meta = json.loads((p / CLASSIFIER_FILE).read_text()) if (p / CLASSIFIER_FILE).is_file() else {}
+    head = load_head(p / HEAD_FILE) if paths.is_file(p / HEAD_FILE) else None
+    meta = json.loads(paths.read_text(p / CLASSIFIER_FILE)) if paths.is_file(p / CLASSIFIER_FILE) else {}
     return model, head, meta
 
 
@@ -218,7 +233,7 @@ class ClassifyTask:
                          self.batches)
         return {f"eval/{k}": float(v) for k, v in m.items()}
 
-    def write_outputs(self, workdir: pathlib.Path, cfg: Any, state: Any, config: ml_collections.ConfigDict) -> None:
+    def write_outputs(self, workdir: paths.Path, cfg: Any, state: Any, config: ml_collections.ConfigDict) -> None:
         """The fine-tuned model, head and classifier metadata in `workdir` (see the module docstring)."""
         from clipjax.train import clip_variables
 

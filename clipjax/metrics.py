@@ -9,26 +9,43 @@ import logging
 import math
 import os
 import pathlib
+import shutil
+import tempfile
 import time
+import uuid
 from typing import Any
 
+from clipjax import paths
 from clipjax.models.config import CLIPConfig
 
 log = logging.getLogger(__name__)
 
 
 class MetricWriter:
-    """Append-only JSONL + TensorBoard writer (only process 0 writes)."""
+    """Append-only JSONL + TensorBoard writer (only process 0 writes).
+
+    In an object store (gs://, s3://), which cannot append, metrics.jsonl is kept in memory (read once) and written
+    whole after every row, as one object (a reader sees the previous rows or the new ones, never a torn file);
+    TensorBoard events are written to a local staging directory and their files uploaded to `WORKDIR/tensorboard/`
+    after every row. A failed upload is retried with the next row."""
 
     def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
         self.enabled = enabled
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.path = paths.as_path(workdir) / "metrics.jsonl"
+        self._remote = paths.is_remote(self.path)
+        self._lines: list[str] | None = None  # in an object store: the rows of metrics.jsonl, once read
         self._tb = None
+        self._tb_staging: pathlib.Path | None = None
+        tb_dir = self.path.parent / "tensorboard"
+        if enabled and self._remote:
+            self._tb_staging = pathlib.Path(tempfile.mkdtemp(prefix="clipjax-tensorboard-"))
         if enabled:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+                # in a store, a suffix keeps two writers of the same second from replacing each other's file
+                suffix = f".{uuid.uuid4().hex[:8]}" if self._remote else ""
+                self._tb = SummaryWriter(str(self._tb_staging or tb_dir), filename_suffix=suffix)
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 log.warning("tensorboardX not installed: no TensorBoard events")
 
@@ -36,33 +53,72 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _py(v) for k, v in scalars.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self._remote:
+            self._remote_lines().append(json.dumps(row) + "\n")
+            paths.write_object(self.path, "".join(self._lines))
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+            self._upload_events()
 
     def truncate_after(self, step: int) -> int:
         """Drop the rows of steps after `step` (a resumed run writes them again; step 0 too when starting over), so a
         crash between a log line and its checkpoint leaves no duplicate rows. Atomic; returns the rows dropped."""
-        if not self.enabled or not self.path.is_file():
+        if not self.enabled:
             return 0
-        lines = self.path.read_text().splitlines(keepends=True)
+        if self._remote:
+            lines = list(self._remote_lines())
+        elif not self.path.is_file():
+            return 0
+        else:
+            lines = self.path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if _row_step(line) is None or _row_step(line) < step
                 or (_row_step(line) == step and step > 0)]
         if len(kept) != len(lines):
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
+            self._replace(kept)
             log.info("%s: dropped %d rows after step %d (written again on resume)", self.path, len(lines) - len(kept),
                      step)
         return len(lines) - len(kept)
 
+    def _replace(self, lines: list[str]) -> None:
+        """metrics.jsonl holding exactly `lines`, atomically (a temporary file renamed; in a store, one object)."""
+        if self._remote:
+            paths.write_object(self.path, "".join(lines))
+            self._lines = list(lines)
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(lines))
+        os.replace(tmp, self.path)
+
+    def _remote_lines(self) -> list[str]:
+        """The rows of metrics.jsonl in the object store, read on first use (none when it does not exist yet)."""
+        if self._lines is None:
+            with paths.storage_errors(self.path, "read"):
+                exists = self.path.exists()
+            self._lines = paths.read_text(self.path).splitlines(keepends=True) if exists else []
+        return self._lines
+
+    def _upload_events(self) -> None:
+        """The staged TensorBoard event files, uploaded whole to WORKDIR/tensorboard/ (object stores only)."""
+        if self._tb_staging is not None:
+            paths.upload_dir(self._tb_staging, self.path.parent / "tensorboard")
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._tb_staging is not None:
+            try:
+                self._upload_events()
+            except paths.StorageError as e:  # events are a log, not state: the run's end is not a failure
+                log.warning("TensorBoard events not uploaded: %s", e)
+            finally:
+                shutil.rmtree(self._tb_staging, ignore_errors=True)
+                self._tb_staging = None
 
 
 def _row_step(line: str) -> int | None:
@@ -80,7 +136,11 @@ def _py(v: Any) -> Any:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    """The rows of `workdir`'s metrics.jsonl (local or in an object store); [] when there is none."""
+    path = paths.as_path(workdir) / "metrics.jsonl"
+    if paths.is_remote(path):
+        return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()] \
+            if paths.exists(path) else []
     if not path.is_file():
         return []
     with open(path) as f:

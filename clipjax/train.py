@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import pathlib
 import time
 from typing import Any, Callable
 
@@ -36,8 +35,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from clipjax import paths
 from clipjax import sharding as shd
-from clipjax.checkpoint import CheckpointError, Checkpointer, check_writable
+from clipjax.checkpoint import CheckpointError, Checkpointer, check_supported, check_writable
 from clipjax.losses import get_loss
 from clipjax.metrics import MetricWriter, Progress, train_flops_per_step
 from clipjax.models.clip import CLIP
@@ -280,21 +280,37 @@ def to_global(batch: dict[str, Any], mesh: Mesh, fields: Any = ("image", "text",
 
 # ============================================================================================ workdir
 
-def _write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, cfg: CLIPConfig) -> None:
-    """config.json: the config as it runs and the resolved model config (written atomically)."""
+def _check_workdir(workdir: paths.Path) -> None:
+    """A workdir that can hold checkpoints: not a file; on an object store, one that orbax writes to (gs://) and that
+    answers (credentials, network). Failures are a CheckpointError naming the workdir."""
+    check_supported(workdir)
+    try:
+        with paths.storage_errors(workdir):
+            if workdir.exists() and not workdir.is_dir():
+                raise CheckpointError(f"workdir {workdir} is a file, not a directory")
+    except paths.StorageError as e:
+        raise CheckpointError(f"workdir {workdir}: {paths.describe(e.__cause__ or e, workdir)}") from None
+
+
+def _write_config(workdir: paths.Path, config: ml_collections.ConfigDict, cfg: CLIPConfig) -> None:
+    """config.json: the config as it runs and the resolved model config (written atomically: on an object store, as
+    one object)."""
     text = json.dumps({"config": json.loads(config.to_json_best_effort()), "model_config": cfg.to_dict()}, indent=2)
     tmp = workdir / f".config.json.tmp-{os.getpid()}"
     try:
-        tmp.write_text(text + "\n")
-        os.replace(tmp, workdir / "config.json")
+        if paths.is_remote(workdir):
+            paths.write_object(workdir / "config.json", text + "\n")
+        else:
+            tmp.write_text(text + "\n")
+            os.replace(tmp, workdir / "config.json")
     except OSError as e:
         raise CheckpointError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
-def _check_same_model(workdir: pathlib.Path, cfg: CLIPConfig) -> None:
+def _check_same_model(workdir: paths.Path, cfg: CLIPConfig) -> None:
     """A workdir with checkpoints resumes only the architecture it was trained with (its config.json says which)."""
     try:
-        saved = json.loads((workdir / "config.json").read_text())["model_config"]
+        saved = json.loads(paths.read_text(workdir / "config.json"))["model_config"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # no readable record: the checkpoint restore checks the shapes
     numerics = ("dtype", "remat", "scan_layers")  # may change between runs: the parameters stay the same
@@ -305,6 +321,14 @@ def _check_same_model(workdir: pathlib.Path, cfg: CLIPConfig) -> None:
     if diff:
         raise ConfigError(f"workdir {workdir} holds checkpoints of another model ({'; '.join(diff[:3])}): use a new "
                           f"--workdir, or the config it was trained with")
+
+
+def _truncate_metrics(writer: MetricWriter, step: int) -> None:
+    """`writer.truncate_after(step)`; an object store that cannot be read or written is a CheckpointError."""
+    try:
+        writer.truncate_after(step)
+    except paths.StorageError as e:
+        raise CheckpointError(f"workdir {writer.path.parent}: {e}") from None
 
 
 def _write_metrics(writer: MetricWriter, step: int, values: dict[str, float]) -> None:
@@ -337,16 +361,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     preempt = Preemption()
     preempt.install()  # first, so that a signal during set-up or compilation still ends in a checkpoint
     try:
-        return _train(config, pathlib.Path(workdir), preempt)
+        return _train(config, paths.as_path(workdir), preempt)
     finally:
         preempt.uninstall()
 
 
-def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: Preemption) -> dict[str, float]:
+def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Preemption) -> dict[str, float]:
     is_main = jax.process_index() == 0
     config = check_config(config)
-    if workdir_p.exists() and not workdir_p.is_dir():
-        raise CheckpointError(f"workdir {workdir_p} is a file, not a directory")
+    _check_workdir(workdir_p)
     mesh = _from_config("config.mesh", shd.make_mesh,
                         dict(config.mesh) if isinstance(config.mesh, ml_collections.ConfigDict) else config.mesh)
     n_batch_devices = shd.batch_device_count(mesh)
@@ -403,7 +426,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: pathlib.Path, preempt: 
             _write_config(workdir_p, config, cfg)
         writer = MetricWriter(workdir_p, enabled=is_main)
         if is_main:
-            writer.truncate_after(start)  # rows of steps that no checkpoint kept are written again
+            _truncate_metrics(writer, start)  # rows of steps that no checkpoint kept are written again
         last = _loop(config, cfg, mesh, state, step_fn, schedule, data, ckpt, writer, preempt, head_task)
     except BaseException:
         _close(ckpt, writer, data, failing=True)

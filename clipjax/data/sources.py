@@ -198,6 +198,10 @@ def builder(spec: str) -> tfds.core.DatasetBuilder:
 
         return _open_dir(scenes.ensure_scenes())
     if spec.startswith(DIR_PREFIX):
+        if "://" in spec:  # ArrayRecord reads local files only (google/array_record#120)
+            raise DatasetError(f"dataset {spec!r}: ArrayRecord datasets are read from local disks only; stream "
+                               f"webdataset shards from the object store (wds:gs://BUCKET/...) or copy the dataset "
+                               f"to a local disk")
         return _open_dir(_find_dataset_dir(pathlib.Path(spec[len(DIR_PREFIX):]).expanduser(), spec))
     if is_image_folder(spec):
         raise DatasetError(f"dataset {spec!r} is an ImageFolder, not a TFDS dataset")

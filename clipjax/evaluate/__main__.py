@@ -4,6 +4,8 @@
         --data SPEC [--split SPLIT] [--templates FILE|imagenet|simple|single|...] [--classnames FILE|imagenet|...] \\
         [--tokenizer clip|sentencepiece:PATH] [--batch-size 256] [--max-examples N] [--out results.json]
 
+--model and --out may be in an object store (gs://, s3://; `pip install 'clipjax[gcs]'`).
+
 --data: "scenes" (zero-shot defaults to its held-out split of unseen colour–shape pairs), "dir:PATH" or PATH of
 an ingested dataset, PATH of an ImageFolder (class names from the folder names, or --classnames), or a prepared
 TFDS name. The summary is {"dataset", "model", "pretrained", "task", "metrics": {...}, "language": "en"} with
@@ -25,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from clipjax import cli
+from clipjax import cli, paths
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "linear_probe": "linear_probe"}
 SPLIT_HELP = ("split to evaluate. Default: for 'scenes', heldout with --task zeroshot and test otherwise; for an "
@@ -58,20 +60,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _tokenizer_of(args: argparse.Namespace, model_path: str) -> str | None:
-    """--tokenizer, else the tokenizer a clipjax training workdir was trained with."""
+    """--tokenizer, else the tokenizer a clipjax training workdir (local or in an object store) was trained with."""
     if args.tokenizer:
         return args.tokenizer
-    cfg_file = pathlib.Path(model_path) / "config.json"
-    if (pathlib.Path(model_path) / "checkpoints").is_dir() and cfg_file.is_file():
-        with open(cfg_file) as f:
-            return json.load(f).get("config", {}).get("data", {}).get("tokenizer")
+    model = paths.as_path(model_path)
+    cfg_file = model / "config.json"
+    if paths.is_dir(model / "checkpoints") and paths.is_file(cfg_file):
+        return json.loads(paths.read_text(cfg_file)).get("config", {}).get("data", {}).get("tokenizer")
     return None
 
 
 def _model_key(path: str, source: str) -> str:
+    """The zero-shot classifier cache's key of a model: its path, source and newest modification time."""
+    if paths.is_remote(path):
+        return _remote_model_key(path, source)
     p = pathlib.Path(path)
     stamp = max((q.stat().st_mtime_ns for q in [p, *p.iterdir()]), default=0) if p.is_dir() else p.stat().st_mtime_ns
     return f"{os.path.abspath(path)}|{source}|{stamp}"
+
+
+def _remote_model_key(path: str, source: str) -> str:
+    """`_model_key` of a model in an object store (modification times of its objects, in seconds)."""
+    p = paths.as_path(path)
+    with paths.storage_errors(p):
+        objects = [q for q in p.iterdir() if not q.is_dir()] if p.is_dir() else [p]
+        stamp = max((q.stat().mtime for q in objects), default=0)
+    return f"{p}|{source}|{stamp}"
 
 
 def _json_safe(value: Any) -> Any:
@@ -135,7 +149,7 @@ def _model_name(cfg) -> str:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse `argv`, evaluate, print the JSON summary (and write it to --out); bad input raises."""
     args = parse_args(argv)
-    if args.out and pathlib.Path(args.out).is_dir():
+    if args.out and paths.is_dir(paths.as_path(args.out)):
         raise ValueError(f"--out {args.out} is a directory; give the path of the JSON file to write")
     from clipjax.cpu import apply_cpu_defaults
 
@@ -144,10 +158,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        _write_summary(args.out, text + "\n")
     return result
+
+
+def _write_summary(out: str, text: str) -> None:
+    """`text` in the file `out` (an object in a store: written whole, in one upload)."""
+    if paths.is_remote(out):
+        paths.write_object(paths.as_path(out), text)
+        return
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,11 @@ Formats, recognised from the path:
 - an OpenAI checkpoint .pt (TorchScript archive or state dict): config inferred from the tensors (QuickGELU).
 `.pt`/`.bin` files are read without torch and without executing pickled code.
 
+Every path may also be in an object store (gs://, s3://, through `etils.epath`; `pip install 'clipjax[gcs]'`): a
+remote weight file is downloaded to a temporary file and read from there (messages name the remote path), a remote
+workdir's checkpoints are read by orbax in place. A store that cannot be reached raises `clipjax.paths.StorageError`
+(an OSError) naming the path.
+
 Weights that cannot be read (random bytes, a truncated or empty file, a directory of neither layout, a config
 that is not JSON) raise `WeightsError`, a ValueError whose one-line message names the file; a `.pt` whose pickle
 could run code or allocate far more than its size raises `torch_pickle.UnsafeCheckpointError` (also a ValueError).
@@ -20,13 +25,13 @@ import dataclasses
 import functools
 import json
 import os
-import pathlib
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipjax import paths
 from clipjax.interop import names
 from clipjax.interop.hf import config_from_hf
 from clipjax.interop.openai import infer_config
@@ -88,7 +93,10 @@ class Pretrained:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Flat name → array dict from .safetensors, or (torch-free, no code execution) .pt/.pth/.bin."""
+    """Flat name → array dict from .safetensors, or (torch-free, no code execution) .pt/.pth/.bin; a remote file
+    through a temporary local copy."""
+    if paths.is_remote(path):
+        return _read_remote_state_dict(os.fspath(path))
     path = os.fspath(path)
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise WeightsError(f"{path}: empty file, not a weight file")
@@ -99,6 +107,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
         return load_torch_file(path)
     raise WeightsError(f"{path}: unsupported weight file (expected .safetensors, .pt, .pth or .bin)")
+
+
+def _read_remote_state_dict(path: str) -> dict[str, np.ndarray]:
+    """`read_state_dict` of a remote file: downloaded, then read; its errors name `path`, not the local copy."""
+    with paths.local_copy(path) as local:
+        try:
+            return read_state_dict(local)
+        except ValueError as e:  # WeightsError, UnsafeCheckpointError: the same type, about the remote path
+            raise _renamed(e, str(local), path) from None
+
+
+def _renamed(e: ValueError, local: str, remote: str) -> ValueError:
+    """`e` with `local` replaced by `remote` in its message (same type when it takes one message)."""
+    message = str(e).replace(local, remote)
+    try:
+        return type(e)(message)
+    except TypeError:
+        return WeightsError(message)
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -167,12 +193,16 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _resolve_config(config: Any) -> CLIPConfig:
+    if isinstance(config, (str, os.PathLike)) and paths.is_remote(config):  # an open_clip JSON file in a store
+        config = _read_json(paths.as_path(config))
     return get_model_config(config)
 
 
-def _read_json(path: pathlib.Path) -> Any:
+def _read_json(path: paths.Path) -> Any:
     """The JSON value of `path`; unreadable text or invalid JSON is a WeightsError naming the file."""
     try:
+        if paths.is_remote(path):
+            return json.loads(paths.read_text(path))
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
@@ -181,7 +211,7 @@ def _read_json(path: pathlib.Path) -> Any:
         raise WeightsError(f"{path}: not a JSON file ({e})") from None
 
 
-def _hf_config(hf: dict[str, Any], path: pathlib.Path) -> CLIPConfig:
+def _hf_config(hf: dict[str, Any], path: paths.Path) -> CLIPConfig:
     """The CLIPConfig of a Hugging Face config.json; fields of the wrong type are a WeightsError naming it."""
     try:
         return config_from_hf(hf, str(path))
@@ -204,7 +234,7 @@ def load_workdir(workdir: str | os.PathLike) -> Pretrained:
     """A `Pretrained` from a clipjax training workdir: its config.json and its newest checkpoint's weights."""
     from clipjax.checkpoint import Checkpointer  # late: orbax is only needed for workdirs
 
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     config = _read_json(workdir / "config.json")
     if not isinstance(config, dict) or not isinstance(config.get("model_config"), dict):
         raise WeightsError(f"{workdir}/config.json has no 'model_config': not a clipjax training workdir")
@@ -232,20 +262,20 @@ def load_workdir(workdir: str | os.PathLike) -> Pretrained:
 
 def load(path: str | os.PathLike, config: str | os.PathLike | dict | CLIPConfig | None = None) -> Pretrained:
     """Load CLIP weights from any supported source (see the module docstring)."""
-    p = pathlib.Path(path)
-    if not p.exists():
+    p = paths.as_path(path)
+    if not paths.exists(p):
         raise FileNotFoundError(f"{p}: no such file or directory")
-    if p.is_dir():
-        if (p / "checkpoints").is_dir():  # training workdir
+    if paths.is_dir(p):
+        if paths.is_dir(p / "checkpoints"):  # training workdir
             return load_workdir(p)
-        if (p / "open_clip_config.json").is_file() and (p / "model.safetensors").is_file():
+        if paths.is_file(p / "open_clip_config.json") and paths.is_file(p / "model.safetensors"):
             # open_clip layout: weights + model-config JSON side by side (also what clipjax.finetune writes)
             cfg = _resolve_config(config if config is not None else p / "open_clip_config.json")
             state = read_state_dict(p / "model.safetensors")
             return Pretrained(cfg, variables_from_state(state, cfg, str(p)), str(p))
         cfg_file = p / "config.json"
         weights = p / "model.safetensors"
-        if not cfg_file.is_file() or not weights.is_file():
+        if not paths.is_file(cfg_file) or not paths.is_file(weights):
             raise WeightsError(f"{p}: a directory must be a Hugging Face CLIPModel (config.json + model.safetensors), "
                                f"an open_clip export (open_clip_config.json + model.safetensors) or a clipjax "
                                f"workdir (checkpoints/)")
