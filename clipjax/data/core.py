@@ -638,3 +638,50 @@ class Prefetcher(Iterator[Any]):
             self._stop.set()
             # At interpreter exit (a finalizer) the daemon producer may be frozen mid-call: joining it would hang.
             thread.join(timeout=0 if sys.is_finalizing() else None)
+
+
+class PrefetchedBatches:
+    """The iterator protocol of a resumable batch stream: `_batches(state)` yields (batch, state after it) and runs on
+    a `Prefetcher` started at the first `next`; `close()` stops it and the next `next` restarts from the last yielded
+    batch. Subclasses set `self._state` (a dict with "skipped") and `self.prefetch`."""
+
+    _state: dict
+    prefetch: int
+    _prefetcher: Prefetcher | None = None
+
+    def _batches(self, state: dict) -> Iterator[tuple[Any, dict]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stops the background threads and worker processes (the iterator can be resumed: the next batch restarts
+        them)."""
+        prefetcher, self._prefetcher = self._prefetcher, None
+        if prefetcher is not None:
+            prefetcher.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._prefetcher is None:
+            state = dict(self._state)
+            self._prefetcher = Prefetcher(lambda: self._batches(state), depth=self.prefetch,
+                                          name="clipjax-data-producer")
+        try:
+            batch, after = next(self._prefetcher)
+        except BaseException:
+            self.close()
+            raise
+        self._state = after
+        return batch
+
+    @property
+    def skipped(self) -> int:
+        """Bad records skipped so far (up to the batches yielded)."""
+        return self._state["skipped"]

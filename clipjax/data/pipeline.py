@@ -119,7 +119,7 @@ class TrainLoader:
         return image, caption, rec.label
 
 
-class TrainIterator:
+class TrainIterator(core.PrefetchedBatches):
     """Infinite iterator of per-host training batches {"image": uint8 [b,S,S,3], "text": i32 [b,C]}, plus
     "label": i32 [b] with ``labels=True``. Images are the cropped pixels; ``preprocess.normalize`` (on the host) or
     ``clipjax.step.prepare_images`` (on the device) makes them the model's float32 input."""
@@ -227,42 +227,6 @@ class TrainIterator:
                     batch["label"] = np.asarray([r[1][2] for r in rows], np.int32)  # [b]
                 last = rows[-1][0]
                 yield batch, {"sample": last.t + 1, "counts": list(last.counts), "skipped": records.skipped}
-
-    def close(self) -> None:
-        """Stops the background threads and worker processes (the iterator can be resumed: the next batch restarts
-        them)."""
-        prefetcher, self._prefetcher = self._prefetcher, None
-        if prefetcher is not None:
-            prefetcher.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    # -------------------------------------------------------------------------------------------- public
-
-    def __iter__(self) -> TrainIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._prefetcher is None:
-            state = dict(self._state)
-            self._prefetcher = core.Prefetcher(lambda: self._batches(state), depth=self.prefetch,
-                                               name="clipjax-data-producer")
-        try:
-            batch, after = next(self._prefetcher)
-        except BaseException:
-            self.close()
-            raise
-        self._state = after
-        return batch
-
-    @property
-    def skipped(self) -> int:
-        """Bad records skipped so far (in the batches yielded)."""
-        return self._state["skipped"]
 
     def get_state(self) -> dict:
         """JSON-able position after the last yielded batch."""

@@ -428,7 +428,7 @@ class SampleLoader:
 
 # ============================================================================================ iterator
 
-class StreamTrainIterator:
+class StreamTrainIterator(core.PrefetchedBatches):
     """Infinite per-host training batches of a ``wds:`` spec: {"image": uint8 [b,S,S,3], "text": i32 [b,C]}, with
     ``get_state``/``set_state``/``skipped``/``close`` as ``pipeline.TrainIterator``. ``sources`` is empty (no
     random-access source: the number of samples is not known before reading them)."""
@@ -499,40 +499,6 @@ class StreamTrainIterator:
                     yield batch, after
         finally:
             stream.reader.close()
-
-    def close(self) -> None:
-        """Stops the background threads and worker processes (the iterator can be resumed: the next batch restarts
-        them, reading the buffered samples again)."""
-        prefetcher, self._prefetcher = self._prefetcher, None
-        if prefetcher is not None:
-            prefetcher.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __iter__(self) -> StreamTrainIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._prefetcher is None:
-            state = dict(self._state)
-            self._prefetcher = core.Prefetcher(lambda: self._batches(state), depth=self.prefetch,
-                                               name="clipjax-data-producer")
-        try:
-            batch, after = next(self._prefetcher)
-        except BaseException:
-            self.close()
-            raise
-        self._state = after
-        return batch
-
-    @property
-    def skipped(self) -> int:
-        """Samples and shards skipped so far (up to the batches yielded)."""
-        return self._state["skipped"]
 
     def get_state(self) -> dict:
         """JSON-able position after the last yielded batch (see the module docstring)."""
