@@ -464,6 +464,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
     step, stop, fields = start, False, None
     step_fns: dict[Phase, Any] = {}  # one compiled step per phase (its image size, text length, patch dropout)
     unchecked: collections.deque = collections.deque()  # (step, metrics) whose counters were not read yet
+    stop_arrays: dict[tuple[int, bool], jax.Array] = {}  # this process's stop flags on the devices
     if start < config.total_steps and is_main:
         log.info("compiling the train step (the first step includes it)…")
     while step < config.total_steps:
@@ -476,7 +477,10 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
             flops = train_flops_per_step(phase_cfg, config.batch_size, kept)
         step_fn = step_fns[phase]
         rows = len(local["image"]) // (jax.process_count() if isinstance(local["image"], jax.Array) else 1)
-        batch = to_global({**local, "stop": preempt.flags(rows)}, mesh, (*fields, "stop"))
+        requested = bool(preempt.requested)
+        if (rows, requested) not in stop_arrays:  # the flags change once at most: built once, not every step
+            stop_arrays[rows, requested] = to_global({"stop": preempt.flags(rows)}, mesh)["stop"]
+        batch = {**to_global(local, mesh, fields), "stop": stop_arrays[rows, requested]}
         with jax.transfer_guard("disallow"):
             state, metrics = step_fn(state, batch)
         step += 1

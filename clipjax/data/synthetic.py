@@ -26,18 +26,21 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from clipjax import sharding as shd
 
 
 @functools.lru_cache(maxsize=8)
-def _generator(mesh: Mesh, n: int, size: int, length: int, vocab: int, with_nan: bool):
-    """A jitted (key, nan flag) → batch, its outputs born in the batch sharding of `mesh`."""
+def _generator(mesh: Mesh, seed: int, n: int, size: int, length: int, vocab: int, with_nan: bool):
+    """A jitted (batch index, nan flag) → batch, its outputs born in the batch sharding of `mesh` (one dispatch per
+    batch: the key is derived inside)."""
     fields = {"image": 4, "text": 2, **({"nan": 1} if with_nan else {})}
     out = {k: shd.batch_sharding(mesh, ndim) for k, ndim in fields.items()}
 
-    def make(key, nan):
+    def make(k, nan):
+        key = jax.random.fold_in(jax.random.key(seed), k)
         k_img, k_len, k_ids = jax.random.split(key, 3)
         image = jax.random.bits(k_img, (n, size, size, 3), jnp.uint8)  # uniform pixels, 1 byte each
         ends = jax.random.randint(k_len, (n, 1), 2, length)  # position of the end token: [N, 1]
@@ -67,7 +70,7 @@ class SyntheticIterator:
         self.seed, self.mesh = seed, mesh
         self.nan_steps = frozenset(int(s) for s in nan_steps)
         self.seconds_per_batch, self.prefetch = float(seconds_per_batch), max(1, prefetch)
-        self._make = _generator(mesh, global_batch_size, image_size, context_length, vocab_size,
+        self._make = _generator(mesh, int(seed), global_batch_size, image_size, context_length, vocab_size,
                                 bool(self.nan_steps))
         self.position = 0
         self.skipped = 0
@@ -77,8 +80,7 @@ class SyntheticIterator:
 
     def batch(self, k: int) -> dict[str, jax.Array]:
         """Global batch k (feeds training step k + 1)."""
-        key = jax.random.fold_in(jax.random.key(self.seed), k)
-        return self._make(key, jnp.int32((k + 1) in self.nan_steps))
+        return self._make(np.uint32(k), np.int32((k + 1) in self.nan_steps))
 
     def __iter__(self):
         return self
