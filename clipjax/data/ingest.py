@@ -48,13 +48,15 @@ import os
 import pathlib
 import re
 import sys
+import shutil
 import tarfile
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from tqdm import tqdm
 
-from clipjax import cli
+from clipjax import cli, paths
 from clipjax.data import records
 from clipjax.data.preprocess import load_image
 
@@ -169,21 +171,23 @@ def plan_table(src: pathlib.Path) -> tuple[list[Item], list[dict]]:
     return list(by_image.values()), skipped
 
 
-def _tar_members(tar: pathlib.Path) -> tuple[list[tarfile.TarInfo], str | None]:
-    """The complete members of `tar` up to any damage, and a description of the damage (None if none)."""
+def _tar_members(tar: pathlib.Path) -> tuple[list[tarfile.TarInfo], str | None, str | None]:
+    """The complete members of `tar` up to any damage, a description of the damage (None if none), and the name of
+    the member being read when the damage was met: the cut member, or the last member read before an unreadable
+    header (None: none was, as after the last complete header, where tarfile stops quietly)."""
     size = tar.stat().st_size
     members: list[tarfile.TarInfo] = []
     try:
         with tarfile.open(tar, "r:") as tf:
             while (m := tf.next()) is not None:
                 if m.isfile() and m.offset_data + m.size > size:
-                    return members, f"member {m.name!r} is cut off at byte {size}"
+                    return members, f"member {m.name!r} is cut off at byte {size}", m.name
                 members.append(m)
             end = tf.offset  # tarfile stops quietly at a bad header after the first: the rest must be padding
     except (tarfile.TarError, EOFError, OSError) as e:
-        return members, " ".join(str(e).split())
+        return members, " ".join(str(e).split()), members[-1].name if members else None
     junk = _first_nonzero(tar, end)
-    return members, None if junk is None else f"unreadable data at byte {junk}"
+    return members, None if junk is None else f"unreadable data at byte {junk}", None
 
 
 def _first_nonzero(path: pathlib.Path, start: int, chunk: int = 1 << 20) -> int | None:
@@ -198,20 +202,30 @@ def _first_nonzero(path: pathlib.Path, start: int, chunk: int = 1 << 20) -> int 
     return None
 
 
-def _tar_groups(tar: pathlib.Path) -> tuple[dict[str, dict[str, str]], str | None]:
-    """({key: {extension: member name}}, damage) of a webdataset shard's complete members; a damaged shard keeps
-    its members before the damage, with one warning line."""
-    members, damage = _tar_members(tar)
+def _tar_groups(tar: pathlib.Path) -> tuple[dict[str, dict[str, str]], str | None, str | None]:
+    """({key: {extension: member name}}, damage, lost key) of a webdataset shard's complete members. A damaged shard
+    keeps the samples before the damage, with one warning line; the sample being read when the damage was met (the
+    key of the cut member, else of the last member read: it may have had more members) is lost with the rest, as
+    ``clipjax.data.wds`` loses it when streaming the shard, and returned as the lost key (None: none was)."""
+    members, damage, cut = _tar_members(tar)
     files = [m for m in members if m.isfile()]
-    if damage is not None:
-        cli.warn(f"{tar}: truncated or damaged shard ({damage}): kept its {len(files)} complete members before the "
-                 f"damage, the rest is lost")
     groups: dict[str, dict[str, str]] = {}
+    last = None  # the key of the last member with one: the sample in progress
     for m in files:
         parts = member_key(m.name)
         if parts is not None:
             groups.setdefault(parts[0], {})[parts[1]] = m.name
-    return groups, damage
+            last = parts[0]
+    lost = None
+    if damage is not None:
+        cut_key = member_key(cut) if cut is not None else None
+        lost = None if cut is None else cut_key[0] if cut_key is not None else last
+        if lost is not None and lost not in groups:
+            lost = None  # cut in its first member: nothing of it was kept
+        kept = len(files) - len(groups.pop(lost, {}))
+        cli.warn(f"{tar}: truncated or damaged shard ({damage}): kept its {kept} complete members before the "
+                 f"damage, the rest is lost")
+    return groups, damage, lost
 
 
 def member_key(name: str) -> tuple[str, str] | None:
@@ -249,10 +263,14 @@ def plan_webdataset(tars: list[pathlib.Path]) -> tuple[list[list[Item]], list[di
     """One unit per tar; duplicate keys (first occurrence kept) and damaged shards are reported."""
     units, skipped, seen = [], [], set()
     for tar in tars:
-        groups, damage = _tar_groups(tar)
+        groups, damage, lost = _tar_groups(tar)
         if damage is not None:
             skipped.append({"key": None, "source": os.fspath(tar),
                             "reason": f"damaged shard ({damage}): members after the damage are lost"})
+        if lost is not None:
+            skipped.append({"key": lost, "source": os.fspath(tar),
+                            "reason": "the shard's damage cuts this sample: its members before the damage are "
+                                      "not used"})
         items = []
         for key, files in groups.items():
             ext = sample_image_ext(files)
@@ -357,7 +375,45 @@ def _read_item(item: Item, shard: _Shard | None) -> tuple[bytes | None, list[str
     return data, captions, None
 
 
-def _ingest_unit(unit: list[Item], out_path: str, report_path: str, features_spec: list[str] | None) -> dict:
+@dataclasses.dataclass
+class UnitTask:
+    """One unit of work, the same for every driver (it pickles): write ``items`` as the ArrayRecord shard ``shard``,
+    then the unit's report as the JSON file ``report``. Both are local paths or object-store URIs (gs://, s3://);
+    ``classnames`` are the dataset's class names (None: no class label feature)."""
+
+    items: list[Item]
+    shard: str
+    report: str
+    classnames: list[str] | None = None
+
+
+def ingest_unit(task: UnitTask) -> dict:
+    """Writes one unit (``task``) and returns its report ``{"records", "image_bytes", "shard_bytes", "skipped"}``,
+    also written to ``task.report`` once the shard is complete (a unit with both is done; a re-run redoes the
+    others). A shard in an object store is written to a local temp file first, then uploaded in one request."""
+    remote = paths.is_remote(task.shard)
+    tmp_dir = tempfile.mkdtemp(prefix="clipjax-ingest-") if remote else None
+    local = os.path.join(tmp_dir, os.path.basename(task.shard)) if remote else task.shard
+    try:
+        report = _write_shard(task.items, local, task.classnames)
+        report["shard_bytes"] = os.path.getsize(local)
+        if remote:
+            paths.upload_file(local, paths.as_path(task.shard))
+    finally:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    text = json.dumps(report)
+    if paths.is_remote(task.report):
+        paths.write_object(paths.as_path(task.report), text)
+    else:
+        tmp = task.report + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, task.report)
+    return report
+
+
+def _write_shard(unit: list[Item], out_path: str, features_spec: list[str] | None) -> dict:
     feats = records.image_text_features(features_spec)
     skipped: list[dict] = []
     shard = _Shard(unit[0].tar) if unit and unit[0].tar else None
@@ -379,10 +435,6 @@ def _ingest_unit(unit: list[Item], out_path: str, report_path: str, features_spe
     finally:
         if shard is not None:
             shard.close()
-    tmp = report_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f)
-    os.replace(tmp, report_path)
     return report
 
 
@@ -411,7 +463,7 @@ def _sanitize(name: str) -> str:
     return clean if clean and clean[0].isalpha() else f"ds_{clean}"
 
 
-def _load_json(path: pathlib.Path) -> dict | None:
+def _load_json(path: paths.Path) -> dict | None:
     if not path.exists():
         return None
     try:
@@ -420,7 +472,7 @@ def _load_json(path: pathlib.Path) -> dict | None:
         raise IngestError(f"{path}: unreadable ({e}); it was written by an interrupted or other program") from None
 
 
-def _nothing_usable(src: pathlib.Path, skipped: list[dict], report: pathlib.Path | None = None) -> str:
+def _nothing_usable(src: pathlib.Path, skipped: list[dict], report: paths.Path | None = None) -> str:
     """The one-line error of an ingestion where every record was skipped: the count and the first reasons."""
     first = "; ".join(f"{x['key'] if x['key'] is not None else x['source']}: {x['reason']}"
                       for x in skipped[:FIRST_REASONS])
@@ -428,11 +480,20 @@ def _nothing_usable(src: pathlib.Path, skipped: list[dict], report: pathlib.Path
     return f"{src}: nothing to ingest: all {len(skipped)} records were skipped (first: {first}){where}"
 
 
-def check_output(out: pathlib.Path, src: pathlib.Path) -> None:
+def _write_text(path: paths.Path, text: str) -> None:
+    """`text` as the file `path` (its folder made), or as one whole object in a store."""
+    if paths.is_remote(path):
+        paths.write_object(path, text)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def check_output(out: paths.Path, src: pathlib.Path) -> None:
     """Refuse an --output that holds files this command did not write (see the module docstring)."""
     if out.exists() and not out.is_dir():
         raise IngestError(f"--output {out} is an existing file; give a new or empty directory")
-    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+    if not paths.is_remote(out) and src.is_dir() and out.resolve().is_relative_to(src.resolve()):
         raise IngestError(f"--output {out} is inside the source {src}; choose a directory outside it")
     if not out.exists() or (out / STATE_DIR / MANIFEST).is_file():
         return
@@ -442,7 +503,7 @@ def check_output(out: pathlib.Path, src: pathlib.Path) -> None:
                           f"choose a new or empty directory")
 
 
-def _prepare(out: pathlib.Path, name: str | None, split: str, src: pathlib.Path, plan: dict) -> dict:
+def _prepare(out: paths.Path, name: str | None, split: str, src: pathlib.Path, plan: dict) -> dict:
     """The manifest of `out` with `split` planned (written to `out`), after the checks that refuse mixing."""
     manifest_path = out / STATE_DIR / MANIFEST
     manifest = _load_json(manifest_path) or {"name": _sanitize(name or out.name), "splits": {}}
@@ -459,8 +520,7 @@ def _prepare(out: pathlib.Path, name: str | None, split: str, src: pathlib.Path,
                               f"has {info['classnames']}")
     manifest["splits"][split] = {"source": os.fspath(src), "kind": plan["kind"], "fingerprint": fingerprint,
                                  "classnames": plan["classnames"], "units": len(plan["units"])}
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    manifest_path.write_text(json.dumps(manifest, indent=1))
+    _write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -474,54 +534,109 @@ def ingest(
     shard_size: int = 2_000,
     template: str = DEFAULT_TEMPLATE,
     progress: bool = True,
+    runner: str | None = None,
+    pipeline_args: Sequence[str] = (),
 ) -> Summary:
-    """Ingests ``src`` as split ``split`` of the dataset directory ``output`` (see the module docstring)."""
+    """Ingests ``src`` as split ``split`` of the dataset directory ``output`` (see the module docstring): the units
+    are written by a local process pool of ``workers``, or with ``runner`` (a Beam runner name) by an Apache Beam
+    pipeline with the options ``pipeline_args`` (``--flag=value`` strings)."""
     start = time.time()
-    src, out = pathlib.Path(src).expanduser(), pathlib.Path(output).expanduser()
+    if paths.is_remote(src):
+        raise IngestError(f"{src}: ingest reads a source on this machine (or on a file system every worker mounts "
+                          f"at the same path); copy it here first, or train on webdataset shards in a bucket as "
+                          f"they are with the spec wds:{src}")
+    src = pathlib.Path(src).expanduser()
+    out = paths.as_path(output) if paths.is_remote(output) else pathlib.Path(output).expanduser()
+    if runner is not None:
+        _beam()  # fail before any work without Apache Beam
+        if runner.lower().removesuffix("runner") == "dataflow" and not paths.is_remote(out):
+            raise IngestError(f"--runner {runner} writes from cloud workers: --output must be in a bucket "
+                              f"(gs://BUCKET/DIR), not {out}")
     if not src.exists():
         raise FileNotFoundError(f"ingest source not found: {src}")
     if "{}" not in template:
         raise IngestError(f"caption template must contain '{{}}', got {template!r}")
-    check_output(out, src)
-    plan = make_plan(src, shard_size, template)
-    manifest = _prepare(out, name, split, src, plan)
+    with paths.storage_errors(out, "write"):
+        check_output(out, src)
+        plan = make_plan(src, shard_size, template)
+        manifest = _prepare(out, name, split, src, plan)
+        tasks = _pending(out, manifest, split, plan)
+        total = sum(len(u) for u in plan["units"])
+        bar = tqdm(total=total, desc=f"ingesting {src.name}", unit="img", disable=not progress or runner is not None)
+        bar.update(total - sum(len(t.items) for t in tasks))
+        if runner is not None:
+            run_beam(tasks, runner, pipeline_args)
+        else:
+            _run_pool(tasks, workers, bar)
+        bar.close()
+        return _finish(out, manifest, split, plan, len(tasks), start)
+
+
+def _pending(out: paths.Path, manifest: dict, split: str, plan: dict) -> list[UnitTask]:
+    """The units of `split` not yet done (a unit is done when its shard and its report exist)."""
     state, dsname, count = out / STATE_DIR, manifest["name"], len(plan["units"])
     tasks = []
     for i, unit in enumerate(plan["units"]):
         shard = out / records.shard_filename(dsname, split, i, count)
         report = state / f"{split}-{i:05d}.json"
         if not (shard.exists() and report.exists()):
-            tasks.append((unit, os.fspath(shard), os.fspath(report), plan["classnames"]))
-    total = sum(len(u) for u in plan["units"])
-    bar = tqdm(total=total, desc=f"ingesting {src.name}", unit="img", disable=not progress)
-    bar.update(total - sum(len(t[0]) for t in tasks))
+            tasks.append(UnitTask(unit, os.fspath(shard), os.fspath(report), plan["classnames"]))
+    return tasks
+
+
+def _run_pool(tasks: list[UnitTask], workers: int | None, bar: tqdm) -> None:
+    """The local driver: `tasks` in this process (``workers`` 0 or 1) or a pool of worker processes."""
     workers = min(os.cpu_count() or 1, len(tasks)) if workers is None else min(workers, len(tasks))
     if workers <= 1:
         for task in tasks:
-            _ingest_unit(*task)
-            bar.update(len(task[0]))
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_ingest_unit, *t): len(t[0]) for t in tasks}
-            for done in cf.as_completed(futures):
-                done.result()
-                bar.update(futures[done])
-    bar.close()
-    return _finish(out, manifest, split, plan, len(tasks), start)
+            ingest_unit(task)
+            bar.update(len(task.items))
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(ingest_unit, t): len(t.items) for t in tasks}
+        for done in cf.as_completed(futures):
+            done.result()
+            bar.update(futures[done])
 
 
-def _drop_split(out: pathlib.Path, manifest: dict, split: str) -> None:
+def _beam():
+    """The ``apache_beam`` module, imported only for ``--runner``."""
+    try:
+        import apache_beam
+    except ImportError:
+        raise IngestError('--runner needs Apache Beam: pip install "clipjax[beam]"') from None
+    return apache_beam
+
+
+def run_beam(tasks: Sequence[UnitTask], runner: str, pipeline_args: Sequence[str] = ()) -> None:
+    """The Beam driver: a pipeline ``Create(tasks) | Reshuffle | Map(ingest_unit)`` run to completion on ``runner``
+    with the options ``pipeline_args`` (``--project=...``, ``--region=...``, ...: Beam's PipelineOptions). The
+    reports are read back from the output afterwards, as for the local driver."""
+    if not tasks:
+        return
+    beam = _beam()
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(list(pipeline_args), runner=runner)
+    with beam.Pipeline(options=options) as pipeline:
+        _ = (pipeline
+             | "units" >> beam.Create(list(tasks), reshuffle=False)
+             | "spread over workers" >> beam.Reshuffle()
+             | "ingest_unit" >> beam.Map(ingest_unit))
+
+
+def _drop_split(out: paths.Path, manifest: dict, split: str) -> None:
     """Remove `split`'s shards, unit reports and manifest entry (a split with no records is not a dataset)."""
     state, dsname, count = out / STATE_DIR, manifest["name"], manifest["splits"][split]["units"]
     for i in range(count):
         (out / records.shard_filename(dsname, split, i, count)).unlink(missing_ok=True)
         (state / f"{split}-{i:05d}.json").unlink(missing_ok=True)
     del manifest["splits"][split]
-    (state / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _write_text(state / MANIFEST, json.dumps(manifest, indent=1))
 
 
-def _finish(out: pathlib.Path, manifest: dict, split: str, plan: dict, done: int, start: float) -> Summary:
+def _finish(out: paths.Path, manifest: dict, split: str, plan: dict, done: int, start: float) -> Summary:
     state, dsname = out / STATE_DIR, manifest["name"]
     lengths, reports = {}, {}
     for s, info in manifest["splits"].items():
@@ -534,17 +649,29 @@ def _finish(out: pathlib.Path, manifest: dict, split: str, plan: dict, done: int
     report = _load_json(out / REPORT) or {}
     report[split] = {"source": manifest["splits"][split]["source"], "records": sum(lengths[split]),
                      "image_bytes": sum(r["image_bytes"] for r in mine), "skipped": skipped}
-    (out / REPORT).write_text(json.dumps(report, indent=1))
+    _write_text(out / REPORT, json.dumps(report, indent=1))
     if not sum(lengths[split]):
         source = manifest["splits"][split]["source"]
         _drop_split(out, manifest, split)
         raise IngestError(_nothing_usable(pathlib.Path(source), skipped, out / REPORT))
-    records.write_metadata(
-        out, dsname, records.image_text_features(plan["classnames"]), lengths,
+    metadata = dict(
+        name=dsname, features=records.image_text_features(plan["classnames"]), shard_lengths=lengths,
         description=f"Image-text data ingested by clipjax.data.ingest from {manifest['splits'][split]['source']}.",
         metadata={"ingest": {s: {k: v for k, v in i.items() if k != "classnames"}
                              for s, i in manifest["splits"].items() if s in lengths}},
     )
+    if paths.is_remote(out):  # written here from the shards' sizes in the unit reports, then uploaded
+        with tempfile.TemporaryDirectory(prefix="clipjax-ingest-") as tmp:
+            shards = [records.shard_filename(dsname, s, i, len(n)) for s, n in lengths.items() for i in range(len(n))]
+            for shard in shards:  # empty stand-ins: TFDS lists the shards' names
+                (pathlib.Path(tmp) / shard).touch()
+            records.write_metadata(tmp, **metadata,
+                                   shard_bytes={s: [r["shard_bytes"] for r in reports[s]] for s in lengths})
+            for shard in shards:
+                (pathlib.Path(tmp) / shard).unlink()
+            paths.upload_dir(pathlib.Path(tmp), out)
+    else:
+        records.write_metadata(out, **metadata)
     return Summary(out, split, report[split]["records"], report[split]["image_bytes"], len(skipped), done,
                    len(plan["units"]) - done, time.time() - start)
 
@@ -554,23 +681,31 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("src", help="a .csv/.jsonl file, a folder of webdataset .tar shards, or an ImageFolder")
     parser.add_argument("--output", required=True,
                         help="dataset directory to write (read it with dir:DIR): new, empty, or an earlier output "
-                             "of this command")
+                             "of this command; gs://BUCKET/DIR (or s3://) writes it to an object store")
     parser.add_argument("--name", default=None, help="dataset name (default: the output folder's name)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
     parser.add_argument("--shard-size", type=int, default=2_000, help="records per shard (tables, ImageFolders)")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="ImageFolder caption template")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--runner", default=None,
+                        help="write the units with an Apache Beam pipeline on this runner (DirectRunner, "
+                             "DataflowRunner, FlinkRunner, SparkRunner, ...) instead of the local process pool; "
+                             "any other --flag=value is passed to Beam as a pipeline option (needs clipjax[beam])")
     return parser
 
 
 def run(argv: list[str] | None = None) -> int:
     """Parse `argv` and ingest; bad input raises."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, pipeline_args = parser.parse_known_args(argv)
+    if pipeline_args and args.runner is None:
+        parser.error(f"unrecognized arguments: {' '.join(pipeline_args)} (Beam pipeline options need --runner)")
     if args.shard_size < 1:
         raise IngestError(f"--shard-size must be at least 1, got {args.shard_size}")
     summary = ingest(args.src, args.output, name=args.name, split=args.split, workers=args.workers,
-                     shard_size=args.shard_size, template=args.template, progress=not args.quiet)
+                     shard_size=args.shard_size, template=args.template, progress=not args.quiet,
+                     runner=args.runner, pipeline_args=pipeline_args)
     print(summary)
     return 0
 

@@ -104,23 +104,30 @@ def write_metadata(
     description: str = "",
     metadata: Mapping[str, Any] | None = None,
     version: str = "1.0.0",
+    shard_bytes: Mapping[str, Sequence[int]] | None = None,
 ) -> None:
-    """Writes TFDS metadata for the shards ``{name}-{split}.array_record-*`` already in ``directory``."""
+    """Writes TFDS metadata for the shards ``{name}-{split}.array_record-*`` already in ``directory``; with
+    ``shard_bytes`` (the size of each shard, by split) the shards are not looked at, so the metadata can be written
+    apart from them (to be copied next to shards in an object store)."""
     directory = pathlib.Path(directory)
     template = tfds.core.ShardedFileTemplate(
         data_dir=directory, template=FILE_TEMPLATE, dataset_name=name, filetype_suffix=FILE_SUFFIX
     )
     split_infos = []
     for split, lengths in shard_lengths.items():
-        files = [directory / shard_filename(name, split, i, len(lengths)) for i in range(len(lengths))]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise FileNotFoundError(f"{directory}: split {split!r} is missing shards {missing}")
+        if shard_bytes is not None:
+            num_bytes = sum(shard_bytes[split])
+        else:
+            files = [directory / shard_filename(name, split, i, len(lengths)) for i in range(len(lengths))]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise FileNotFoundError(f"{directory}: split {split!r} is missing shards {missing}")
+            num_bytes = sum(f.stat().st_size for f in files)
         split_infos.append(
             tfds.core.SplitInfo(
                 name=split,
                 shard_lengths=list(lengths),
-                num_bytes=sum(f.stat().st_size for f in files),
+                num_bytes=num_bytes,
                 filename_template=template.replace(split=split),
             )
         )
