@@ -1,6 +1,7 @@
 """Ingest user image-text data into a clipjax dataset directory (read back with the ``"dir:DIR"`` spec).
 
     python -m clipjax.data.ingest SRC --output DIR [--name NAME] [--split train] [--workers N]
+    python -m clipjax.data.ingest SRC --output DIR --runner RUNNER [--beam_option=value ...]
 
 SRC is one of
 
@@ -13,8 +14,9 @@ SRC is one of
                       same image are merged.
     a folder of .tar  webdataset shards as img2dataset writes them: members ``KEY.jpg|jpeg|png|webp`` + ``KEY.txt``
                       (the caption) or ``KEY.json`` (its ``caption`` field). Keys are de-duplicated across shards. A
-                      truncated or damaged shard keeps its complete members before the damage (one warning line
-                      names the shard and how many members were kept); the other shards are ingested as usual.
+                      truncated or damaged shard keeps its samples before the damage (one warning line names the
+                      shard and how many members were kept); the sample the damage cuts is lost with the rest, as
+                      when the shard is streamed (``wds:``), and reported; the other shards are ingested as usual.
     an ImageFolder    one subfolder per class; each image gets the caption ``--template`` ("a photo of a {}.")
                       with the folder name (``_`` read as a space) and the class index as label.
 
@@ -30,10 +32,23 @@ of the same SRC and ``--split`` resumes or completes it (finished shards are kep
 that split (with the same class names). A DIR holding anything else is refused and left untouched, as is a split
 whose SRC has changed since it was ingested (use a new ``--output`` or ``--split``).
 
-Work is cut into units (``--shard-size`` records, or one per input tar), each written by a worker process
-as one ArrayRecord shard via a temp file; ``DIR/.ingest/`` keeps the plan and one report per finished unit,
-so a re-run after an interruption only does the missing units. Bad input prints one line ``error: ...`` on
-stderr and exits with status 2.
+Work is planned here and cut into units (``--shard-size`` records, or one per input tar); ``ingest_unit`` writes
+one unit as one ArrayRecord shard via a temp file, then the unit's report. ``DIR/.ingest/`` keeps the plan and one
+report per finished unit, so a re-run after an interruption only does the missing units; the dataset metadata and
+``ingest_report.json`` are written from the reports once every unit is done. Two drivers run the units, with the
+same output record for record:
+
+    local pool  (the default) ``--workers N`` processes on this machine (default: the CPU count)
+    Beam        ``--runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner`` (any Beam runner name): the pipeline
+                ``Create(units) | Reshuffle | Map(ingest_unit)``; every other ``--flag=value`` argument is a Beam
+                pipeline option, e.g. for Dataflow ``--project=P --region=R --temp_location=gs://B/tmp
+                --num_workers=N --max_num_workers=M`` (``pip install "clipjax[beam]"``)
+
+DIR may be in an object store (``gs://BUCKET/DIR``, needs ``clipjax[gcs]``; ``s3://`` with ``clipjax[s3]``), with
+either driver: a unit's shard is written to a local temp file and uploaded whole, then its report (a DataflowRunner
+output must be in a bucket). SRC is read here (planning lists every tar and table row) and by the workers at the
+same path: local, or a file system every worker mounts; a SRC in an object store is refused (stream such tars with
+``wds:gs://...`` instead, or copy them). Bad input prints one line ``error: ...`` on stderr and exits with status 2.
 """
 
 from __future__ import annotations
