@@ -27,16 +27,3 @@ def scan_unrolled_layers(layers: int) -> bool:
     import jax
 
     return jax.default_backend() == "cpu" and layers >= SCAN_MIN_LAYERS
-
-
-def apply_cpu_defaults(compilation_cache: bool = True) -> None:
-    """Settings measured to help on CPU (experiments/RESULTS.md); a no-op on accelerators."""
-    import jax
-
-    if jax.default_backend() != "cpu":
-        return
-    # Keep compilation cache for repeated CPU runs (saves the compile on resume).
-    cache = os.environ.get("CLIPJAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/clipjax/xla"))
-    if cache and compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)

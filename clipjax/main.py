@@ -21,6 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from clipjax.cli import fail as _fail  # one error style for every entry point
+from clipjax.cli import quiet_storage_clients
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path of an ml-collections config file[:arg].",
                                           lock_config=True)
@@ -135,10 +136,10 @@ def main(argv: list[str]) -> None:
         _fail("--config is required (e.g. --config=configs/demo.py)")
     if _WORKDIR.value is None:
         _fail("--workdir is required (the directory for checkpoints and metrics; re-using it resumes)")
-    from clipjax.cpu import apply_cpu_defaults
+    from clipjax import compile_cache
     from clipjax.train import train
 
-    apply_cpu_defaults()
+    compile_cache.enable(_CONFIG.value.get("compilation_cache", ""))
     logging.getLogger("absl").setLevel(logging.WARNING)
     if not os.environ.get("CLIPJAX_DEBUG"):
         _quiet_storage_tracebacks()
@@ -156,6 +157,7 @@ _HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
 def run() -> None:
     """The console entry point (also `python -m clipjax.finetune`): help exits 0, user errors 2 with one line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    quiet_storage_clients()  # before anything imports gcsfs or google-api-core
     if any(a in _HELP_FLAGS for a in sys.argv[1:]):
         try:
             app.run(main)

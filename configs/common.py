@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # weights to start from: anything clipjax.load accepts
     c.init_config = ""  # its config when clipjax.load needs one
     c.max_nonfinite_steps = 10
+    c.compilation_cache = ""  # persistent XLA cache: "" the user's cache dir, "off", or a path (clipjax.compile_cache)
     c.peak_flops_per_device = 0.0  # set to report MFU (e.g. 197e12 for a TPU v5e chip, bf16)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
@@ -73,13 +74,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.grad_clip_norm = 1.0
 
     c.data = ml_collections.ConfigDict()
-    c.data.train = "synthetic"  # "scenes" | "dir:/path" | an ImageFolder path | a TFDS name | "synthetic"
+    c.data.train = "synthetic"  # "scenes" | "dir:/path" | "wds:PATTERN" | an ImageFolder | a TFDS name | "synthetic"
     c.data.train_split = "train"
-    c.data.mix = ml_collections.ConfigDict()  # {spec: weight}; when set, replaces `train`
+    # {spec: weight}, or ((spec, weight), ...) for specs with dots (".tar"; a ConfigDict key cannot hold one); any
+    # kinds, wds: streams too; when set, replaces `train`
+    c.data.mix = ml_collections.FieldReference((), field_type=object)
     c.data.tokenizer = "clip"  # "clip" | "sentencepiece:/path/to/model"
     c.data.crop_scale = (0.9, 1.0)
     c.data.workers = 0  # decoding worker processes per host (0: threads in the training process)
     c.data.num_threads = 2  # decoding threads per host (per worker process when workers > 0)
+    # wds: streams (alone or in data.mix): samples in each stream's seeded shuffle buffer, per host (1: shard order);
+    # a larger one mixes further across shards, and a resume reads its samples again (wds.DEFAULT_SHUFFLE_BUFFER)
+    c.data.shuffle_buffer = 1000
     # Fault injection for tests and drills, read by the synthetic source only: all-NaN images at these steps (the
     # trainer must skip and count them) and a delay per batch (a slow input pipeline).
     c.data.synthetic_nan_steps = ()

@@ -30,12 +30,12 @@ def main() -> None:
     from bench_train import _train_config
     from clipjax import sharding as shd
     from clipjax import train as T
-    from clipjax.cpu import apply_cpu_defaults
+    from clipjax import compile_cache
     from clipjax.losses import get_loss
     from clipjax.models import CLIP
     from clipjax.optim import clamp_logit_scale
 
-    apply_cpu_defaults(compilation_cache=False)
+    compile_cache.enable("off")  # compile times are measured, never read from a cache
     config = _train_config(args.model, args.batch, False, "none")
     cfg = T.model_config(config)
     mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])

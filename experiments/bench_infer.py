@@ -89,9 +89,9 @@ def main() -> None:
     args = ap.parse_args()
     import contextlib
 
-    from clipjax.cpu import apply_cpu_defaults
+    from clipjax import compile_cache
 
-    apply_cpu_defaults(compilation_cache=False)
+    compile_cache.enable("off")  # compile times are measured, never read from a cache
     with (contextlib.nullcontext(None) if args.no_torch else TorchWorker()) as worker:
         result = run(args.model, args.batch, worker, args.rounds, args.per_round)
     print(json.dumps({k: ({kk: vv for kk, vv in v.items() if not kk.endswith("times")} if isinstance(v, dict) else v)

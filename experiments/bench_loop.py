@@ -138,9 +138,9 @@ def main() -> None:
     args = p.parse_args()
     import jax
 
-    from clipjax.cpu import apply_cpu_defaults
+    from clipjax import compile_cache
 
-    apply_cpu_defaults()
+    compile_cache.enable()
     out = {**stamp(command_line()), "devices": [str(d) for d in jax.devices()], "args": vars(args)}
     out["bare"] = bare(args)
     print(f"bare step: {out['bare']['samples_per_sec']:.1f} samples/s ({out['bare']['step_ms']:.1f} ms)", flush=True)

@@ -143,10 +143,9 @@ def _summary(times: list[float], batch: int, flops: float) -> dict:
 def serve_variant() -> None:
     """JSON-lines worker (same protocol as torch_worker.py) running one clipjax variant; its XLA_FLAGS come from
     the environment the orchestrator gave it."""
-    from clipjax.cpu import apply_cpu_defaults
+    from clipjax import compile_cache
 
-    if os.environ.get("BENCH_CPU_DEFAULTS", "1") == "1":
-        apply_cpu_defaults(compilation_cache=False)
+    compile_cache.enable("off")  # compile times are measured, never read from a cache
     worker: dict[str, JaxTrain] = {}
 
     def setup_train(case: str, **options) -> dict:
@@ -173,7 +172,7 @@ def ab(case: str, variants: list[str], rounds: int, per_round: int, warmup: int)
         for item in filter(None, opts.split(",")):
             k, v = item.split("=")
             kw[k] = v if k.startswith("env_") else {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
-        env = {"XLA_FLAGS": flags.strip(), "BENCH_CPU_DEFAULTS": str(kw.pop("cpu_defaults", 1))}
+        env = {"XLA_FLAGS": flags.strip()}
         if "pkg" in kw:  # a copy of the clipjax package to import instead (A/B of model code)
             env["PYTHONPATH"] = kw.pop("pkg")
         for key in [k for k in kw if k.startswith("env_")]:  # env_NAME=value → environment variable NAME
@@ -224,9 +223,9 @@ def main() -> None:
         if args.out:
             write_json(args.out, {**stamp(command_line()), "case": (args.case or ["small"])[0], "variants": rows})
         return
-    from clipjax.cpu import apply_cpu_defaults
+    from clipjax import compile_cache
 
-    apply_cpu_defaults(compilation_cache=False)
+    compile_cache.enable("off")  # compile times are measured, never read from a cache
     variant = {"scan": args.scan, "remat": args.remat, "devices": args.devices}
     cases = []
     with (TorchWorker() if not args.no_torch else _nothing()) as worker:

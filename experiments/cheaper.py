@@ -145,9 +145,9 @@ def main() -> None:
     args = p.parse_args()
     if args.resummarise:
         return resummarise(pathlib.Path(args.resummarise))
-    from clipjax.cpu import apply_cpu_defaults
+    from clipjax import compile_cache
 
-    apply_cpu_defaults()
+    compile_cache.enable()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):

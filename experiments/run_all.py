@@ -106,9 +106,9 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="results/perf-<tag>.json (default: today's date)")
     args = ap.parse_args()
     rounds, per_round, warmup = (2, 1, 1) if args.quick else (5, 2, 2)
-    from clipjax.cpu import apply_cpu_defaults
+    from clipjax import compile_cache
 
-    apply_cpu_defaults(compilation_cache=False)  # compile times are measured, so never from a cache
+    compile_cache.enable("off")  # compile times are measured, so never from a cache
     tag = args.tag or datetime.date.today().isoformat()
     record: dict = stamp(command_line())
     with contextlib.nullcontext(None) if args.no_torch else TorchWorker() as worker:

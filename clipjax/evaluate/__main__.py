@@ -151,9 +151,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.out and paths.is_dir(paths.as_path(args.out)):
         raise ValueError(f"--out {args.out} is a directory; give the path of the JSON file to write")
-    from clipjax.cpu import apply_cpu_defaults
+    from clipjax import compile_cache
 
-    apply_cpu_defaults()
+    compile_cache.enable()
     result = evaluate(args)
     text = json.dumps(result, indent=2)
     print(text)
