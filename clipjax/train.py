@@ -73,8 +73,12 @@ def _from_config(what: str, fn: Callable, *args, **kwargs):
 def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config as it will run: numbers that cannot work are a ConfigError naming the key; a warm-up that does not
     fit a short run (e.g. `--config.total_steps=5` on a recipe with 50 warm-up steps) is clipped, with a warning.
-    Returns a copy (the caller's config is not changed)."""
-    config = ml_collections.ConfigDict(config.to_dict(), type_safe=False)
+    Returns a copy (the caller's config is not changed); its `data.mix` is ((spec, weight), ...) pairs."""
+    plain = config.to_dict()
+    data = plain.get("data") or {}
+    if isinstance(data.get("mix"), dict):  # pairs: a spec may hold dots, which a ConfigDict key may not
+        data["mix"] = tuple(data["mix"].items())
+    config = ml_collections.ConfigDict(plain, type_safe=False)
     for key in ("total_steps", "batch_size", "accum_steps", "log_every", "ckpt_every", "eval_every"):
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -90,6 +94,15 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         raise ConfigError(f"config.task={config.task!r}; valid: {', '.join(TASKS)}")
     if config.max_nonfinite_steps < 1:
         raise ConfigError(f"config.max_nonfinite_steps={config.max_nonfinite_steps}: must be ≥ 1")
+    mix = config.data.get("mix") or ()
+    if (not isinstance(mix, (tuple, list))
+            or any(not isinstance(p, (tuple, list)) or len(p) != 2 or not isinstance(p[0], str) for p in mix)
+            or len({p[0] for p in mix}) != len(mix)):
+        raise ConfigError(f"config.data.mix={mix!r}: give {{spec: weight}} or ((spec, weight), ...), each spec once")
+    buffer = config.data.get("shuffle_buffer", 1)
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+        raise ConfigError(f"config.data.shuffle_buffer={buffer!r}: must be a positive integer (the samples each wds: "
+                          f"stream shuffles in; 1 reads them in shard order)")
     return config
 
 
@@ -255,7 +268,7 @@ def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mes
                                    workers=d.workers, split=d.train_split, labels=True, **kw)
     tokenizer = get_tokenizer(d.tokenizer or None, context_length, cfg.text.vocab_size)
     return make_train_iterator(spec, tokenizer=tokenizer, scale=tuple(d.crop_scale), num_threads=d.num_threads,
-                               workers=d.workers, split=d.train_split, **kw)
+                               workers=d.workers, split=d.train_split, shuffle_buffer=d.get("shuffle_buffer"), **kw)
 
 
 def _no_text(texts, context_length: int) -> np.ndarray:

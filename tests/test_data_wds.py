@@ -1,11 +1,14 @@
 """Webdataset shards streamed in place (``wds:`` specs): real tar shards of real JPEG/PNG/WebP images with .txt and
 .json captions, a truncated shard, samples without a caption and an image that does not decode. Batches are the
 train crops of the members' bytes, skips are counted, the stream is deterministic, hosts read disjoint shards that
-cover the data, resume is exact mid-epoch and across an epoch boundary, and the trainer runs on it.
+cover the data, resume is exact mid-epoch and across an epoch boundary, and the trainer runs on it. In a mix with an
+ArrayRecord dataset (``data.mix``) the sources of the slots are drawn as in an ArrayRecord mix, batches do not depend
+on threads or workers, resume is exact and skips are counted per source.
 
 This module is imported by decode workers too (a record function below is pickled by name): no JAX at the top.
 """
 
+import collections
 import io
 import json
 import logging
@@ -16,6 +19,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from clipjax.data import core, ingest, pipeline, sources, wds
@@ -155,8 +159,8 @@ def test_spec_forms_list_the_same_shards(shards, tmp_path):
         sources.open_source(f"wds:{root}", "train")
     with pytest.raises(sources.DatasetError, match="fewer than 7 hosts"):
         _train(f"wds:{root}", global_batch_size=7, process_index=0, process_count=7)
-    with pytest.raises(sources.DatasetError, match="cannot be mixed"):
-        _train({f"wds:{root}": 0.5, "scenes": 0.5})
+    with pytest.raises(sources.DatasetError, match="no splits"):
+        _train({f"wds:{root}": 0.5, "scenes": 0.5}, split="test")
     with pytest.raises(sources.DatasetError, match="not class labels"):
         _train(f"wds:{root}", labels=True)
     with pytest.raises(sources.DatasetError, match="no splits"):
@@ -389,6 +393,137 @@ def test_a_shard_deleted_mid_run_is_skipped_and_counted(shards, tmp_path, caplog
     assert len(_take(listed, 2)) == 2
 
 
+# ============================================================================================ mixed with ArrayRecord
+
+BAD_RECORDS = {3, 17}  # of the ArrayRecord dataset: a record with an empty caption, one whose image does not decode
+
+
+@pytest.fixture(scope="module")
+def records_dir(tmp_path_factory):
+    """An ArrayRecord dataset (``dir:``) of 24 records, two of them bad."""
+    from clipjax.data import records
+
+    path = tmp_path_factory.mktemp("ar") / "ds"
+    path.mkdir()
+    feats = records.image_text_features(["zero", "one"])
+    writer = ArrayRecordWriter(str(path / records.shard_filename("mixed", "train", 0, 1)), "group_size:1")
+    for i in range(24):
+        ex = {"image": _encode(1000 + i, "JPEG"), "captions": [f"record {i}"], "key": f"r{i}", "label": i % 2}
+        if i == 3:
+            ex["captions"] = [" "]
+        if i == 17:
+            ex["image"] = b"not an image"
+        writer.write(feats.serialize_example(ex))
+    writer.close()
+    records.write_metadata(path, "mixed", feats, {"train": [24]})
+    return path
+
+
+def _mix(root, records_dir, w=0.6):
+    return {_brace(root): w, f"dir:{records_dir}": 1 - w}
+
+
+def _slots(it, n):
+    """(t, source, item) of the first ``n`` slots of ``it`` from its start."""
+    state = it._state
+    streams = {s: m.stream(state["streams"][s]) for s, m in it.streams.items()}
+    taken = collections.deque()
+    items = it._items(state, streams, taken)
+    out = []
+    for _ in range(n):
+        item = next(items)
+        out.append((item.t, taken[-1][1], item))
+    for stream in streams.values():
+        stream.reader.close()
+    return out
+
+
+def test_a_mix_with_a_stream_draws_sources_as_an_arrayrecord_mix_and_its_members_as_alone(shards, records_dir):
+    """Slot t's source is ``source_choices`` of the weights (as in a mix of ArrayRecord datasets); an ArrayRecord
+    slot takes its source's next record in the host's epoch order, a stream slot the stream's next sample; counts
+    follow the weights."""
+    root, _ = shards
+    it = _train(_mix(root, records_dir, 0.7))
+    slots = _slots(it, 300)
+    choices = pipeline.source_choices(np.array([0.7, 0.3]), seed=0, process_index=0, block=0)
+    assert [s for _, s, _ in slots] == list(choices[:300])
+    assert abs(np.mean(choices[:300] == 0) - 0.7) < 0.09  # 3.4 sigma
+    record_slots = [item for _, s, item in slots if s == 1]
+    want = [pipeline.epoch_order(24, seed=0, source=1, epoch=n // 24, process_index=0, process_count=1)[n % 24]
+            for n in range(len(record_slots))]
+    assert [item.index for item in record_slots] == want and all(item.source == 0 for item in record_slots)
+    stream = it.streams[0].stream()  # the stream alone, keyed as member 0 of the mix
+    from_stream = [item.where for _, s, item in slots if s == 0]
+    assert from_stream == [next(stream)[1].where for _ in from_stream]
+    stream.reader.close()
+    batches = _take(it, 10)
+    state = it.get_state()
+    assert all(b["image"].shape == (8, S, S, 3) and b["image"].dtype == np.uint8 for b in batches)
+    assert state["counts"] == list(np.bincount(choices[: state["sample"]], minlength=2))
+    assert state["streams"][_brace(root)]["sample"] == state["counts"][0]
+
+
+def test_a_mix_with_a_stream_is_deterministic_for_any_threads_and_workers(shards, records_dir):
+    root, _ = shards
+    spec = _mix(root, records_dir)
+    base = _take(_train(spec, num_threads=2), 6)
+    _assert_same(_take(_train(spec, num_threads=1), 6), base)
+    _assert_same(_take(_train(spec, workers=1, num_threads=2), 6), base)  # both kinds decoded in a worker process
+    other = _take(_train(spec, seed=1), 1)
+    assert not np.array_equal(other[0]["image"], base[0]["image"])
+
+
+def test_a_mix_with_a_stream_resumes_exactly_and_counts_skips_per_source(shards, records_dir):
+    root, _ = shards
+    spec = _mix(root, records_dir)
+    it = _train(spec)
+    full, states = [], []
+    for _ in range(16):
+        full.append(next(it))
+        states.append(json.loads(json.dumps(it.get_state())))  # as a checkpoint stores it
+    it.close()
+    last = states[-1]
+    assert last["skipped"] == it.skipped == sum(last["skipped_by_source"])
+    assert it.skipped_by_source == dict(zip(spec, last["skipped_by_source"]))
+    # each source's skips are its own: the ArrayRecord dataset's bad records, the stream's read and decode skips
+    slots = _slots(_train(spec), last["sample"])
+    bad_records = sum(1 for _, s, item in slots if s == 1 and item.index in BAD_RECORDS)
+    undecodable = sum(1 for _, s, item in slots if s == 0 and item.where.endswith(f":{_key(*UNDECODABLE)}"))
+    stream_state = last["streams"][_brace(root)]
+    assert bad_records >= 2 and undecodable >= 1
+    assert last["skipped_by_source"] == [stream_state["read_skipped"] + undecodable, bad_records]
+    assert stream_state["skipped"] == last["skipped_by_source"][0] and stream_state["read_skipped"] >= READ_SKIPS
+    for k in (2, 7, 11):
+        resumed = _train(spec, num_threads=1)
+        resumed.set_state(states[k])
+        assert resumed.skipped == states[k]["skipped"]
+        _assert_same(_take(resumed, len(full) - k - 1), full[k + 1 :])
+        assert resumed.get_state() == last
+    for field, value in [("seed", 3), ("shuffle_buffer", 8)]:
+        with pytest.raises(ValueError, match=field):
+            _train(spec, **{field: value}).set_state(states[0])
+    with pytest.raises(ValueError, match="not a mix with wds: streams"):
+        _train(spec).set_state(_train(f"dir:{records_dir}").get_state())
+    with pytest.raises(ValueError, match="inconsistent"):
+        _train(spec).set_state({**states[3], "counts": [0, states[3]["sample"]]})
+    reweighted = _train(_mix(root, records_dir, 0.3))  # new weights go on from the same counts
+    reweighted.set_state(states[3])
+    assert len(_take(reweighted, 2)) == 2
+
+
+def test_two_streams_of_a_mix_are_shuffled_independently(shards):
+    root, _ = shards
+    it = _train({_brace(root): 1.0, f"wds:{root}": 1.0})  # the same shards, listed two ways
+    a, b = it.streams[0].reader(), it.streams[1].reader()
+    assert list(a.order(0)) != list(b.order(0))
+    sa, sb = it.streams[0].stream(), it.streams[1].stream()
+    assert [next(sa)[1].id for _ in range(20)] != [next(sb)[1].id for _ in range(20)]
+    sa.reader.close(), sb.reader.close()
+    assert len(_take(it, 3)) == 3
+    with pytest.raises(sources.DatasetError, match="one labelled dataset"):
+        _train({_brace(root): 1.0, f"wds:{root}": 1.0}, labels=True)
+
+
 # ============================================================================================ trainer
 
 def _config(spec, total):
@@ -421,6 +556,28 @@ def test_the_trainer_runs_on_wds_shards_and_resumes_exactly(shards, tmp_path):
     shutil.copytree(ref, run, ignore=shutil.ignore_patterns("tensorboard"))
     shutil.rmtree(run / "checkpoints" / "4")
     train(_config(spec, 4), str(run))
+    again = _rows(run)
+    for step in (3, 4):
+        assert again[step]["loss"] == rows[step]["loss"]
+        assert again[step]["data_skipped"] == rows[step]["data_skipped"]
+
+
+@pytest.mark.slow
+def test_the_trainer_runs_on_a_mix_with_wds_shards_and_resumes_exactly(shards, records_dir, tmp_path):
+    from clipjax.train import train
+
+    root, _ = shards
+    c = _config("", 4)
+    c.data.mix = ((_brace(root), 0.5), (f"dir:{records_dir}", 0.5))  # specs with dots: (spec, weight) pairs
+    c.data.shuffle_buffer = 32
+    ref = tmp_path / "ref"
+    train(c, str(ref))
+    rows = _rows(ref)
+    assert sorted(rows) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows.values())
+    run = tmp_path / "resumed"
+    shutil.copytree(ref, run, ignore=shutil.ignore_patterns("tensorboard"))
+    shutil.rmtree(run / "checkpoints" / "4")
+    train(c, str(run))
     again = _rows(run)
     for step in (3, 4):
         assert again[step]["loss"] == rows[step]["loss"]

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from clipjax.configs.common import base_config
@@ -24,6 +25,56 @@ def test_non_positive_counts_are_config_errors_naming_the_key(key, value):
     c = base_config()
     c[key] = value
     with pytest.raises(ConfigError, match=rf"config\.{key}={value}: must be a positive integer"):
+        check_config(c)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True])
+def test_shuffle_buffer_must_be_a_positive_integer(value):
+    from clipjax.data import wds
+
+    c = base_config()
+    assert c.data.shuffle_buffer == wds.DEFAULT_SHUFFLE_BUFFER
+    assert check_config(c).data.shuffle_buffer == wds.DEFAULT_SHUFFLE_BUFFER
+    c = ml_collections.ConfigDict(c.to_dict(), type_safe=False)
+    c.data.shuffle_buffer = value
+    with pytest.raises(ConfigError, match=rf"^config\.data\.shuffle_buffer={value!r}: must be a positive integer") as e:
+        check_config(c)
+    assert "\n" not in str(e.value) and "wds:" in str(e.value)
+
+
+def test_shuffle_buffer_reaches_the_wds_stream(tmp_path):
+    """`data.shuffle_buffer` is the buffer of a wds: stream, alone or in a mix."""
+    import io
+    import tarfile
+
+    import jax
+    from PIL import Image
+
+    from clipjax.models.specs import get_model_config
+    from clipjax.sharding import make_mesh
+    from clipjax.train import make_data
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    with tarfile.open(tmp_path / "0.tar", "w") as tar:
+        for name, data in [("a.png", buf.getvalue()), ("a.txt", b"a caption")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    c = base_config()
+    c.batch_size, c.data.shuffle_buffer = 2, 7
+    c.data.train = f"wds:{tmp_path}"
+    cfg, mesh = get_model_config("ViT-T-demo"), make_mesh(c.mesh.to_dict(), jax.devices())
+    assert make_data(c, cfg, 0, mesh).shuffle_buffer == 7
+    c.data.mix = {f"wds:{tmp_path}": 1.0, f"wds:{tmp_path}/0.tar": 3.0}  # keys with dots: kept as pairs
+    checked = check_config(c)
+    assert checked.data.mix == ((f"wds:{tmp_path}", 1.0), (f"wds:{tmp_path}/0.tar", 3.0))
+    it = make_data(checked, cfg, 0, mesh)
+    assert [m.shuffle_buffer for m in it.streams.values()] == [7, 7] and it.get_state()["shuffle_buffer"] == 7
+    assert list(it.weights) == [0.25, 0.75] and len(next(it)["image"]) == 2
+    it.close()
+    c.data.mix = ((f"wds:{tmp_path}", 1.0), (f"wds:{tmp_path}", 2.0))
+    with pytest.raises(ConfigError, match=r"^config\.data\.mix=.*each spec once"):
         check_config(c)
 
 

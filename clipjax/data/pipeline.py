@@ -28,7 +28,7 @@ instead of TFDS's pure-Python ``deserialize_example_np`` (~1 ms, GIL-bound). ``p
 measures what a host delivers; ``experiments/bench_loader.py`` compares with open_clip's loader (2-core machine,
 JPEGs of 256-400 px → 224 px, batch 64: 698 / 1167 images/s with 1 / 2 workers, open_clip's 397 / 676).
 ``wds:`` specs (webdataset shards streamed in place) have their own iterator with the same interface,
-``clipjax.data.wds``.
+``clipjax.data.wds``; a mix with streams among its sources, ``clipjax.data.mix`` (its slots' sources drawn as here).
 
 Shapes: b per-host batch, S image size, C context length.
 """
@@ -74,6 +74,21 @@ def _executor(executor: core.ExecutorFactory | None, workers: int, num_threads: 
 
 
 # ============================================================================================ training
+
+def source_choices(weights: np.ndarray, *, seed: int, process_index: int, block: int) -> np.ndarray:
+    """The source of each slot of block ``block`` (slots ``block * 4096`` on) of a mix of ``weights``: int [4096]."""
+    if len(weights) == 1:
+        return np.zeros(_BLOCK, np.int64)
+    rng = np.random.default_rng([seed, 0x313, process_index, block])
+    return rng.choice(len(weights), size=_BLOCK, p=weights)
+
+
+def epoch_order(n: int, *, seed: int, source: int, epoch: int, process_index: int, process_count: int
+                ) -> np.ndarray:
+    """This host's record indices for epoch ``epoch`` of source ``source`` (of ``n`` records): int64 [n // P]."""
+    perm = np.random.default_rng([seed, 0x5EED, source, epoch]).permutation(n)  # [n]
+    return perm[process_index::process_count][: n // process_count]
+
 
 class Slot(NamedTuple):
     """One sample slot of the training stream: a work item of ``TrainLoader``."""
@@ -179,19 +194,15 @@ class TrainIterator(core.PrefetchedBatches):
         """This host's record indices for epoch ``epoch`` of source ``s``: int64 [N // P]."""
         key = (s, epoch)
         if key not in self._perm_cache:
-            n = len(self.sources[s])
-            perm = np.random.default_rng([self.seed, 0x5EED, s, epoch]).permutation(n)  # [N]
-            order = perm[self.process_index :: self.process_count][: n // self.process_count]
+            order = epoch_order(len(self.sources[s]), seed=self.seed, source=s, epoch=epoch,
+                                process_index=self.process_index, process_count=self.process_count)
             self._perm_cache = {k: v for k, v in self._perm_cache.items() if k[0] != s}
             self._perm_cache[key] = order
         return self._perm_cache[key]
 
     def _choices(self, block: int) -> np.ndarray:
         """Source index of each slot of ``block``: int [_BLOCK]."""
-        if len(self.sources) == 1:
-            return np.zeros(_BLOCK, np.int64)
-        rng = np.random.default_rng([self.seed, 0x313, self.process_index, block])
-        return rng.choice(len(self.sources), size=_BLOCK, p=self.weights)
+        return source_choices(self.weights, seed=self.seed, process_index=self.process_index, block=block)
 
     def _slots(self, state: dict) -> Iterator[Slot]:
         """The slots from ``state`` on."""
@@ -279,7 +290,9 @@ def make_train_iterator(
 
     A ``wds:`` spec (webdataset shards) gets ``clipjax.data.wds``'s streaming iterator, with the same batches,
     ``get_state``/``set_state``/``skipped``/``close``; ``shuffle_buffer``: its samples shuffled in a buffer of that
-    many (None: ``wds.DEFAULT_SHUFFLE_BUFFER``; ignored by other specs). It is not mixed with other sources.
+    many (None: ``wds.DEFAULT_SHUFFLE_BUFFER``; ignored by other specs). A mix with ``wds:`` streams among its
+    sources is ``clipjax.data.mix``'s iterator: the source of each slot drawn from the weights as here, a stream's
+    slot taking that stream's next sample.
 
     ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``.
     ``tokenizer(texts, context_length)`` → int32 [N, C] (e.g. ``clipjax.data.tokenizer.get_tokenizer()``).
@@ -299,13 +312,19 @@ def make_train_iterator(
         process_count = jax.process_count() if process_count is None else process_count
     specs, weights = src_lib.resolve_specs(spec_or_mix)
     if any(src_lib.source_kind(s) == "stream" for s in specs):
-        from clipjax.data import wds
+        from clipjax.data import mix, wds
 
-        return wds.make_stream_iterator(
-            specs, split=split, labels=labels, shuffle_buffer=shuffle_buffer, global_batch_size=global_batch_size,
-            image_size=image_size, context_length=context_length, tokenizer=tokenizer, seed=seed,
-            process_index=process_index, process_count=process_count, scale=scale, num_threads=num_threads,
-            prefetch=prefetch, workers=workers, executor=executor)
+        kw = dict(split=split, global_batch_size=global_batch_size, image_size=image_size,
+                  context_length=context_length, tokenizer=tokenizer, seed=seed, process_index=process_index,
+                  process_count=process_count, scale=scale, num_threads=num_threads, prefetch=prefetch,
+                  workers=workers, executor=executor)
+        if len(specs) == 1:
+            return wds.make_stream_iterator(specs, labels=labels, shuffle_buffer=shuffle_buffer, **kw)
+        if labels:
+            raise src_lib.DatasetError(f"labels=True reads one labelled dataset, got a mix of {len(specs)}")
+        return mix.MixTrainIterator(
+            specs, weights, shuffle_buffer=wds.DEFAULT_SHUFFLE_BUFFER if shuffle_buffer is None else shuffle_buffer,
+            **kw)
     return TrainIterator(
         specs, weights, split=split, global_batch_size=global_batch_size, image_size=image_size,
         context_length=context_length, tokenizer=tokenizer, seed=seed, process_index=process_index,

@@ -37,8 +37,8 @@ gone by then is skipped and counted, its slot refilled from the stream. A spec t
 than when the state was saved (a directory that lost one) goes on from the start of the state's epoch, with a warning.
 
 Reading the shards runs on the producer thread of this process; decoding on the executor of ``workers`` and
-``num_threads`` as for ArrayRecord sources (worker processes get each sample's bytes). A stream is not mixed with
-other sources (``data.mix``): its samples come in stream order, not by index as a mix draws them.
+``num_threads`` as for ArrayRecord sources (worker processes get each sample's bytes). In a mix (``data.mix``,
+``clipjax.data.mix``) a stream gives the slots whose source is drawn as it: each takes the stream's next sample.
 """
 
 from __future__ import annotations
@@ -232,8 +232,9 @@ class ShardReader(Iterator[Sample]):
     ``position`` on; the others are skipped and counted in ``skipped``. ``position`` is the next sample to read."""
 
     def __init__(self, spec: str, urls: Sequence[str], *, seed: int, process_index: int,
-                 position: SampleId = (0, 0, 0), skipped: int = 0):
+                 position: SampleId = (0, 0, 0), skipped: int = 0, key: tuple[int, ...] = ()):
         self.spec, self.urls, self.seed, self.process_index = spec, list(urls), seed, process_index
+        self.key = tuple(key)  # (member,) for a stream in a mix: its own shard orders
         self.position, self.skipped = tuple(position), int(skipped)
         self._orders: dict[int, np.ndarray] = {}
         self._bad_run = self._logged = self._barren = 0
@@ -242,7 +243,7 @@ class ShardReader(Iterator[Sample]):
     def order(self, epoch: int) -> np.ndarray:
         """This host's shards (indices into ``urls``) in their epoch-``epoch`` order: int [n]."""
         if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, 0x5EED, self.process_index, epoch])
+            self._orders = {epoch: np.random.default_rng([self.seed, 0x5EED, self.process_index, epoch, *self.key])
                             .permutation(len(self.urls))}
         return self._orders[epoch]
 
@@ -345,6 +346,7 @@ class SampleStream(Iterator[tuple[int, Sample]]):
 
     def __init__(self, reader: ShardReader, *, size: int, seed: int, process_index: int, sample: int):
         self.reader, self.size, self.seed, self.process_index = reader, size, seed, process_index
+        self.key = reader.key
         self.t = int(sample)
         self.slots: list[Sample] = []
         self._journal: collections.deque = collections.deque()  # (t, j, id taken out, position, read skips)
@@ -362,7 +364,7 @@ class SampleStream(Iterator[tuple[int, Sample]]):
     def _choice(self, t: int) -> int:
         if t // _BLOCK != self._block:
             self._block = t // _BLOCK
-            rng = np.random.default_rng([self.seed, 0xB0F, self.process_index, self._block])
+            rng = np.random.default_rng([self.seed, 0xB0F, self.process_index, self._block, *self.key])
             self._choices = rng.integers(0, self.size, _BLOCK)
         return int(self._choices[t % _BLOCK])
 
@@ -436,7 +438,8 @@ class StreamTrainIterator(core.PrefetchedBatches):
     def __init__(self, spec: str, *, global_batch_size: int, image_size: int, context_length: int,
                  tokenizer: pipeline.Tokenizer, seed: int, process_index: int, process_count: int,
                  scale: tuple[float, float], num_threads: int, prefetch: int, workers: int = 0,
-                 executor: core.ExecutorFactory | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
+                 executor: core.ExecutorFactory | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                 member: int | None = None):
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
         if global_batch_size % process_count:
@@ -456,6 +459,7 @@ class StreamTrainIterator(core.PrefetchedBatches):
         self.seed, self.process_index, self.process_count = seed, process_index, process_count
         self.scale, self.num_threads, self.prefetch = tuple(scale), max(1, num_threads), max(1, prefetch)
         self.shuffle_buffer, self.workers = int(shuffle_buffer), int(workers)
+        self.member = member  # its place in a mix (``clipjax.data.mix``), which keys its shard orders and buffer
         self.executor, self._decoders = pipeline._executor(executor, self.workers, self.num_threads, "clipjax-data")
         self.loader = SampleLoader(image_size, self.scale, seed, process_index)
         self._state = {"sample": 0, "position": [0, 0, 0], "buffer": [], "read_skipped": 0, "skipped": 0}
@@ -466,7 +470,7 @@ class StreamTrainIterator(core.PrefetchedBatches):
         state = state or self._state
         return ShardReader(self.spec, self.urls[self.process_index :: self.process_count], seed=self.seed,
                            process_index=self.process_index, position=tuple(state["position"]),
-                           skipped=state["read_skipped"])
+                           skipped=state["read_skipped"], key=() if self.member is None else (self.member,))
 
     def stream(self, state: dict | None = None) -> SampleStream:
         """The shuffled slots from ``state`` on (the start by default), its buffer restored."""
@@ -502,7 +506,10 @@ class StreamTrainIterator(core.PrefetchedBatches):
 
     def get_state(self) -> dict:
         """JSON-able position after the last yielded batch (see the module docstring)."""
-        s = self._state
+        return self.export_state(self._state)
+
+    def export_state(self, s: dict) -> dict:
+        """``get_state``'s form of the internal state ``s``."""
         return {"version": STATE_VERSION, "kind": STATE_KIND, "sample": s["sample"], "position": list(s["position"]),
                 "buffer": [list(i) for i in s["buffer"]], "read_skipped": s["read_skipped"], "skipped": s["skipped"],
                 "specs": list(self.specs), "shards": len(self.urls), "seed": self.seed,
@@ -513,6 +520,12 @@ class StreamTrainIterator(core.PrefetchedBatches):
         """Continues from ``state`` (from ``get_state`` of an iterator with the same spec, seed, hosts and shuffle
         buffer). When the spec now lists another number of shards (a directory that lost one), the stream goes on
         from the start of the state's epoch, with a warning: positions in the old listing mean nothing."""
+        internal = self.import_state(state)
+        self.close()
+        self._state = internal
+
+    def import_state(self, state: dict) -> dict:
+        """The internal state of ``state`` (``get_state``'s form), checked against this iterator (``set_state``)."""
         if state.get("kind") != STATE_KIND or state.get("version") != STATE_VERSION:
             raise ValueError(f"data iterator state of {state.get('specs')!r} is not a wds: stream's (kind "
                              f"{state.get('kind')!r}, version {state.get('version')!r}); this iterator reads "
@@ -532,21 +545,17 @@ class StreamTrainIterator(core.PrefetchedBatches):
                         "of epoch %d, not from the exact sample", self.spec, len(self.urls), state.get("shards"),
                         position[0])
             position, buffer = [position[0], 0, 0], []
-        self.close()
-        self._state = {"sample": int(state["sample"]), "position": [int(p) for p in position],
-                       "buffer": [[int(v) for v in i] for i in buffer], "read_skipped": int(state["read_skipped"]),
-                       "skipped": int(state["skipped"])}
+        return {"sample": int(state["sample"]), "position": [int(p) for p in position],
+                "buffer": [[int(v) for v in i] for i in buffer], "read_skipped": int(state["read_skipped"]),
+                "skipped": int(state["skipped"])}
 
 
 def make_stream_iterator(specs: Sequence[str], *, split: str, labels: bool, shuffle_buffer: int | None = None,
                          **kw) -> StreamTrainIterator:
-    """``make_train_iterator`` for a ``wds:`` spec (``kw``: its other arguments); a mix, a split other than "train"
-    or ``labels=True`` is refused with one line."""
+    """``make_train_iterator`` for one ``wds:`` spec (``kw``: its other arguments); a split other than "train" or
+    ``labels=True`` is refused with one line."""
     if len(specs) != 1:
-        raise src_lib.DatasetError(
-            f"dataset mix {list(specs)}: a wds: stream cannot be mixed with other sources (its samples come in stream "
-            f"order, not by index as a mix draws them); train on it alone, or ingest the shards "
-            f"(python -m clipjax.data.ingest) and mix the dir: dataset")
+        raise ValueError(f"one wds: spec, got {list(specs)} (a mix: clipjax.data.mix.MixTrainIterator)")
     if split != "train":
         raise src_lib.DatasetError(f"dataset {specs[0]!r} has no splits (got split {split!r}): point the pattern at "
                                    f"the shards to read")
