@@ -21,8 +21,10 @@ too. `fail(message)` ends the process with a user error from anywhere (e.g. a ch
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -69,11 +71,50 @@ def default_user_errors() -> tuple[type[BaseException], ...]:
     return ValueError, OSError, CheckpointError, NonFiniteError
 
 
+class _StorageClientEchoes(logging.Filter):
+    """Drops the records of one storage-client logger whose message holds one of ``echoes``."""
+
+    def __init__(self, echoes: Sequence[str]):
+        super().__init__()
+        self.echoes = tuple(echoes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(echo in message for echo in self.echoes)
+
+
+# What the storage clients log on the way to an error that clipjax reports itself (one `error:` line, or a skipped
+# shard with its reason), by logger: gcsfs's error before it raises (with a traceback), its bucket-type probe that
+# fell back, its note at import that optional features are on; google-auth's failed credentials lookup off GCE.
+# Their other records pass.
+STORAGE_CLIENT_ECHOES = {
+    "gcsfs": ("gcsfs experimental features enabled", "Could not determine bucket type",
+              "lack permissions for storage layout api", "out of retries on exception", "non-retriable exception"),
+    "google.auth._default": ("Authentication failed using Compute Engine authentication",),
+}
+
+
+def quiet_storage_clients() -> None:
+    """Keeps the storage clients' echoes of an error off stderr, so that a failed gs:// path ends in one `error:`
+    line: the log records of ``STORAGE_CLIENT_ECHOES``, and google-api-core's warnings at import about the Python
+    version or its dependencies' versions (support notices, not about this run). Idempotent; CLIPJAX_DEBUG=1 keeps
+    them all."""
+    if debug():
+        return
+    for name, echoes in STORAGE_CLIENT_ECHOES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _StorageClientEchoes) for f in logger.filters):
+            logger.addFilter(_StorageClientEchoes(echoes))
+    warnings.filterwarnings("ignore", r"You are using a (non-supported )?Python version|DEPRECATION: Package ",
+                            FutureWarning, r"google\.api_core\.")
+
+
 def run_main(fn: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None, *,
              user_errors: tuple[type[BaseException], ...] | None = None) -> int:
     """`fn(argv)` → its int result (None or any other result: 0). A user error (`user_errors`, by default
     `default_user_errors()`, resolved only when something was raised) prints one `error:` line and returns
     USER_ERROR_STATUS; other exceptions (bugs) propagate with their traceback, as does SystemExit."""
+    quiet_storage_clients()
     try:
         result = fn(argv)
     except Exception as e:

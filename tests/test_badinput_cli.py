@@ -1,6 +1,7 @@
 """Every command line behaves alike on bad input (as `python -m clipjax.main`): one line `error: ...` on stderr,
 exit status 2, no traceback; `--help` exits 0. Run as real subprocesses; plus `clipjax.cli` itself."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -57,3 +58,66 @@ def test_run_main_turns_user_errors_into_one_line_and_status_2(capsys, monkeypat
     with pytest.raises(SystemExit) as failed:
         cli.fail("no   such\tthing")
     assert failed.value.code == 2 and capsys.readouterr().err == "error: no such thing\n"
+
+
+_ECHO_CHECK = """
+import datetime, logging, sys, warnings
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+from clipjax import cli
+cli.quiet_storage_clients()
+import gcsfs  # logs at import that its experimental features are on
+from google.api_core import _python_version_support
+_python_version_support.check_python_version("google.api_core", today=datetime.date(2040, 1, 1))  # unsupported
+gcs = logging.getLogger("gcsfs")
+gcs.warning("Could not determine bucket type for bucket name b: Your default credentials were not found, falling "
+            "back to GCSFileSystem")
+try:
+    raise OSError("Cannot connect to host storage.googleapis.com:443")
+except OSError as e:
+    gcs.exception(f"_request out of retries on exception: {e}")
+logging.getLogger("google.auth._default").warning(
+    "Authentication failed using Compute Engine authentication due to unavailable metadata server.")
+gcs.warning("another gcsfs message")
+warnings.warn("another future warning", FutureWarning)
+cli.fail("gs://b/run: cannot be reached")
+"""
+
+
+def test_storage_client_echoes_before_a_gs_error_are_dropped_and_nothing_else():
+    """gcsfs's and google-auth's records on the way to a failed gs:// access, and google-api-core's Python-version
+    warning at import, do not precede the one `error:` line; their other records and warnings still show."""
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("google.api_core")
+    proc = subprocess.run([sys.executable, "-c", _ECHO_CHECK], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and err[-1] == "error: gs://b/run: cannot be reached", proc.stderr
+    assert err == ["WARNING gcsfs another gcsfs message", "<string>:19: FutureWarning: another future warning",
+                   "error: gs://b/run: cannot be reached"], proc.stderr
+    debug = subprocess.run([sys.executable, "-c", _ECHO_CHECK], capture_output=True, text=True, timeout=120,
+                           cwd=ROOT, env={**os.environ, "CLIPJAX_DEBUG": "1"})
+    assert "out of retries" in debug.stderr and "Python version" in debug.stderr  # CLIPJAX_DEBUG=1 keeps them
+
+
+def test_a_gs_workdir_or_wds_spec_that_fails_ends_in_one_error_line_without_client_echoes(tmp_path):
+    """The trainer against gs:// with no credentials and no GCE metadata server (an emulator on 127.0.0.1 in place
+    of storage.googleapis.com, gcsfs's experimental bucket probe on, as by default): the lines before `error:` are
+    the trainer's own (INFO; for a wds: spec, its skipped shards), none from the storage clients."""
+    from gcs_emulator import needs_emulator, running_emulator
+
+    if needs_emulator.args[0]:
+        pytest.skip(needs_emulator.kwargs["reason"])
+    with running_emulator() as emu:
+        env = {**os.environ, **emu.env}
+        env.pop("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+        runs = {"no such object or bucket": ["--workdir=gs://nonexistent-bucket-xyz/run"],
+                "holds a usable sample": [f"--workdir={tmp_path / 'run'}", "--config.total_steps=2",
+                                          "--config.warmup_steps=0",
+                                          "--config.data.train=wds:gs://clipjax-test/missing/{0..1}.tar"]}
+        for needle, args in runs.items():
+            proc = subprocess.run([sys.executable, "-m", "clipjax.main", "--config=configs/demo.py", *args],
+                                  capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+            err = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and err[-1].startswith("error: ") and needle in err[-1], proc.stderr[-3000:]
+            others = [line for line in err[:-1] if not line.startswith("I")]  # absl's INFO lines: the run's log
+            assert all("] skipping shard gs://clipjax-test/missing/" in line for line in others), others
+            assert "Traceback" not in proc.stderr
