@@ -1,10 +1,24 @@
 """clipjax: CLIP in JAX/Flax — pretrain, evaluate, fine-tune and export, from a laptop CPU to a pod."""
 
-from clipjax import models
-from clipjax.interop.load import Pretrained, load
-from clipjax.models import CLIP, CLIPConfig, get_model_config, list_models
+import importlib
 
 __version__ = "0.1.0"
+
+# The models and loaders are imported on first use, so that tools that need no JAX (ingest, decode workers, Beam
+# workers) do not load it: `clipjax.CLIP` etc. work as before.
+_LAZY = {"CLIP": "clipjax.models", "CLIPConfig": "clipjax.models", "get_model_config": "clipjax.models",
+         "list_models": "clipjax.models", "Pretrained": "clipjax.interop.load", "load": "clipjax.interop.load"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name == "models":
+        value = importlib.import_module("clipjax.models")
+    else:
+        raise AttributeError(f"module 'clipjax' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def tokenize(texts, context_length: int = 77):

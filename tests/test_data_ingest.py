@@ -220,3 +220,12 @@ def test_ingested_csv_trains_with_the_demo_config(images, tmp_path):
     m = result["metrics"]
     assert m["num_images"] == len(GOOD) and m["num_texts"] == len(GOOD) + 3  # plain.jpg and rgba.png: extra captions
     assert 0.0 <= m["image_retrieval_recall@1"] <= m["image_retrieval_recall@5"] <= m["image_retrieval_recall@10"]
+
+
+def test_ingest_and_the_streaming_reader_import_no_jax():
+    """Ingest workers (pool or Beam) and decode workers load no JAX: the package imports its models lazily."""
+    code = ("import sys, clipjax, clipjax.data.ingest, clipjax.data.wds, clipjax.data.throughput; "
+            "assert 'jax' not in sys.modules, 'jax imported'; "
+            "assert clipjax.CLIP.__name__ == 'CLIP' and 'jax' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
