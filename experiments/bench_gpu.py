@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -59,7 +60,7 @@ TINY_MATMUL = 256
 TINY_MEM_LIMIT = 32 * 2**20  # so that the tiny dense loss at the largest N takes the "does not fit" path too
 
 # estimated seconds a part needs on the GPU: it is skipped when less than this is left before the deadline
-MIN_S = {"kernels": 45, "jax_train": 90, "torch_eager": 30, "torch_compile": 80}
+MIN_S = {"kernels": 45, "jax_train": 90, "jax_warm": 40, "torch_eager": 30, "torch_compile": 80}
 
 
 # ============================================================================================ parts (subprocesses)
@@ -131,11 +132,18 @@ def _random_batch(model_cfg: dict, batch: int, seed: int = 0) -> dict:
     return {"image": rng.standard_normal((batch, s, s, 3)).astype(np.float32), "text": tokens}
 
 
-def part_jax_train(model_cfg: dict, batch: int, warmup: int, steps: int, deadline: float, **_) -> dict:
-    """clipjax's train step as the trainer builds it (one device): init, compile, first step, timed steps."""
+def part_jax_train(model_cfg: dict, batch: int, warmup: int, steps: int, deadline: float,
+                   cache_dir: str = "off", **_) -> dict:
+    """clipjax's train step as the trainer builds it (one device): init, compile, first step, timed steps.
+    `cache_dir`: the persistent compilation cache (`clipjax.compile_cache`; "off": compiled afresh) — a second run
+    with the same directory is the trainer's warm start (a resume, a re-run)."""
     t_import = time.perf_counter()
     import jax
 
+    from clipjax import compile_cache
+
+    if compile_cache.enable(cache_dir):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # the tiny rehearsal's steps too
     from clipjax import sharding as shd
     from clipjax.metrics import train_flops_per_step
     from clipjax.models import CLIP
@@ -387,13 +395,22 @@ def _brief(r: dict) -> str:
     return ", ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys if k in r)
 
 
-def _train_case(run: Runner, model: str, model_cfg: dict, batch: int, opt: dict, args, modes: list[str]) -> dict:
+def _train_case(run: Runner, model: str, model_cfg: dict, batch: int, opt: dict, args, modes: list[str],
+                warm: bool = False) -> dict:
     """clipjax and open_clip (each of `modes`) on one model and batch → the case with its in-run ratios."""
     case: dict[str, Any] = {"model": model, "batch": batch, "open_clip_config": model_cfg}
-    r = run(f"{model} clipjax", "jax_train", {"model_cfg": model_cfg, "batch": batch, "warmup": args.warmup,
-                                              "steps": args.steps}, min_s=MIN_S["jax_train"], timeout=240)
+    # the first case also measures the warm start: its compilation cache (fresh, so the first run is cold) is read
+    # by a second run of the same step
+    cache = tempfile.mkdtemp(prefix="clipjax-xla-cache-") if warm else "off"  # not under $OUT: not brought back
+    spec = {"model_cfg": model_cfg, "batch": batch, "warmup": args.warmup, "steps": args.steps, "cache_dir": cache}
+    r = run(f"{model} clipjax", "jax_train", spec, min_s=MIN_S["jax_train"], timeout=240)
     if r:
         case["clipjax"] = r
+        if warm:
+            w = run(f"{model} clipjax, warm compilation cache", "jax_train", {**spec, "warmup": 1, "steps": 3},
+                    min_s=MIN_S["jax_warm"], timeout=120)
+            if w:
+                case["clipjax_warm"] = w
     for mode in modes:
         _torch_case(run, case, opt, args, mode)
     return case
@@ -462,7 +479,7 @@ def run_all(args, torch_python: str | None, log_dir: pathlib.Path) -> dict:
         # ViT-B-16's torch.compile waits until ViT-B-16's other parts are done (it is the first to go when late)
         later = ["compile"] if i == 1 and "compile" in modes else []
         record["train"].append(_train_case(run, name, cfg, batch, record["recipe"], args,
-                                           [m for m in modes if m not in later]))
+                                           [m for m in modes if m not in later], warm=i == 0))
         for mode in later:
             _torch_case(run, record["train"][-1], record["recipe"], args, mode)
     record["skipped"], record["errors"] = run.skipped, run.errors
@@ -524,6 +541,9 @@ def table(record: dict) -> str:
                      f"{_rate(k, c.get('clipjax_vs_open_clip_compile'))} |")
         lines.append(f"| {head}, time to first step (init + compile + step) | {_first_step(j)} | "
                      f"{_first_step(e)} | {_first_step(k)} |")
+        if c.get("clipjax_warm"):
+            lines.append(f"| {head}, time to first step, warm compilation cache | "
+                         f"{_first_step(c['clipjax_warm'])} | | |")
         lines.append(f"| {head}, peak memory | " + " | ".join(_gb(r and r["peak_bytes"]) for r in (j, e, k)) + " |")
     by = {(r["kind"], r["n"]): r for r in record["loss"]}
     for n in sorted({r["n"] for r in record["loss"]}):

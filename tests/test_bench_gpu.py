@@ -42,6 +42,10 @@ def test_tiny_clipjax_side_writes_a_complete_record(tmp_path):
                 "first_step_s", "peak_bytes", "compiled_temp_bytes", "loss"):
         assert positive(jx[key]), (key, jx[key])
     assert jx["n_steps"] >= 3 and len(jx["times"]) == jx["n_steps"]
+    # the warm start reads the compiled step from the cold run's persistent cache: same step, far less compiling
+    warm = case["clipjax_warm"]
+    assert warm["loss"] == jx["loss"] and warm["compile_s"] < jx["compile_s"] / 2, (warm, jx)
+    assert "warm compilation cache" in record["table"]
 
     loss = {(r["kind"], r["n"]): r for r in record["loss"]}
     assert sorted(loss) == [(k, n) for k in ("dense", "tiled") for n in (256, 1024, 4096)]
