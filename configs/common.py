@@ -76,8 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = "synthetic"  # "scenes" | "dir:/path" | "wds:PATTERN" | an ImageFolder | a TFDS name | "synthetic"
     c.data.train_split = "train"
-    # {spec: weight}, or ((spec, weight), ...) for specs with dots (".tar"; a ConfigDict key cannot hold one); any
-    # kinds, wds: streams too; when set, replaces `train`
+    # {spec: weight} or ((spec, weight), ...), of any kinds, wds: streams too; when set, replaces `train`. Not a
+    # ConfigDict: its keys could not hold the dots of paths (".tar")
     c.data.mix = ml_collections.FieldReference((), field_type=object)
     c.data.tokenizer = "clip"  # "clip" | "sentencepiece:/path/to/model"
     c.data.crop_scale = (0.9, 1.0)

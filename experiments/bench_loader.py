@@ -8,20 +8,24 @@ Loaders (batch 64, 224 px, CLIP BPE captions of context 77, each with W worker p
     clipjax    ``make_train_iterator(dir:DATA, workers=W, num_threads=1)``: ArrayRecord records, PIL decode,
                RandomResizedCrop (scale 0.9-1.0, bicubic) to uint8 [64, 224, 224, 3] (normalised later on the
                device), tokenised in the loading process; exact resume, same batches for any W
+    clipjax-wds ``make_train_iterator(wds:SHARDS, workers=W, num_threads=1)``: the very tar shards open_clip reads,
+               streamed in place (``clipjax.data.wds``: seeded shuffle buffer of 1000 samples, exact resume), the
+               same decode, crop, uint8 batches and tokenizer as the ArrayRecord side
     open_clip  ``open_clip_train.data.get_wds_dataset`` (its ``--train-data`` webdataset path, shuffle buffers and
                all) over tar shards of the same JPEGs with ``open_clip.image_transform(224, is_train=True)``
                (RandomResizedCrop 0.9-1.0 bicubic, ToTensor, Normalize → float32 [64, 3, 224, 224]) and
                ``open_clip.get_tokenizer``; a ``WebLoader`` with ``num_workers=W``, as open_clip trains
 
 plus, per round, the decode floor on one core without any loader: clipjax's ``preprocess.train_crop`` and
-open_clip's decode + transform over the same 128 JPEGs.
+open_clip's decode + transform over the same 128 JPEGs (``--no-floors`` leaves them out). ``--sides`` picks the
+loaders (default all three).
 
 Data, written once under ``--data-dir``: N JPEGs (scenes rendered at 256 px, resized to random sides in 256-400 px,
 mild noise so that they compress like photos, quality 90) with their captions, as webdataset tar shards
 (``KEY.jpg`` + ``KEY.txt``) for open_clip, and the same shards ingested with ``python -m clipjax.data.ingest`` for
 clipjax: byte-identical images on both sides.
 
-Timing: all four loaders stay open; each round runs them in turn (the order rotates from round to round), each
+Timing: all loaders stay open; each round runs them in turn (the order rotates from round to round), each
 taking ``--drain`` batches untimed (what its prefetch buffers hold) and then ``--batches`` timed ones; the figure is
 the median over rounds of images / wall time. The open_clip side runs in the parity venv's interpreter
 (``bench_common.TorchWorker``) and blocks on its stdin while clipjax measures; idle loaders sit on full buffers.
@@ -222,11 +226,11 @@ def torch_worker() -> None:
 
 # ============================================================================================ clipjax side
 
-def _cj_iterator(dataset: pathlib.Path, workers: int):
+def _cj_iterator(spec: str, workers: int):
     from clipjax.data import pipeline
     from clipjax.data.tokenizer import get_tokenizer
 
-    return pipeline.make_train_iterator(f"dir:{dataset}", global_batch_size=BATCH, image_size=SIZE,
+    return pipeline.make_train_iterator(spec, global_batch_size=BATCH, image_size=SIZE,
                                         context_length=CONTEXT, tokenizer=get_tokenizer(), seed=0, process_index=0,
                                         process_count=1, workers=workers, num_threads=1)
 
@@ -264,8 +268,8 @@ QUIET_CORES = 0.25  # a measurement is "quiet" when the rest of the machine used
 
 def _measure(name: str, w: int, args, cj: dict, oc: TorchWorker, tars: pathlib.Path, shards: list[str]) -> dict:
     """One timed measurement of case (name, w): images/s, CPU ms per image, others' cores meanwhile."""
-    if name == "clipjax":
-        run, n = _cj_run(cj[w], args.drain, args.batches), args.batches * BATCH
+    if name in ("clipjax", "clipjax-wds"):
+        run, n = _cj_run(cj[name, w], args.drain, args.batches), args.batches * BATCH
     elif name == "open_clip":
         run, n = oc("run", name=f"w{w}", drain=args.drain, batches=args.batches), args.batches * BATCH
     elif name == "clipjax-floor":
@@ -311,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds of pause before each case, for the previous loader to refill and go idle")
     parser.add_argument("--floor-images", type=int, default=128)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--sides", default="clipjax,clipjax-wds,open_clip",
+                        help="loaders to compare, of clipjax (ArrayRecord), clipjax-wds (the tar shards), open_clip")
+    parser.add_argument("--no-floors", action="store_true", help="leave out the one-core decode floors")
     parser.add_argument("--shared", action="store_true", help="record that other work ran on the machine")
     parser.add_argument("--out", default=None, help="JSON path (default results/bench_loader-DATE.json)")
     args = parser.parse_args(argv)
@@ -322,14 +329,22 @@ def main(argv: list[str] | None = None) -> None:
     record["machine"]["shared_with_other_work"] = args.shared
     oc = TorchWorker(python=PARITY_PYTHON, script=str(pathlib.Path(__file__).resolve()), args=["--torch-worker"])
     cases, cj = [], {}
+    sides = args.sides.split(",")
+    specs = {"clipjax": f"dir:{dataset}", "clipjax-wds": f"wds:{tars}"}
     try:
         record["versions"].update(oc("versions"))
         for w in args.workers:
-            cj[w] = _cj_iterator(dataset, w)
-            record.setdefault("open_clip_transform", oc("setup", shards=shards, workers=w, num_samples=10 ** 7,
-                                                        name=f"w{w}")["transform"])
-            cases += [("clipjax", w), ("open_clip", w)]
-        cases += [("clipjax-floor", 0), ("open_clip-floor", 0)]
+            for side in sides:
+                if side in specs:
+                    cj[side, w] = _cj_iterator(specs[side], w)
+                elif side == "open_clip":
+                    record.setdefault("open_clip_transform", oc("setup", shards=shards, workers=w,
+                                                                num_samples=10 ** 7, name=f"w{w}")["transform"])
+                else:
+                    parser.error(f"--sides: unknown loader {side!r}")
+                cases.append((side, w))
+        if not args.no_floors:
+            cases += [("clipjax-floor", 0), ("open_clip-floor", 0)]
         label = {case: case[0] + (f"-w{case[1]}" if case[1] else "") for case in cases}
         runs = {label[case]: [] for case in cases}
         for r in range(args.rounds):
@@ -346,11 +361,16 @@ def main(argv: list[str] | None = None) -> None:
         for it in cj.values():
             it.close()
         oc.close()
-    ratios = {f"clipjax/open_clip w{w}": _ratio(runs, f"clipjax-w{w}", f"open_clip-w{w}") for w in args.workers}
-    ratios["clipjax floor/open_clip floor"] = _ratio(runs, "clipjax-floor", "open_clip-floor")
+    ratios = {}
+    for a, b in (("clipjax", "open_clip"), ("clipjax-wds", "open_clip"), ("clipjax-wds", "clipjax")):
+        if a in sides and b in sides:
+            ratios.update({f"{a}/{b} w{w}": _ratio(runs, f"{a}-w{w}", f"{b}-w{w}") for w in args.workers})
+    if not args.no_floors:
+        ratios["clipjax floor/open_clip floor"] = _ratio(runs, "clipjax-floor", "open_clip-floor")
     if 1 in args.workers and 2 in args.workers:
-        ratios["clipjax w2/w1"] = _ratio(runs, "clipjax-w2", "clipjax-w1")
-        ratios["open_clip w2/w1"] = _ratio(runs, "open_clip-w2", "open_clip-w1")
+        for side in sides:
+            ratios[f"{side} w2/w1"] = _ratio(runs, f"{side}-w2", f"{side}-w1")
+    if 1 in args.workers and 2 in args.workers and {"clipjax", "open_clip"} <= set(sides):
         goals = {}
         for goal, key, target in ((f"clipjax >= {GOAL_VS_OPEN_CLIP}x open_clip, 2 workers", "clipjax/open_clip w2",
                                    GOAL_VS_OPEN_CLIP),
@@ -360,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
                            "quiet_rounds": None if quiet is None else quiet >= target}
         record["goals"] = goals
     record["machine"]["load_avg_at_end"] = list(os.getloadavg())
-    record.update(benchmark="bench_loader", batch=BATCH, image_size=SIZE, context_length=CONTEXT,
+    record.update(benchmark="bench_loader", sides=sides, batch=BATCH, image_size=SIZE, context_length=CONTEXT,
                   data={"images": args.images, "shards": args.shards, "jpeg": "scenes 256 px resized to 256-400 px "
                         "sides, noise sigma 6, quality 90", "bytes": sum(os.path.getsize(s) for s in shards)},
                   rounds=args.rounds, timed_batches=args.batches, drained_batches=args.drain, settle_s=args.settle,
