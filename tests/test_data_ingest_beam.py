@@ -1,6 +1,7 @@
 """The two ingest drivers, the local process pool and an Apache Beam pipeline (here on the DirectRunner), write the
 same dataset from the same input, record by record; a Beam re-run redoes only the missing units; both write to a
-bucket (a local GCS emulator); and a truncated tar keeps the same samples in ingest as when streamed with ``wds:``."""
+bucket (a local GCS emulator); and a truncated tar keeps the same samples in ingest as when streamed with ``wds:``; tars in a bucket, planned on the
+workers, give the same records as the same tars in a local folder, planned here."""
 
 from __future__ import annotations
 
@@ -133,6 +134,7 @@ def test_beam_rerun_redoes_only_the_missing_unit(inputs, tmp_path):
 
 
 def test_cli_refusals_are_one_line(inputs, tmp_path, capsys, monkeypatch):
+    """Without a request: a table in a bucket (only tars are ingested from one), a pattern naming missing tars."""
     _, table = inputs
 
     def error(*argv: str) -> str:
@@ -148,7 +150,9 @@ def test_cli_refusals_are_one_line(inputs, tmp_path, capsys, monkeypatch):
     t = str(table)
     assert "--project=p" in error(t, "--output", str(tmp_path / "a"), "--project=p")  # options need --runner
     assert "--output must be in a bucket" in error(t, "--output", str(tmp_path / "b"), "--runner", "DataflowRunner")
-    assert "copy it here first" in error("gs://b/shards", "--output", str(tmp_path / "c"))
+    assert "only webdataset .tar shards" in error("gs://b/table.csv", "--output", str(tmp_path / "c"))
+    shards, _ = inputs
+    assert "7 of its 10 tars do not exist" in error(f"{shards}/{{00000..00009}}.tar", "--output", str(tmp_path / "e"))
     monkeypatch.setitem(sys.modules, "apache_beam", None)  # not installed
     assert error(t, "--output", str(tmp_path / "d"), "--runner", "DirectRunner") == \
         'error: --runner needs Apache Beam: pip install "clipjax[beam]"'
@@ -249,3 +253,83 @@ def test_both_drivers_write_to_a_bucket(inputs, tmp_path, emulator):
             assert (copy / name).read_text() == (tmp_path / "local" / name).read_text()
     again = ingest.ingest(shards, f"gs://{BUCKET}/beam", runner="DirectRunner", progress=False)
     assert (again.units_done, again.units_reused) == (0, 3)
+
+
+# ============================================================================================ source in a bucket
+
+def test_pattern_source_is_the_folder_source(inputs, tmp_path):
+    """A brace pattern or a glob of local tars is planned here like the folder holding them: the same dataset."""
+    shards, _ = inputs
+    ingest.ingest(shards, tmp_path / "folder", name="laion", workers=0, progress=False)
+    ingest.ingest(f"{shards}/{{00000..00002}}.tar", tmp_path / "braces", name="laion", workers=0, progress=False)
+    ingest.ingest(f"{shards}/0000*.tar", tmp_path / "glob", name="laion", workers=0, progress=False)
+    for other in ("braces", "glob"):
+        assert _records(tmp_path / other) == _records(tmp_path / "folder")
+        assert _unit_reports(tmp_path / other) == _unit_reports(tmp_path / "folder")
+        manifest = json.loads((tmp_path / other / ingest.STATE_DIR / ingest.MANIFEST).read_text())["splits"]
+        assert manifest["train"]["units"] == 3 and "planned" not in manifest["train"]
+
+
+@pytest.fixture(scope="module")
+def bucket_tars(inputs, emulator) -> str:
+    """The tars of `inputs` (a duplicate key across two tars, a truncated tar) uploaded to gs://BUCKET/src."""
+    shards, _ = inputs
+    for tar in sorted(shards.glob("*.tar")):
+        paths.write_object(paths.as_path(f"gs://{BUCKET}/src/{tar.name}"), tar.read_bytes())
+    return f"gs://{BUCKET}/src"
+
+
+def _same_report(remote_out, local_out, src: str, shards: pathlib.Path) -> None:
+    """The same skipped samples, in the same order, with the reasons and the tars' names (bucket vs folder)."""
+    remote = _json(pathlib.Path(remote_out) / ingest.REPORT)["train"]
+    local = _json(pathlib.Path(local_out) / ingest.REPORT)["train"]
+    for x in remote["skipped"]:
+        x["source"] = x["source"].replace(src, str(shards))
+    assert remote["skipped"] == local["skipped"] and len(local["skipped"]) == 5
+    assert (remote["records"], remote["image_bytes"]) == (local["records"], local["image_bytes"])
+
+
+@needs_emulator
+@needs_beam
+def test_bucket_source_is_planned_on_the_workers_with_the_same_records(inputs, bucket_tars, tmp_path, emulator):
+    shards, _ = inputs
+    ingest.ingest(shards, tmp_path / "local", name="laion", workers=0, progress=False)
+    pool = ingest.ingest(bucket_tars, tmp_path / "pool", name="laion", workers=2, progress=False)
+    beam = ingest.ingest(bucket_tars + "/", f"gs://{BUCKET}/out-beam", name="laion", runner="DirectRunner",
+                         progress=False)
+    assert pool.units_done == beam.units_done == 3 and pool.records == beam.records == 7
+    copy = _download("out-beam", tmp_path / "beam")
+    for out in (tmp_path / "pool", copy):
+        assert _records(out) == _records(tmp_path / "local")
+        _same_report(out, tmp_path / "local", bucket_tars, shards)
+        assert sorted(p.name for p in out.glob("*.array_record-*")) == \
+            sorted(p.name for p in (tmp_path / "local").glob("*.array_record-*"))
+        state = out / ingest.STATE_DIR
+        assert [json.loads((state / f"train-{i:05d}.keys.json").read_text()) for i in range(3)] == \
+            [["a0", "a1", "a2", "a3"], ["a1", "b0", "b1", "b2", "b3"], ["c0"]]
+        manifest = json.loads((state / ingest.MANIFEST).read_text())["splits"]["train"]
+        assert manifest["planned"] == "workers" and manifest["units"] == 3
+
+
+@needs_emulator
+@needs_beam
+def test_bucket_source_resume_redoes_only_the_missing_unit(bucket_tars, tmp_path, emulator, monkeypatch):
+    out = tmp_path / "out"
+    ingest.ingest(bucket_tars, out, runner="DirectRunner", progress=False)
+    shards = sorted(out.glob("*.array_record-*"))
+    before, records, report = {p: p.stat().st_mtime_ns for p in shards}, _records(out), _json(out / ingest.REPORT)
+    shards[1].unlink()  # the unit whose tar repeats a key of the first tar
+    read = []
+    real_copy = paths.local_copy
+    monkeypatch.setattr(paths, "local_copy", lambda p: read.append(p) or real_copy(p))
+    again = ingest.ingest(bucket_tars, out, runner="DirectRunner", progress=False)
+    assert (again.units_done, again.units_reused) == (1, 2)
+    assert read == [f"{bucket_tars}/00001.tar"]  # the listings were kept: only the missing unit's tar is read
+    assert all(p.stat().st_mtime_ns == before[p] for p in shards if p != shards[1])
+    assert _records(out) == records and _json(out / ingest.REPORT) == report
+    paths.write_object(paths.as_path(f"{bucket_tars}/00003.tar"), b"")  # the listing changed: refused
+    with pytest.raises(ingest.IngestError, match="different source listing"):
+        ingest.ingest(bucket_tars, out, workers=0, progress=False)
+    paths.as_path(f"{bucket_tars}/00003.tar").unlink()
+    with pytest.raises(ingest.IngestError, match="no .tar shards found; .* ImageFolder is read on this machine"):
+        ingest.ingest(f"gs://{BUCKET}/no-tars", tmp_path / "none", workers=0, progress=False)

@@ -13,10 +13,14 @@ SRC is one of
                       Other columns are ignored. Several captions per image: repeated rows or a list; rows with the
                       same image are merged.
     a folder of .tar  webdataset shards as img2dataset writes them: members ``KEY.jpg|jpeg|png|webp`` + ``KEY.txt``
-                      (the caption) or ``KEY.json`` (its ``caption`` field). Keys are de-duplicated across shards. A
+                      (the caption) or ``KEY.json`` (its ``caption`` field). Keys are de-duplicated across shards
+                      (the first shard in listing order keeps a key; the others report it as a duplicate). A
                       truncated or damaged shard keeps its samples before the damage (one warning line names the
                       shard and how many members were kept); the sample the damage cuts is lost with the rest, as
                       when the shard is streamed (``wds:``), and reported; the other shards are ingested as usual.
+                      The shards may also be named as the ``wds:`` spec names them: a brace pattern
+                      (``/data/{00000..00099}.tar``) or a glob (``/data/*.tar``), and they may be in an object store
+                      (``gs://BUCKET/laion/``, ``gs://BUCKET/laion/{00000..41455}.tar``; ``s3://`` too).
     an ImageFolder    one subfolder per class; each image gets the caption ``--template`` ("a photo of a {}.")
                       with the folder name (``_`` read as a space) and the class index as label.
 
@@ -32,28 +36,54 @@ of the same SRC and ``--split`` resumes or completes it (finished shards are kep
 that split (with the same class names). A DIR holding anything else is refused and left untouched, as is a split
 whose SRC has changed since it was ingested (use a new ``--output`` or ``--split``).
 
-Work is planned here and cut into units (``--shard-size`` records, or one per input tar); ``ingest_unit`` writes
-one unit as one ArrayRecord shard via a temp file, then the unit's report. ``DIR/.ingest/`` keeps the plan and one
-report per finished unit, so a re-run after an interruption only does the missing units; the dataset metadata and
-``ingest_report.json`` are written from the reports once every unit is done. Two drivers run the units, with the
-same output record for record:
+Work is cut into units (``--shard-size`` records, or one per input tar); ``ingest_unit`` writes one unit as one
+ArrayRecord shard via a temp file, then the unit's report. ``DIR/.ingest/`` keeps the plan and one report per finished
+unit, so a re-run after an interruption only does the missing units; the dataset metadata and ``ingest_report.json``
+are written from the reports once every unit is done. A local source is planned here: every table row is read and
+every tar's members are listed before any unit is written. A source in an object store is planned on the workers:
+here only the tar names and sizes are listed (one listing request per folder); then
 
-    local pool  (the default) ``--workers N`` processes on this machine (default: the CPU count)
+    list        per tar, on a worker (``list_unit``): the tar is downloaded to a local temp file (one sequential
+                read) and its sample keys listed, by the same rules as here (the samples before any damage, less
+                the one the damage cuts); they are kept in ``DIR/.ingest/SPLIT-NNNNN.keys.json``, so a re-run reads
+                again only the tars it has not listed
+    duplicates  a key held by several tars is kept by the first in listing order, dropped from the others
+    write       per pending tar, on a worker (``ingest_unit``): the tar downloaded again, then the same work as for
+                a planned unit, its duplicate keys reported as "duplicate key" and its damage as here
+
+so each tar is read twice and no machine reads them all. Two drivers run the units, with the same output record for
+record:
+
+    local pool  (the default) ``--workers N`` processes on this machine (default: the CPU count); for a source in a
+                store, the pool lists the tars, this process gathers their keys (it holds them all, as the planner
+                of a local source does) to find the duplicates, and the pool writes the units
     Beam        ``--runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner`` (any Beam runner name): the pipeline
-                ``Create(units) | Reshuffle | Map(ingest_unit)``; every other ``--flag=value`` argument is a Beam
+                ``Create(units) | Reshuffle | Map(ingest_unit)``; for a source in a store ``Create(tars) | Reshuffle
+                | Map(list_unit)``, then (key, tar) pairs ``| GroupByKey`` giving the tars to drop each duplicate
+                from, joined to the pending units with ``CoGroupByKey | Map(ingest_unit)``: the keys are grouped by
+                the runner's shuffle, never on one machine. Every other ``--flag=value`` argument is a Beam
                 pipeline option, e.g. for Dataflow ``--project=P --region=R --temp_location=gs://B/tmp
                 --num_workers=N --max_num_workers=M`` (``pip install "clipjax[beam]"``)
 
+The check that a resumed split has the same SRC compares a fingerprint of the plan: for a local source, of every
+unit's items (each tar's members, each table row); for a source in a store, of the tar listing with each tar's size
+(a tar rewritten in place with the same size is not noticed there).
+
 DIR may be in an object store (``gs://BUCKET/DIR``, needs ``clipjax[gcs]``; ``s3://`` with ``clipjax[s3]``), with
 either driver: a unit's shard is written to a local temp file and uploaded whole, then its report (a DataflowRunner
-output must be in a bucket). SRC is read here (planning lists every tar and table row) and by the workers at the
-same path: local, or a file system every worker mounts; a SRC in an object store is refused (stream such tars with
-``wds:gs://...`` instead, or copy them). Bad input prints one line ``error: ...`` on stderr and exits with status 2.
+output must be in a bucket). A local SRC is read here and by the workers at the same path: local, or a file system
+every worker mounts. Webdataset tars in a bucket are read by the workers where they are; a table or an ImageFolder
+must be local (a table in a bucket is refused: copy it and its images here). Bad input prints one line
+``error: ...`` on stderr and exits with status 2.
+
+    python -m clipjax.data.ingest gs://bucket/laion/ --output gs://bucket/laion-ar --runner DataflowRunner \\
+        --project=P --region=R --temp_location=gs://bucket/tmp --requirements_file=requirements-ingest.txt
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -217,11 +247,13 @@ def _first_nonzero(path: pathlib.Path, start: int, chunk: int = 1 << 20) -> int 
     return None
 
 
-def _tar_groups(tar: pathlib.Path) -> tuple[dict[str, dict[str, str]], str | None, str | None]:
+def _tar_groups(tar: pathlib.Path, name: str | None = None,
+               warn: bool = True) -> tuple[dict[str, dict[str, str]], str | None, str | None]:
     """({key: {extension: member name}}, damage, lost key) of a webdataset shard's complete members. A damaged shard
-    keeps the samples before the damage, with one warning line; the sample being read when the damage was met (the
-    key of the cut member, else of the last member read: it may have had more members) is lost with the rest, as
-    ``clipjax.data.wds`` loses it when streaming the shard, and returned as the lost key (None: none was)."""
+    keeps the samples before the damage, with one warning line (naming the shard as `name`, default `tar`; none
+    without `warn`); the sample being read when the damage was met (the key of the cut member, else of the last
+    member read: it may have had more members) is lost with the rest, as ``clipjax.data.wds`` loses it when
+    streaming the shard, and returned as the lost key (None: none was)."""
     members, damage, cut = _tar_members(tar)
     files = [m for m in members if m.isfile()]
     groups: dict[str, dict[str, str]] = {}
@@ -238,8 +270,9 @@ def _tar_groups(tar: pathlib.Path) -> tuple[dict[str, dict[str, str]], str | Non
         if lost is not None and lost not in groups:
             lost = None  # cut in its first member: nothing of it was kept
         kept = len(files) - len(groups.pop(lost, {}))
-        cli.warn(f"{tar}: truncated or damaged shard ({damage}): kept its {kept} complete members before the "
-                 f"damage, the rest is lost")
+        if warn:
+            cli.warn(f"{name or tar}: truncated or damaged shard ({damage}): kept its {kept} complete members before the "
+                     f"damage, the rest is lost")
     return groups, damage, lost
 
 
@@ -274,30 +307,98 @@ def sample_captions(txt: bytes | None, meta: bytes | None) -> list[str]:
     return _captions(data.get("caption") if isinstance(data, dict) else None)
 
 
+def _plan_tar(tar: pathlib.Path, seen: set[str], source: str | None = None) -> tuple[list[Item], list[dict]]:
+    """The items of one webdataset shard and what its listing skips: its damage, the sample the damage cuts, and its
+    keys already in `seen` (duplicates: an earlier shard keeps them); its keys are added to `seen`. `source` names
+    the shard in the items and reasons (default: `tar`, the file read)."""
+    source = os.fspath(tar) if source is None else source
+    groups, damage, lost = _tar_groups(tar, name=source)
+    skipped = []
+    if damage is not None:
+        skipped.append({"key": None, "source": source,
+                        "reason": f"damaged shard ({damage}): members after the damage are lost"})
+    if lost is not None:
+        skipped.append({"key": lost, "source": source,
+                        "reason": "the shard's damage cuts this sample: its members before the damage are not used"})
+    items = []
+    for key, files in groups.items():
+        ext = sample_image_ext(files)
+        image = files[ext] if ext is not None else None
+        if key in seen:
+            skipped.append({"key": key, "source": source, "reason": "duplicate key"})
+            continue
+        seen.add(key)
+        items.append(Item(key=key, image=image or "", captions=[], tar=source,
+                          txt=files.get("txt", ""), json=files.get("json", "")))
+    return items, skipped
+
+
 def plan_webdataset(tars: list[pathlib.Path]) -> tuple[list[list[Item]], list[dict]]:
     """One unit per tar; duplicate keys (first occurrence kept) and damaged shards are reported."""
     units, skipped, seen = [], [], set()
     for tar in tars:
-        groups, damage, lost = _tar_groups(tar)
-        if damage is not None:
-            skipped.append({"key": None, "source": os.fspath(tar),
-                            "reason": f"damaged shard ({damage}): members after the damage are lost"})
-        if lost is not None:
-            skipped.append({"key": lost, "source": os.fspath(tar),
-                            "reason": "the shard's damage cuts this sample: its members before the damage are "
-                                      "not used"})
-        items = []
-        for key, files in groups.items():
-            ext = sample_image_ext(files)
-            image = files[ext] if ext is not None else None
-            if key in seen:
-                skipped.append({"key": key, "source": os.fspath(tar), "reason": "duplicate key"})
-                continue
-            seen.add(key)
-            items.append(Item(key=key, image=image or "", captions=[], tar=os.fspath(tar),
-                              txt=files.get("txt", ""), json=files.get("json", "")))
+        items, tar_skipped = _plan_tar(tar, seen)
         units.append(items)
+        skipped += tar_skipped
     return units, skipped
+
+
+def is_pattern(src: str | os.PathLike) -> bool:
+    """Whether `src` is a brace pattern or a glob of tars (``{A..B}``, ``{a,b}``, ``*``, ``?``, ``[...]``), as in
+    the ``wds:`` spec."""
+    return any(c in os.fspath(src) for c in "{*?[")
+
+
+def list_tars(src: str) -> list[str]:
+    """The tars of a webdataset source named as the ``wds:`` spec names them (``clipjax.data.wds.shard_urls``): a
+    folder (its ``*.tar``, sorted), a glob (sorted) or a brace pattern (in its order), local or in an object store.
+    Only names are listed (one listing request per folder in a store); every tar must exist."""
+    from clipjax.data import sources, wds  # imported on use: wds imports this module
+
+    spec = sources.WDS_PREFIX + src
+    try:
+        with paths.storage_errors(src, "list"):
+            tars = wds.shard_urls(spec)
+    except sources.DatasetError as e:
+        raise IngestError(f"{src}: {str(e).removeprefix(f'dataset {spec!r}: ')}") from None
+    if not paths.is_remote(src):
+        missing = [t for t in tars if not os.path.isfile(t)]
+        if missing:
+            raise IngestError(f"{src}: {len(missing)} of its {len(tars)} tars do not exist (first: {missing[0]})")
+    return tars
+
+
+def _remote_sizes(src: str, tars: list[str]) -> list[int]:
+    """The sizes of the tars `tars` in an object store, from one listing of each folder holding some; a tar not
+    listed is an IngestError."""
+    import fsspec
+
+    paths.as_path(src)  # fsspec set up as for every clipjax path (fresh listings)
+    sizes = {}
+    with paths.storage_errors(src, "list"):
+        fs, _ = fsspec.core.url_to_fs(tars[0])
+        names = [fs._strip_protocol(t) for t in tars]
+        for folder in dict.fromkeys(n.rsplit("/", 1)[0] for n in names):
+            sizes.update((info["name"], info["size"]) for info in fs.ls(folder, detail=True)
+                         if info.get("type") == "file")
+    missing = [t for t, n in zip(tars, names) if n not in sizes]
+    if missing:
+        raise IngestError(f"{src}: {len(missing)} of its {len(tars)} tars do not exist (first: {missing[0]})")
+    return [sizes[n] for n in names]
+
+
+def plan_tars(src: str) -> dict:
+    """The plan of a webdataset source in an object store: only its tars are listed here, with their sizes (one
+    unit each); their members are read on the workers (``list_unit``, then ``ingest_unit``)."""
+    try:
+        tars = list_tars(src)
+    except IngestError as e:
+        if "no .tar shards" not in str(e):
+            raise
+        raise IngestError(f"{e}; only webdataset .tar shards are ingested from an object store, an ImageFolder is "
+                          f"read on this machine (copy it here first)") from None
+    return {"kind": "webdataset", "classnames": None, "tars": [list(t) for t in zip(tars, _remote_sizes(src, tars))],
+            "skipped": []}
 
 
 def plan_image_folder(src: pathlib.Path, template: str) -> tuple[list[Item], list[str]]:
@@ -312,9 +413,15 @@ def plan_image_folder(src: pathlib.Path, template: str) -> tuple[list[Item], lis
     return items, classes
 
 
-def make_plan(src: pathlib.Path, shard_size: int, template: str) -> dict:
-    """{"kind", "classnames", "units": [[Item...]], "skipped": [...]} for ``src``."""
-    if src.is_file() and src.suffix.lower() in (".csv", ".jsonl", ".json"):
+def make_plan(src: pathlib.Path | str, shard_size: int, template: str) -> dict:
+    """{"kind", "classnames", "units": [[Item...]], "skipped": [...]} for ``src``; for a source in an object store
+    {"kind", "classnames", "tars": [[url, size]...], "skipped": []} (``plan_tars``)."""
+    if paths.is_remote(src):
+        return plan_tars(os.fspath(src))
+    if is_pattern(src) and not src.exists():
+        units, skipped = plan_webdataset([pathlib.Path(t) for t in list_tars(os.fspath(src))])
+        kind, classnames = "webdataset", None
+    elif src.is_file() and src.suffix.lower() in (".csv", ".jsonl", ".json"):
         items, skipped = plan_table(src)
         kind, classnames = "table", None
         units = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
@@ -334,8 +441,17 @@ def make_plan(src: pathlib.Path, shard_size: int, template: str) -> dict:
     return {"kind": kind, "classnames": classnames, "units": units, "skipped": skipped}
 
 
+def unit_count(plan: dict) -> int:
+    return len(plan["tars"]) if "tars" in plan else len(plan["units"])
+
+
 def _fingerprint(plan: dict) -> str:
-    payload = json.dumps([[dataclasses.astuple(i) for i in u] for u in plan["units"]] + [plan["classnames"]])
+    """A digest of what the plan reads: every unit's items (members of each tar, rows, files), or for a source in an
+    object store (planned on the workers) the tar listing with the sizes."""
+    if "tars" in plan:
+        payload = json.dumps([["tars", plan["tars"]], plan["classnames"]])
+    else:
+        payload = json.dumps([[dataclasses.astuple(i) for i in u] for u in plan["units"]] + [plan["classnames"]])
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -394,44 +510,96 @@ def _read_item(item: Item, shard: _Shard | None) -> tuple[bytes | None, list[str
 class UnitTask:
     """One unit of work, the same for every driver (it pickles): write ``items`` as the ArrayRecord shard ``shard``,
     then the unit's report as the JSON file ``report``. Both are local paths or object-store URIs (gs://, s3://);
-    ``classnames`` are the dataset's class names (None: no class label feature)."""
+    ``classnames`` are the dataset's class names (None: no class label feature). A unit planned on the worker has
+    no ``items`` but the webdataset shard ``tar`` (a local path or a URI) and ``drop``, its keys that an earlier
+    tar holds (skipped as duplicates)."""
 
     items: list[Item]
     shard: str
     report: str
     classnames: list[str] | None = None
+    tar: str | None = None
+    drop: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ListTask:
+    """Stage "list" of a source planned on the workers: the keys of tar number ``index`` of the listing, ``tar``,
+    kept in the JSON file ``keys`` (read from there when a run already listed it)."""
+
+    index: int
+    tar: str
+    keys: str
+
+
+def _put_text(path: str, text: str) -> None:
+    """`text` as the file `path` (via a temp file and a rename) or as one object in a store."""
+    if paths.is_remote(path):
+        paths.write_object(paths.as_path(path), text)
+    else:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+
+def list_unit(task: ListTask) -> tuple[int, list[str]]:
+    """(``task.index``, the sample keys of ``task.tar``): its complete samples in member order, by the rules of
+    ``plan_webdataset`` (a damaged tar's samples before the damage, less the one the damage cuts). A tar in an object
+    store is downloaded to a local temp file first, in one sequential read. The keys are written to ``task.keys``;
+    when that file exists (an earlier run listed the tar) they are read from it and the tar is not read."""
+    cached = paths.as_path(task.keys)
+    with paths.storage_errors(task.keys, "read"):
+        text = cached.read_text() if cached.exists() else None
+    if text is not None:
+        try:
+            return task.index, json.loads(text)
+        except json.JSONDecodeError:
+            pass  # written by another program: listed again
+    with paths.local_copy(task.tar) as tar:
+        groups, _, _ = _tar_groups(tar, warn=False)  # the write stage warns
+    keys = list(groups)
+    _put_text(task.keys, json.dumps(keys))
+    return task.index, keys
 
 
 def ingest_unit(task: UnitTask) -> dict:
     """Writes one unit (``task``) and returns its report ``{"records", "image_bytes", "shard_bytes", "skipped"}``,
     also written to ``task.report`` once the shard is complete (a unit with both is done; a re-run redoes the
-    others). A shard in an object store is written to a local temp file first, then uploaded in one request."""
+    others). A shard in an object store is written to a local temp file first, then uploaded in one request. A unit
+    planned on the worker (``task.tar``) reads its tar (a tar in a store is downloaded to a local temp file first),
+    plans it as ``plan_webdataset`` does with ``task.drop`` as the keys already seen, and adds ``"plan_skipped"``,
+    what its planning skips, to the report."""
     remote = paths.is_remote(task.shard)
     tmp_dir = tempfile.mkdtemp(prefix="clipjax-ingest-") if remote else None
     local = os.path.join(tmp_dir, os.path.basename(task.shard)) if remote else task.shard
     try:
-        report = _write_shard(task.items, local, task.classnames)
+        if task.tar is None:
+            report = _write_shard(task.items, local, task.classnames)
+        else:
+            with paths.local_copy(task.tar) as tar:
+                items, planned = _plan_tar(tar, set(task.drop), source=task.tar)
+                report = _write_shard(items, local, task.classnames, tar_file=tar)
         report["shard_bytes"] = os.path.getsize(local)
+        if task.tar is not None:
+            report["plan_skipped"] = planned
         if remote:
             paths.upload_file(local, paths.as_path(task.shard))
     finally:
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-    text = json.dumps(report)
-    if paths.is_remote(task.report):
-        paths.write_object(paths.as_path(task.report), text)
-    else:
-        tmp = task.report + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, task.report)
+    _put_text(task.report, json.dumps(report))
     return report
 
 
-def _write_shard(unit: list[Item], out_path: str, features_spec: list[str] | None) -> dict:
+def _write_shard(unit: list[Item], out_path: str, features_spec: list[str] | None,
+                 tar_file: os.PathLike | None = None) -> dict:
+    """Writes `unit`'s usable items as the ArrayRecord shard `out_path`; webdataset items are read from their tar,
+    or from the local file `tar_file` holding it."""
     feats = records.image_text_features(features_spec)
     skipped: list[dict] = []
-    shard = _Shard(unit[0].tar) if unit and unit[0].tar else None
+    tar = tar_file if tar_file is not None else unit[0].tar if unit else None
+    shard = _Shard(os.fspath(tar)) if unit and tar else None
     try:
         with records.ShardWriter(out_path, feats) as writer:
             for item in unit:
@@ -487,7 +655,7 @@ def _load_json(path: paths.Path) -> dict | None:
         raise IngestError(f"{path}: unreadable ({e}); it was written by an interrupted or other program") from None
 
 
-def _nothing_usable(src: pathlib.Path, skipped: list[dict], report: paths.Path | None = None) -> str:
+def _nothing_usable(src: pathlib.Path | str, skipped: list[dict], report: paths.Path | None = None) -> str:
     """The one-line error of an ingestion where every record was skipped: the count and the first reasons."""
     first = "; ".join(f"{x['key'] if x['key'] is not None else x['source']}: {x['reason']}"
                       for x in skipped[:FIRST_REASONS])
@@ -504,11 +672,12 @@ def _write_text(path: paths.Path, text: str) -> None:
         path.write_text(text)
 
 
-def check_output(out: paths.Path, src: pathlib.Path) -> None:
+def check_output(out: paths.Path, src: pathlib.Path | str) -> None:
     """Refuse an --output that holds files this command did not write (see the module docstring)."""
     if out.exists() and not out.is_dir():
         raise IngestError(f"--output {out} is an existing file; give a new or empty directory")
-    if not paths.is_remote(out) and src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+    if not paths.is_remote(out) and not paths.is_remote(src) and src.is_dir() \
+            and out.resolve().is_relative_to(src.resolve()):
         raise IngestError(f"--output {out} is inside the source {src}; choose a directory outside it")
     if not out.exists() or (out / STATE_DIR / MANIFEST).is_file():
         return
@@ -518,7 +687,7 @@ def check_output(out: paths.Path, src: pathlib.Path) -> None:
                           f"choose a new or empty directory")
 
 
-def _prepare(out: paths.Path, name: str | None, split: str, src: pathlib.Path, plan: dict) -> dict:
+def _prepare(out: paths.Path, name: str | None, split: str, src: pathlib.Path | str, plan: dict) -> dict:
     """The manifest of `out` with `split` planned (written to `out`), after the checks that refuse mixing."""
     manifest_path = out / STATE_DIR / MANIFEST
     manifest = _load_json(manifest_path) or {"name": _sanitize(name or out.name), "splits": {}}
@@ -534,7 +703,9 @@ def _prepare(out: paths.Path, name: str | None, split: str, src: pathlib.Path, p
             raise IngestError(f"{out}: split {split!r} has classes {plan['classnames']} but split {other!r} "
                               f"has {info['classnames']}")
     manifest["splits"][split] = {"source": os.fspath(src), "kind": plan["kind"], "fingerprint": fingerprint,
-                                 "classnames": plan["classnames"], "units": len(plan["units"])}
+                                 "classnames": plan["classnames"], "units": unit_count(plan)}
+    if "tars" in plan:  # its tars are listed by the workers, their keys kept in .ingest/SPLIT-NNNNN.keys.json
+        manifest["splits"][split]["planned"] = "workers"
     _write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest
 
@@ -557,17 +728,20 @@ def ingest(
     pipeline with the options ``pipeline_args`` (``--flag=value`` strings)."""
     start = time.time()
     if paths.is_remote(src):
-        raise IngestError(f"{src}: ingest reads a source on this machine (or on a file system every worker mounts "
-                          f"at the same path); copy it here first, or train on webdataset shards in a bucket as "
-                          f"they are with the spec wds:{src}")
-    src = pathlib.Path(src).expanduser()
+        src = os.fspath(src)
+        if src.lower().endswith((".csv", ".jsonl", ".json")):
+            raise IngestError(f"{src}: a table is read on this machine, with its images (copy it and them here "
+                              f"first); only webdataset .tar shards are ingested from an object store")
+    else:
+        src = pathlib.Path(src).expanduser()
+    name_of_src = pathlib.PurePosixPath(os.fspath(src)).name
     out = paths.as_path(output) if paths.is_remote(output) else pathlib.Path(output).expanduser()
     if runner is not None:
         _beam()  # fail before any work without Apache Beam
         if runner.lower().removesuffix("runner") == "dataflow" and not paths.is_remote(out):
             raise IngestError(f"--runner {runner} writes from cloud workers: --output must be in a bucket "
                               f"(gs://BUCKET/DIR), not {out}")
-    if not src.exists():
+    if not paths.is_remote(src) and not is_pattern(src) and not src.exists():
         raise FileNotFoundError(f"ingest source not found: {src}")
     if "{}" not in template:
         raise IngestError(f"caption template must contain '{{}}', got {template!r}")
@@ -575,9 +749,13 @@ def ingest(
         check_output(out, src)
         plan = make_plan(src, shard_size, template)
         manifest = _prepare(out, name, split, src, plan)
-        tasks = _pending(out, manifest, split, plan)
+        if "tars" in plan:
+            done = _run_tars(out, manifest, split, plan, workers, progress, runner, pipeline_args, name_of_src)
+            return _finish(out, manifest, split, plan, done, start)
+        tasks = list(_pending(out, manifest, split, plan).values())
         total = sum(len(u) for u in plan["units"])
-        bar = tqdm(total=total, desc=f"ingesting {src.name}", unit="img", disable=not progress or runner is not None)
+        bar = tqdm(total=total, desc=f"ingesting {name_of_src}", unit="img",
+                   disable=not progress or runner is not None)
         bar.update(total - sum(len(t.items) for t in tasks))
         if runner is not None:
             run_beam(tasks, runner, pipeline_args)
@@ -587,32 +765,108 @@ def ingest(
         return _finish(out, manifest, split, plan, len(tasks), start)
 
 
-def _pending(out: paths.Path, manifest: dict, split: str, plan: dict) -> list[UnitTask]:
-    """The units of `split` not yet done (a unit is done when its shard and its report exist)."""
-    state, dsname, count = out / STATE_DIR, manifest["name"], len(plan["units"])
-    tasks = []
-    for i, unit in enumerate(plan["units"]):
-        shard = out / records.shard_filename(dsname, split, i, count)
-        report = state / f"{split}-{i:05d}.json"
-        if not (shard.exists() and report.exists()):
-            tasks.append(UnitTask(unit, os.fspath(shard), os.fspath(report), plan["classnames"]))
+def _unit_paths(out: paths.Path, manifest: dict, split: str, i: int, count: int) -> tuple[str, str]:
+    """(shard, report) of unit `i` of `count`."""
+    shard = out / records.shard_filename(manifest["name"], split, i, count)
+    return os.fspath(shard), os.fspath(out / STATE_DIR / f"{split}-{i:05d}.json")
+
+
+def _pending(out: paths.Path, manifest: dict, split: str, plan: dict) -> dict[int, UnitTask]:
+    """{unit index: task} of the units of `split` not yet done (a unit is done when its shard and its report
+    exist)."""
+    count = unit_count(plan)
+    tasks = {}
+    for i in range(count):
+        shard, report = _unit_paths(out, manifest, split, i, count)
+        if not (paths.as_path(shard).exists() and paths.as_path(report).exists()):
+            if "tars" in plan:
+                tasks[i] = UnitTask([], shard, report, plan["classnames"], tar=plan["tars"][i][0])
+            else:
+                tasks[i] = UnitTask(plan["units"][i], shard, report, plan["classnames"])
     return tasks
+
+
+def _keys_file(out: paths.Path, split: str, i: int) -> paths.Path:
+    return out / STATE_DIR / f"{split}-{i:05d}.keys.json"
+
+
+def _run_tars(out: paths.Path, manifest: dict, split: str, plan: dict, workers: int | None, progress: bool,
+              runner: str | None, pipeline_args: Sequence[str], name: str) -> int:
+    """Runs the units of a source planned on the workers (``plan_tars``): stage "list" (``list_unit``) for every tar
+    (a tar listed by an earlier run is not read again), the duplicate keys across tars (the first tar in listing
+    order keeps a key), then stage "write" (``ingest_unit``) for the units not done; returns their number."""
+    pending = _pending(out, manifest, split, plan)
+    if not pending:
+        return 0
+    listing = [ListTask(i, url, os.fspath(_keys_file(out, split, i))) for i, (url, _) in enumerate(plan["tars"])]
+    if runner is not None:
+        run_beam_tars(listing, pending, runner, pipeline_args)
+    else:
+        _run_pool_tars(listing, pending, workers, progress, name)
+    return len(pending)
+
+
+def _duplicates(listings: Sequence[Sequence[str]]) -> dict[int, list[str]]:
+    """{tar index: its keys that an earlier tar holds} from each tar's keys, in listing order."""
+    seen: set[str] = set()
+    drops = {}
+    for i, keys in enumerate(listings):
+        dup = [k for k in keys if k in seen]
+        if dup:
+            drops[i] = dup
+        seen.update(keys)
+    return drops
+
+
+def _pool_map(pool: cf.Executor | None, fn, tasks: Sequence, bar: tqdm, weight=lambda task: 1) -> Iterator:
+    """``fn(task)`` for each of `tasks`, in this process (`pool` None) or on `pool`, in completion order."""
+    if pool is None:
+        for task in tasks:
+            result = fn(task)
+            bar.update(weight(task))
+            yield result
+        return
+    futures = {pool.submit(fn, t): weight(t) for t in tasks}
+    for done in cf.as_completed(futures):
+        result = done.result()
+        bar.update(futures[done])
+        yield result
+
+
+@contextlib.contextmanager
+def _pool(workers: int | None, count: int) -> Iterator[cf.Executor | None]:
+    """A pool of `workers` processes (default: the CPU count; no more than `count`), or None for 0 or 1."""
+    workers = min(os.cpu_count() or 1, count) if workers is None else min(workers, count)
+    if workers <= 1:
+        yield None
+        return
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
 
 
 def _run_pool(tasks: list[UnitTask], workers: int | None, bar: tqdm) -> None:
     """The local driver: `tasks` in this process (``workers`` 0 or 1) or a pool of worker processes."""
-    workers = min(os.cpu_count() or 1, len(tasks)) if workers is None else min(workers, len(tasks))
-    if workers <= 1:
-        for task in tasks:
-            ingest_unit(task)
-            bar.update(len(task.items))
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(ingest_unit, t): len(t.items) for t in tasks}
-        for done in cf.as_completed(futures):
-            done.result()
-            bar.update(futures[done])
+    with _pool(workers, len(tasks)) as pool:
+        for _ in _pool_map(pool, ingest_unit, tasks, bar, lambda t: len(t.items)):
+            pass
+
+
+def _run_pool_tars(listing: list[ListTask], pending: dict[int, UnitTask], workers: int | None, progress: bool,
+                   name: str) -> None:
+    """The local driver for a source planned on the workers: the pool lists every tar, this process gathers the
+    keys and finds the duplicates, the pool writes the pending units."""
+    with _pool(workers, len(listing)) as pool:
+        keys: list[list[str]] = [[] for _ in listing]
+        with tqdm(total=len(listing), desc=f"listing {name}", unit="tar", disable=not progress) as bar:
+            for i, tar_keys in _pool_map(pool, list_unit, listing, bar):
+                keys[i] = tar_keys
+        drops = _duplicates(keys)
+        del keys
+        tasks = [dataclasses.replace(t, drop=drops.get(i, [])) for i, t in pending.items()]
+        with tqdm(total=len(listing), initial=len(listing) - len(tasks), desc=f"ingesting {name}", unit="tar",
+                  disable=not progress) as bar:
+            for _ in _pool_map(pool, ingest_unit, tasks, bar):
+                pass
 
 
 def _beam():
@@ -641,12 +895,61 @@ def run_beam(tasks: Sequence[UnitTask], runner: str, pipeline_args: Sequence[str
              | "ingest_unit" >> beam.Map(ingest_unit))
 
 
+def _key_and_tar(listed: tuple[int, list[str]]) -> Iterator[tuple[str, int]]:
+    index, keys = listed
+    return ((key, index) for key in keys)
+
+
+def _later_tars(key_tars: tuple[str, Sequence[int]]) -> Iterator[tuple[int, str]]:
+    """(tar index, key) for every tar holding `key` but the first in listing order."""
+    key, tars = key_tars
+    return ((index, key) for index in sorted(set(tars))[1:])
+
+
+def _write_unit(joined: tuple[int, dict]) -> dict | None:
+    """``ingest_unit`` of a pending unit with the keys to drop that the pipeline found for its tar."""
+    _, parts = joined
+    units = list(parts["unit"])
+    return ingest_unit(dataclasses.replace(units[0], drop=list(parts["drop"]))) if units else None
+
+
+def run_beam_tars(listing: Sequence[ListTask], pending: dict[int, UnitTask], runner: str,
+                  pipeline_args: Sequence[str] = ()) -> None:
+    """The Beam driver for a source planned on the workers (``plan_tars``): a pipeline
+
+        Create(listing) | Reshuffle | Map(list_unit)                  (tar index, its keys), every tar
+          | FlatMap (key, tar index) | GroupByKey | FlatMap _later_tars   (tar index, key) to drop: duplicates
+        {Create(pending units), drops} | CoGroupByKey | Map(_write_unit)   the pending units written
+
+    so the keys are grouped by the runner's shuffle, never gathered on one machine."""
+    if not pending:
+        return
+    beam = _beam()
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(list(pipeline_args), runner=runner)
+    with beam.Pipeline(options=options) as pipeline:
+        drops = (pipeline
+                 | "tars" >> beam.Create(list(listing), reshuffle=False)
+                 | "spread tars over workers" >> beam.Reshuffle()
+                 | "list_unit" >> beam.Map(list_unit)
+                 | "key, tar" >> beam.FlatMap(_key_and_tar)
+                 | "tars by key" >> beam.GroupByKey()
+                 | "duplicates" >> beam.FlatMap(_later_tars))
+        units = pipeline | "units" >> beam.Create(sorted(pending.items()), reshuffle=False)
+        _ = ({"unit": units, "drop": drops}
+             | "drops by unit" >> beam.CoGroupByKey()
+             | "ingest_unit" >> beam.Map(_write_unit))
+
+
 def _drop_split(out: paths.Path, manifest: dict, split: str) -> None:
     """Remove `split`'s shards, unit reports and manifest entry (a split with no records is not a dataset)."""
     state, dsname, count = out / STATE_DIR, manifest["name"], manifest["splits"][split]["units"]
     for i in range(count):
         (out / records.shard_filename(dsname, split, i, count)).unlink(missing_ok=True)
         (state / f"{split}-{i:05d}.json").unlink(missing_ok=True)
+        if manifest["splits"][split].get("planned") == "workers":
+            _keys_file(out, split, i).unlink(missing_ok=True)
     del manifest["splits"][split]
     _write_text(state / MANIFEST, json.dumps(manifest, indent=1))
 
@@ -660,7 +963,8 @@ def _finish(out: paths.Path, manifest: dict, split: str, plan: dict, done: int, 
             lengths[s] = [r["records"] for r in unit_reports]
             reports[s] = unit_reports
     mine = reports[split]
-    skipped = plan["skipped"] + [x for r in mine for x in r["skipped"]]
+    skipped = (plan["skipped"] + [x for r in mine for x in r.get("plan_skipped", ())]
+               + [x for r in mine for x in r["skipped"]])
     report = _load_json(out / REPORT) or {}
     report[split] = {"source": manifest["splits"][split]["source"], "records": sum(lengths[split]),
                      "image_bytes": sum(r["image_bytes"] for r in mine), "skipped": skipped}
@@ -668,7 +972,7 @@ def _finish(out: paths.Path, manifest: dict, split: str, plan: dict, done: int, 
     if not sum(lengths[split]):
         source = manifest["splits"][split]["source"]
         _drop_split(out, manifest, split)
-        raise IngestError(_nothing_usable(pathlib.Path(source), skipped, out / REPORT))
+        raise IngestError(_nothing_usable(source, skipped, out / REPORT))
     metadata = dict(
         name=dsname, features=records.image_text_features(plan["classnames"]), shard_lengths=lengths,
         description=f"Image-text data ingested by clipjax.data.ingest from {manifest['splits'][split]['source']}.",
@@ -688,12 +992,13 @@ def _finish(out: paths.Path, manifest: dict, split: str, plan: dict, done: int, 
     else:
         records.write_metadata(out, **metadata)
     return Summary(out, split, report[split]["records"], report[split]["image_bytes"], len(skipped), done,
-                   len(plan["units"]) - done, time.time() - start)
+                   unit_count(plan) - done, time.time() - start)
 
 
 def _parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m clipjax.data.ingest", description=__doc__)
-    parser.add_argument("src", help="a .csv/.jsonl file, a folder of webdataset .tar shards, or an ImageFolder")
+    parser.add_argument("src", help="a .csv/.jsonl file, a folder of webdataset .tar shards (or their brace pattern "
+                                    "or glob, local or gs://, s3://), or an ImageFolder")
     parser.add_argument("--output", required=True,
                         help="dataset directory to write (read it with dir:DIR): new, empty, or an earlier output "
                              "of this command; gs://BUCKET/DIR (or s3://) writes it to an object store")
