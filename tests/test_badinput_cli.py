@@ -101,7 +101,7 @@ def test_storage_client_echoes_before_a_gs_error_are_dropped_and_nothing_else():
 def test_a_gs_workdir_or_wds_spec_that_fails_ends_in_one_error_line_without_client_echoes(tmp_path):
     """The trainer against gs:// with no credentials and no GCE metadata server (an emulator on 127.0.0.1 in place
     of storage.googleapis.com, gcsfs's experimental bucket probe on, as by default): the lines before `error:` are
-    the trainer's own (INFO; for a wds: spec, its skipped shards), none from the storage clients."""
+    the trainer's own INFO lines, none from the storage clients, nor a skipped shard per shard of a wds: spec."""
     from gcs_emulator import needs_emulator, running_emulator
 
     if needs_emulator.args[0]:
@@ -109,15 +109,15 @@ def test_a_gs_workdir_or_wds_spec_that_fails_ends_in_one_error_line_without_clie
     with running_emulator() as emu:
         env = {**os.environ, **emu.env}
         env.pop("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+        shards = "the first 2 shards this host read cannot be opened; check the path, the bucket and the credentials"
         runs = {"no such object or bucket": ["--workdir=gs://nonexistent-bucket-xyz/run"],
-                "holds a usable sample": [f"--workdir={tmp_path / 'run'}", "--config.total_steps=2",
-                                          "--config.warmup_steps=0",
-                                          "--config.data.train=wds:gs://clipjax-test/missing/{0..1}.tar"]}
+                shards: [f"--workdir={tmp_path / 'run'}", "--config.total_steps=2", "--config.warmup_steps=0",
+                         "--config.data.train=wds:gs://clipjax-test/missing/{0..1}.tar"]}
         for needle, args in runs.items():
             proc = subprocess.run([sys.executable, "-m", "clipjax.main", "--config=configs/demo.py", *args],
                                   capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
             err = proc.stderr.strip().splitlines()
             assert proc.returncode == 2 and err[-1].startswith("error: ") and needle in err[-1], proc.stderr[-3000:]
             others = [line for line in err[:-1] if not line.startswith("I")]  # absl's INFO lines: the run's log
-            assert all("] skipping shard gs://clipjax-test/missing/" in line for line in others), others
+            assert not others, others
             assert "Traceback" not in proc.stderr

@@ -511,6 +511,21 @@ def test_a_mix_with_a_stream_resumes_exactly_and_counts_skips_per_source(shards,
     assert len(_take(reweighted, 2)) == 2
 
 
+def test_two_hosts_of_a_mix_read_disjoint_shards_and_records(shards, records_dir):
+    root, _ = shards
+    spec = _mix(root, records_dir)
+    taken = []
+    for host in range(2):
+        it = _train(spec, global_batch_size=16, process_index=host, process_count=2)
+        slots = _slots(it, 200)
+        taken.append(({item.where.rsplit(":", 1)[1][:2] for _, s, item in slots if s == 0},  # shard numbers
+                      [item.index for _, s, item in slots if s == 1]))
+        assert len(_take(it, 2)[1]["image"]) == 8
+    assert not taken[0][0] & taken[1][0] and {int(k) % 2 for k in taken[1][0]} == {1}
+    first_epoch = [set(t[1][:12]) for t in taken]  # 24 records: 12 a host in each epoch, disjoint
+    assert not first_epoch[0] & first_epoch[1] and len(first_epoch[0] | first_epoch[1]) == 24
+
+
 def test_two_streams_of_a_mix_are_shuffled_independently(shards):
     root, _ = shards
     it = _train({_brace(root): 1.0, f"wds:{root}": 1.0})  # the same shards, listed two ways
@@ -582,3 +597,26 @@ def test_the_trainer_runs_on_a_mix_with_wds_shards_and_resumes_exactly(shards, r
     for step in (3, 4):
         assert again[step]["loss"] == rows[step]["loss"]
         assert again[step]["data_skipped"] == rows[step]["data_skipped"]
+
+
+def test_shards_that_cannot_be_opened_from_the_start_are_one_error_at_once(tmp_path, caplog):
+    """A spec whose first shards cannot be opened (a wrong bucket or path, no credentials) is one DatasetError with
+    the reason after 4 shards, not a skip per shard of the listing; once a shard opened, later ones that cannot be
+    opened are skipped, counted and logged, the earlier failures too."""
+    spec = f"wds:{tmp_path}/{{000..099}}.tar"
+    _write_tar(tmp_path / "050.tar", [("k", {"jpg": _encode(0, "JPEG"), "txt": b"a caption"})])  # the listing exists
+    caplog.set_level(logging.WARNING, logger="clipjax.data.wds")
+    with pytest.raises(sources.DatasetError, match=r"the first 4 shards this host read cannot be opened; check the "
+                                                   r"path \(last: shard .*\.tar: cannot be opened \(FileNotFoundError"):
+        next(_train(spec).reader())
+    assert "skipping" not in caplog.text  # the error says it: no line per shard before it
+    reader = _train(spec).reader()
+    reader.order(0)[:] = np.roll(np.arange(100), -48)  # shards 48, 49 (missing), 50, 51 (missing), ...
+    sample = next(reader)
+    assert sample.where.endswith("050.tar:k") and reader.skipped == 2 and caplog.text.count("cannot be opened") == 2
+    next(reader)  # the next sample is an epoch later: the other missing shards skipped and counted
+    assert reader.skipped == 2 + 97 + list(reader.order(1)).index(50)
+    reader.close()
+    missing = wds.ShardReader(f"wds:{tmp_path}/x.tar", [str(tmp_path / "x.tar")], seed=0, process_index=0)
+    with pytest.raises(sources.DatasetError, match="the first 1 shards"):  # fewer shards than 4: all of them
+        next(missing)

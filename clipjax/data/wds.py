@@ -25,7 +25,9 @@ The stream of one host (P hosts):
 Skipped and counted in ``skipped`` (the first reasons logged): a sample without an image member or without a
 non-empty caption, an image that does not decode, the member where a shard is truncated or damaged (the samples
 before it are read, the rest of that shard is lost), and a shard that cannot be opened (deleted since it was listed,
-an error of remote storage).
+an error of remote storage). When the first 4 shards a host reads (or all, if fewer) cannot be opened and none could
+yet, the spec or the storage is wrong (a bucket, a path, credentials, the network): one ``DatasetError`` with the
+reason, at once rather than after retrying every shard.
 
 Resume state (``get_state``, JSON): ``sample`` (the next slot t); ``position`` [epoch, shard, member] (the next sample
 to read: its epoch, its shard's place in that epoch's order, its index among the shard's samples); ``buffer``, the
@@ -66,6 +68,7 @@ STATE_VERSION = 1
 DEFAULT_SHUFFLE_BUFFER = 1000
 _BLOCK = 4096  # buffer choices drawn per generator
 _LOG_FIRST = 10  # skips logged with their reason while reading (further ones are counted)
+_FIRST_OPENS = 4  # shards that cannot be opened before any could: the spec or the storage is wrong, not a shard
 _READ_BUFFER = 1 << 20
 _PROTOCOL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -238,6 +241,7 @@ class ShardReader(Iterator[Sample]):
         self.position, self.skipped = tuple(position), int(skipped)
         self._orders: dict[int, np.ndarray] = {}
         self._bad_run = self._logged = self._barren = 0
+        self._unopened: list[str] | None = []  # why shards could not be opened before the first one was (then None)
         self._it = self._run()
 
     def order(self, epoch: int) -> np.ndarray:
@@ -250,17 +254,43 @@ class ShardReader(Iterator[Sample]):
     def url(self, epoch: int, pos: int) -> str:
         return self.urls[int(self.order(epoch)[pos])]
 
-    def skip(self, reason: str) -> None:
-        """Counts a skipped sample or shard (the first ``_LOG_FIRST`` logged with ``reason``); too many in a row
-        raise ``core.TooManyBadRecords``."""
+    def skip(self, reason: str, *, quiet: bool = False) -> None:
+        """Counts a skipped sample or shard (the first ``_LOG_FIRST`` logged with ``reason``, unless ``quiet``); too
+        many in a row raise ``core.TooManyBadRecords``."""
         self.skipped += 1
         self._bad_run += 1
+        if not quiet:
+            self._log_skip(reason)
+        if self._bad_run >= pipeline._MAX_CONSECUTIVE_BAD:
+            raise core.TooManyBadRecords(f"{self._bad_run} consecutive bad samples or shards; last: {reason}")
+
+    def _log_skip(self, reason: str) -> None:
         if self._logged < _LOG_FIRST:
             self._logged += 1
             more = " (further skips are counted, not logged)" if self._logged == _LOG_FIRST else ""
             log.warning("skipping %s%s", reason, more)
-        if self._bad_run >= pipeline._MAX_CONSECUTIVE_BAD:
-            raise core.TooManyBadRecords(f"{self._bad_run} consecutive bad samples or shards; last: {reason}")
+
+    def _cannot_open(self, url: str, error: Exception) -> None:
+        """A shard that cannot be opened: skipped and counted. While none has been opened yet, the skip is logged
+        only once one is; ``_FIRST_OPENS`` such shards (or all of them, if fewer) raise one ``DatasetError`` with
+        the reason: a wrong bucket or path, missing credentials or no network, not one lost shard."""
+        reason = f"shard {url}: cannot be opened ({type(error).__name__}: {' '.join(str(error).split())})"
+        if self._unopened is None:
+            self.skip(reason)
+            return
+        self._unopened.append(reason)
+        self.skip(reason, quiet=True)
+        if len(self._unopened) >= min(len(self.urls), _FIRST_OPENS):
+            where = "the path, the bucket and the credentials" if _protocol(url) else "the path"
+            raise src_lib.DatasetError(f"dataset {self.spec!r}: the first {len(self._unopened)} shards this host "
+                                       f"read cannot be opened; check {where} (last: {reason})")
+
+    def _opened(self) -> None:
+        """A shard opened: the open failures before it were single shards after all, logged now."""
+        if self._unopened is not None:
+            for reason in self._unopened:
+                self._log_skip(reason)
+            self._unopened = None
 
     def _shard(self, epoch: int, pos: int, start: int) -> Iterator[Sample]:
         """The usable samples of shard ``pos`` of epoch ``epoch`` from sample ``start`` on."""
@@ -268,8 +298,9 @@ class ShardReader(Iterator[Sample]):
         try:
             f = open_shard(url)
         except Exception as e:  # deleted since it was listed, or an error of remote storage
-            self.skip(f"shard {url}: cannot be opened ({type(e).__name__}: {e})")
+            self._cannot_open(url, e)
             return
+        self._opened()
         with f:
             groups = iter_groups(f)
             try:
