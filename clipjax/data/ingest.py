@@ -356,6 +356,8 @@ def list_tars(src: str) -> list[str]:
     from clipjax.data import sources, wds  # imported on use: wds imports this module
 
     spec = sources.WDS_PREFIX + src
+    if paths.is_remote(src):
+        paths.as_path(src)  # fsspec set up as for every clipjax path (fresh listings) before wds lists
     try:
         with paths.storage_errors(src, "list"):
             tars = wds.shard_urls(spec)
@@ -373,7 +375,6 @@ def _remote_sizes(src: str, tars: list[str]) -> list[int]:
     listed is an IngestError."""
     import fsspec
 
-    paths.as_path(src)  # fsspec set up as for every clipjax path (fresh listings)
     sizes = {}
     with paths.storage_errors(src, "list"):
         fs, _ = fsspec.core.url_to_fs(tars[0])
