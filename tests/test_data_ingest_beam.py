@@ -333,3 +333,17 @@ def test_bucket_source_resume_redoes_only_the_missing_unit(bucket_tars, tmp_path
     paths.as_path(f"{bucket_tars}/00003.tar").unlink()
     with pytest.raises(ingest.IngestError, match="no .tar shards found; .* ImageFolder is read on this machine"):
         ingest.ingest(f"gs://{BUCKET}/no-tars", tmp_path / "none", workers=0, progress=False)
+
+
+def test_pool_and_beam_find_the_same_duplicates():
+    """The pool driver's scan in listing order and the Beam steps (key, tar) → GroupByKey → later tars drop the same
+    keys, for keys held by up to three tars."""
+    listings = [["a", "b"], ["b", "c"], ["a", "c", "d"], [], ["d", "a"]]
+    pool = ingest._duplicates(listings)
+    assert pool == {1: ["b"], 2: ["a", "c"], 4: ["d", "a"]}
+    by_key: dict[str, list[int]] = {}
+    for i in reversed(range(len(listings))):  # a shuffle gives the tars in any order
+        for key, tar in ingest._key_and_tar((i, listings[i])):
+            by_key.setdefault(key, []).append(tar)
+    beam = sorted(pair for group in by_key.items() for pair in ingest._later_tars(group))
+    assert beam == sorted((i, key) for i, keys in pool.items() for key in keys)
