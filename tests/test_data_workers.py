@@ -259,7 +259,9 @@ def test_close_ends_the_workers_and_an_iterator_resumes_after_it(ds):
 
 
 _PARENT = textwrap.dedent("""
-    import json, sys, time
+    import faulthandler, json, os, signal, sys, time
+    # SIGUSR1: every thread's Python stack into the file argv[3] (what the test shows if this process hangs)
+    faulthandler.register(signal.SIGUSR1, os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), all_threads=True)
     import jax
     jax.numpy.zeros(1).block_until_ready()  # JAX initialised in the parent, as in the trainer
     sys.path.insert(0, sys.argv[2])
@@ -271,24 +273,52 @@ _PARENT = textwrap.dedent("""
 """)
 
 
+def _why_stuck(pid, stacks_file):
+    """What process ``pid`` (started from ``_PARENT``) is doing: its signal state (blocked, ignored, pending), each
+    thread's kernel state, and every thread's Python stack (faulthandler, on SIGUSR1)."""
+    lines = []
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            lines += [line.rstrip() for line in f if line.startswith(("State", "Sig", "ShdPnd"))]
+        for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            task = f"/proc/{pid}/task/{tid}"
+            with open(f"{task}/comm") as f, open(f"{task}/wchan") as g, open(f"{task}/stat") as h, \
+                    open(f"{task}/status") as k:
+                blocked = next((line.split()[1] for line in k if line.startswith("SigBlk")), "?")
+                lines.append(f"thread {tid} {f.read().strip()!r}: state {h.read().rsplit(')', 1)[1].split()[0]}, "
+                             f"wchan {g.read().strip() or '-'}, SigBlk {blocked}")
+        os.kill(pid, signal.SIGUSR1)
+    except OSError as e:
+        lines.append(f"({type(e).__name__}: {e})")
+    time.sleep(2)
+    stacks = stacks_file.read_text() if stacks_file.exists() else ""
+    return "\n".join(lines) + "\nPython stacks:\n" + (stacks or "(none written)")
+
+
 # Ctrl-C of the parent: passes alone and under `-n 2` by itself, but in two full-suite runs on a loaded 2-core
 # machine the parent did not exit within 60 s; the cause is not found yet (an open defect, not an accepted one).
+# Should it hang again, the failure shows the parent's signal state and every thread's stack (`_why_stuck`).
 _SIGINT_UNDER_LOAD = pytest.mark.xfail(strict=False, reason="parent hang at exit after Ctrl-C seen under full-suite "
                                                             "load; root cause open")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=_SIGINT_UNDER_LOAD)])
-def test_no_worker_survives_its_parent_being_stopped(ds, sig):
+def test_no_worker_survives_its_parent_being_stopped(ds, sig, tmp_path):
     """SIGTERM (the default action: the parent ends at once, no clean-up) and Ctrl-C (KeyboardInterrupt) of a
     parent that holds JAX and a 2-worker iterator: both workers are gone soon after."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(ds), os.path.dirname(__file__)],
+    stacks = tmp_path / "parent_stacks.txt"
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(ds), os.path.dirname(__file__), str(stacks)],
                               stdout=subprocess.PIPE, text=True, env=env)
     try:
         pids = json.loads(_within(120, parent.stdout.readline))
         assert len(pids) == 2 and all(_alive(p) for p in pids)
         parent.send_signal(sig)
-        assert parent.wait(timeout=60) != 0
+        try:
+            code = parent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the parent did not exit within 60 s of {sig.name}:\n{_why_stuck(parent.pid, stacks)}")
+        assert code != 0
         deadline = time.monotonic() + 20
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -464,7 +464,10 @@ class ProcessExecutor:
                 w.proc.wait(timeout=self._close_timeout_s)
             except subprocess.TimeoutExpired:
                 w.proc.kill()
-                w.proc.wait()
+                try:
+                    w.proc.wait(timeout=self._close_timeout_s)
+                except subprocess.TimeoutExpired:  # unkillable for now (in the kernel): not worth a hang
+                    log.warning("%s did not end after SIGKILL", w.describe())
 
     def close(self) -> None:
         with self._lock:
@@ -477,11 +480,16 @@ class ProcessExecutor:
         for future in pending:
             future.cancel()
         self._stop_workers()
-        # At interpreter exit daemon threads may be frozen mid-call: never wait on one then (a hang, not an exit).
-        self._collector.join(timeout=0 if sys.is_finalizing() else None)
+        # The collector ends as soon as the workers' result pipes close. Never wait on it without bound: close() also
+        # runs from atexit (where sys.is_finalizing() is still False) and from finalizers, where daemon threads may
+        # be frozen mid-call; an exit must not turn into a hang.
+        self._collector.join(timeout=0 if sys.is_finalizing() else self._close_timeout_s)
         if not self._collector.is_alive():
             for w in self._workers:
                 os.close(w.results)
+        elif not sys.is_finalizing():
+            log.warning("the result collector of data workers %s did not end within %.0f s of closing them",
+                        self.pids, self._close_timeout_s)
 
 
 _OPEN_EXECUTORS: weakref.WeakSet[ProcessExecutor] = weakref.WeakSet()
