@@ -473,7 +473,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
     if head_task is not None and start == 0:  # the zero-shot head before any step
         last = _run_evals({}, state, cfg, head_task)
         _write_metrics(writer, 0, last)
-    t_last, steps_since = time.perf_counter(), 0
+    t_last, c_last, steps_since = time.perf_counter(), time.thread_time(), 0
     step, stop, fields = start, False, None
     step_fns: dict[Phase, Any] = {}  # one compiled step per phase (its image size, text length, patch dropout)
     unchecked: collections.deque = collections.deque()  # (step, metrics) whose counters were not read yet
@@ -512,8 +512,10 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
         if log_now:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             dt = (time.perf_counter() - t_last) / steps_since
-            t_last, steps_since = time.perf_counter(), 0
-            m.update(lr=float(schedule(step - 1)), step_time=dt, samples_per_sec=config.batch_size / dt,
+            host = (time.thread_time() - c_last) / steps_since  # the loop thread's CPU time: dispatch, batches
+            t_last, c_last, steps_since = time.perf_counter(), time.thread_time(), 0
+            m.update(lr=float(schedule(step - 1)), step_time=dt, loop_cpu_time=host,
+                     samples_per_sec=config.batch_size / dt,
                      tflops_per_device=flops / dt / mesh.size / 1e12)
             if peak:
                 m["mfu"] = flops / dt / peak
@@ -525,7 +527,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
                 shown = ("loss", "accuracy") if head_task is not None else ("loss", "temperature")
                 log.info(progress.line(step, {k: m[k] for k in (*shown, "samples_per_sec")}))
         counters.raise_if_failed()  # after logging the step that failed, before evaluating or checkpointing it
-        t_pause = time.perf_counter()
+        t_pause, c_pause = time.perf_counter(), time.thread_time()
         if evaluate:
             results = _run_evals(evaluators, state, cfg, head_task)
             if results:
@@ -535,6 +537,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
             ckpt.save(step, state, data.get_state() if hasattr(data, "get_state") else None,
                       force=stop or step == config.total_steps)
         t_last += time.perf_counter() - t_pause  # step_time and samples_per_sec count training only
+        c_last += time.thread_time() - c_pause
         if stop:
             log.warning("stopped at step %d after a signal, with a checkpoint; re-run the same command to resume",
                         step)

@@ -197,8 +197,9 @@ def test_main_resumes_from_workdir(tmp_path):
     full_rows, part_rows = rows(tmp_path / "full"), rows(tmp_path / "part")
     for step in (3, 4):
         assert part_rows[step]["loss"] == pytest.approx(full_rows[step]["loss"], rel=1e-6)
-    for key in ("step", "loss", "lr", "temperature", "grad_norm", "samples_per_sec", "step_time"):
+    for key in ("step", "loss", "lr", "temperature", "grad_norm", "samples_per_sec", "step_time", "loop_cpu_time"):
         assert key in full_rows[4]
+    assert 0 < full_rows[4]["loop_cpu_time"] <= 1.01 * full_rows[4]["step_time"]  # one thread: at most the wall time
     assert full_rows[4]["temperature"] == pytest.approx(np.exp(full_rows[4]["logit_scale"]))
     import clipjax
 
