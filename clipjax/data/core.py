@@ -60,7 +60,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -646,6 +646,18 @@ class Prefetcher(Iterator[Any]):
             self._stop.set()
             # At interpreter exit (a finalizer) the daemon producer may be frozen mid-call: joining it would hang.
             thread.join(timeout=0 if sys.is_finalizing() else None)
+
+
+def check_state(state: dict, mine: dict, fields: Sequence[str], *, what: str, kind: str | None = None) -> None:
+    """Refuses a saved iterator `state` that another iterator wrote: another kind or version than `mine` (this
+    iterator's own ``get_state()``), or another value of one of `fields` (specs, seed, hosts, ...). `what` names the
+    kind in the error (e.g. "a wds: stream's")."""
+    if (kind is not None and state.get("kind") != kind) or state.get("version") != mine["version"]:
+        raise ValueError(f"data iterator state of {state.get('specs')!r} is not {what} (kind {state.get('kind')!r}, "
+                         f"version {state.get('version')!r}); this iterator reads {mine['specs']!r}")
+    for field in fields:
+        if state.get(field) != mine[field]:
+            raise ValueError(f"data iterator state has {field}={state.get(field)!r}, this iterator {mine[field]!r}")
 
 
 class PrefetchedBatches:

@@ -202,14 +202,8 @@ class MixTrainIterator(core.PrefetchedBatches):
     def set_state(self, state: dict) -> None:
         """Continues from ``state`` (from ``get_state`` of an iterator with the same specs, seed, hosts and shuffle
         buffer; the weights may differ)."""
-        if state.get("kind") != STATE_KIND or state.get("version") != STATE_VERSION:
-            raise ValueError(f"data iterator state of {state.get('specs')!r} is not a mix with wds: streams' (kind "
-                             f"{state.get('kind')!r}, version {state.get('version')!r}); this iterator reads "
-                             f"{self.specs!r}")
-        mine = self.get_state()
-        for field in ("specs", "seed", "process_index", "process_count", "shuffle_buffer"):
-            if state.get(field) != mine[field]:
-                raise ValueError(f"data iterator state has {field}={state.get(field)!r}, this iterator {mine[field]!r}")
+        core.check_state(state, self.get_state(), ("specs", "seed", "process_index", "process_count",
+                                                   "shuffle_buffer"), what="a mix with wds: streams'", kind=STATE_KIND)
         counts, by_source = [int(c) for c in state["counts"]], [int(k) for k in state["skipped_by_source"]]
         saved = state.get("streams") or {}
         if (len(counts) != len(self.specs) or sum(counts) != state["sample"] or len(by_source) != len(self.specs)

@@ -254,12 +254,8 @@ class TrainIterator(core.PrefetchedBatches):
 
     def set_state(self, state: dict) -> None:
         """Continues from ``state`` (from ``get_state`` of an iterator with the same specs/seed/hosts)."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data iterator state version {state.get('version')!r}, expected {STATE_VERSION}")
-        for field in ("specs", "seed", "process_index", "process_count"):
-            mine = self.get_state()[field]
-            if state.get(field) != mine:
-                raise ValueError(f"data iterator state has {field}={state.get(field)!r}, this iterator {mine!r}")
+        core.check_state(state, self.get_state(), ("specs", "seed", "process_index", "process_count"),
+                         what="an ArrayRecord iterator's")
         if len(state["counts"]) != len(self.specs) or sum(state["counts"]) != state["sample"]:
             raise ValueError(f"inconsistent data iterator state: sample={state['sample']} counts={state['counts']}")
         self.close()

@@ -557,14 +557,8 @@ class StreamTrainIterator(core.PrefetchedBatches):
 
     def import_state(self, state: dict) -> dict:
         """The internal state of ``state`` (``get_state``'s form), checked against this iterator (``set_state``)."""
-        if state.get("kind") != STATE_KIND or state.get("version") != STATE_VERSION:
-            raise ValueError(f"data iterator state of {state.get('specs')!r} is not a wds: stream's (kind "
-                             f"{state.get('kind')!r}, version {state.get('version')!r}); this iterator reads "
-                             f"{self.specs!r}")
-        mine = self.get_state()
-        for field in ("specs", "seed", "process_index", "process_count", "shuffle_buffer"):
-            if state.get(field) != mine[field]:
-                raise ValueError(f"data iterator state has {field}={state.get(field)!r}, this iterator {mine[field]!r}")
+        core.check_state(state, self.get_state(), ("specs", "seed", "process_index", "process_count",
+                                                   "shuffle_buffer"), what="a wds: stream's", kind=STATE_KIND)
         position, buffer = list(state["position"]), [list(i) for i in state["buffer"]]
         if (len(position) != 3 or len(buffer) not in (0, self.shuffle_buffer) or any(len(i) != 3 for i in buffer)
                 or not 0 <= state["read_skipped"] <= state["skipped"]):
