@@ -5,6 +5,11 @@ os.environ["XLA_FLAGS"] = " ".join(
     f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f
 ) + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No Google endpoint is ever reached from the tests (tests/gcs_emulator.py serves gs://). gcsfs and google-auth read
+# these once, when first imported, which in a test process may be before the emulator's environment is set: set them
+# for the whole session, or a later gs:// test waits on the metadata server and the storage-layout API.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("NO_GCE_CHECK", "true")
 
 import pathlib  # noqa: E402
 
