@@ -23,7 +23,7 @@ from clipjax.data import ingest, sources, wds
 from gcs_emulator import BUCKET, needs_emulator, running_emulator
 
 needs_beam = pytest.mark.skipif(importlib.util.find_spec("apache_beam") is None,
-                                reason="needs Apache Beam (the beam extra, part of dev)")
+                                reason="needs Apache Beam (pip install -e \".[dev,beam]\"; .ci/run's second stage)")
 BEAM = ["--runner", "DirectRunner", "--direct_num_workers=1", "--quiet"]
 
 
