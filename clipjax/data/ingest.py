@@ -738,10 +738,10 @@ def ingest(
     name_of_src = pathlib.PurePosixPath(os.fspath(src)).name
     out = paths.as_path(output) if paths.is_remote(output) else pathlib.Path(output).expanduser()
     if runner is not None:
-        _beam()  # fail before any work without Apache Beam
         if runner.lower().removesuffix("runner") == "dataflow" and not paths.is_remote(out):
             raise IngestError(f"--runner {runner} writes from cloud workers: --output must be in a bucket "
                               f"(gs://BUCKET/DIR), not {out}")
+        _beam()  # fail before any work without Apache Beam
     if not paths.is_remote(src) and not is_pattern(src) and not src.exists():
         raise FileNotFoundError(f"ingest source not found: {src}")
     if "{}" not in template:
