@@ -879,17 +879,22 @@ def _beam():
     return apache_beam
 
 
+def _pipeline(runner: str, pipeline_args: Sequence[str]):
+    """(the apache_beam module, a Pipeline on `runner` with the options `pipeline_args`), for ``with pipeline:``."""
+    beam = _beam()
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    return beam, beam.Pipeline(options=PipelineOptions(list(pipeline_args), runner=runner))
+
+
 def run_beam(tasks: Sequence[UnitTask], runner: str, pipeline_args: Sequence[str] = ()) -> None:
     """The Beam driver: a pipeline ``Create(tasks) | Reshuffle | Map(ingest_unit)`` run to completion on ``runner``
     with the options ``pipeline_args`` (``--project=...``, ``--region=...``, ...: Beam's PipelineOptions). The
     reports are read back from the output afterwards, as for the local driver."""
     if not tasks:
         return
-    beam = _beam()
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    options = PipelineOptions(list(pipeline_args), runner=runner)
-    with beam.Pipeline(options=options) as pipeline:
+    beam, pipeline = _pipeline(runner, pipeline_args)
+    with pipeline:
         _ = (pipeline
              | "units" >> beam.Create(list(tasks), reshuffle=False)
              | "spread over workers" >> beam.Reshuffle()
@@ -925,11 +930,8 @@ def run_beam_tars(listing: Sequence[ListTask], pending: dict[int, UnitTask], run
     so the keys are grouped by the runner's shuffle, never gathered on one machine."""
     if not pending:
         return
-    beam = _beam()
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    options = PipelineOptions(list(pipeline_args), runner=runner)
-    with beam.Pipeline(options=options) as pipeline:
+    beam, pipeline = _pipeline(runner, pipeline_args)
+    with pipeline:
         drops = (pipeline
                  | "tars" >> beam.Create(list(listing), reshuffle=False)
                  | "spread tars over workers" >> beam.Reshuffle()
