@@ -9,7 +9,7 @@ backend. Where it lives, by ``config.compilation_cache`` (the trainer) and the e
     "off"       no persistent cache (also CLIPJAX_COMPILATION_CACHE=off or empty)
     a path      that directory (local, or an object store such as gs://bucket/xla-cache, shared by a pod's hosts)
 
-Only programs that took at least ``MIN_COMPILE_SECONDS`` to compile are stored (small eager helpers are not worth a
+A local directory that cannot be created switches the cache off, with one warning. Only programs that took at least ``MIN_COMPILE_SECONDS`` to compile are stored (small eager helpers are not worth a
 file). The cache never changes results: JAX keys an entry by the program, the backend, its version and the flags.
 """
 
@@ -44,6 +44,12 @@ def enable(setting: str = "") -> str | None:
         path = None
     else:
         path = setting or default_dir()
+    if path is not None and "://" not in path:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:  # the cache only saves time: run without it rather than warn at every compile
+            log.warning("persistent compilation cache off: cannot create %s (%s)", path, e.strerror or e)
+            path = None
     if path is None:
         jax.config.update("jax_enable_compilation_cache", False)
         return None

@@ -46,6 +46,11 @@ def test_enable_sets_and_switches_off_jax_cache(monkeypatch, tmp_path, restore_j
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "given")
     assert compile_cache.enable("off") is None
     assert not jax.config.jax_enable_compilation_cache
+    # a directory that cannot be made: no cache (one warning), not a warning at every compile
+    (tmp_path / "file").write_text("")
+    compile_cache.enable(str(tmp_path / "given"))
+    assert compile_cache.enable(str(tmp_path / "file" / "xla")) is None
+    assert not jax.config.jax_enable_compilation_cache
 
 
 def _main(workdir, cache, steps):
