@@ -9,8 +9,9 @@ backend. Where it lives, by ``config.compilation_cache`` (the trainer) and the e
     "off"       no persistent cache (also CLIPJAX_COMPILATION_CACHE=off or empty)
     a path      that directory (local, or an object store such as gs://bucket/xla-cache, shared by a pod's hosts)
 
-A local directory that cannot be created switches the cache off, with one warning. Only programs that took at least ``MIN_COMPILE_SECONDS`` to compile are stored (small eager helpers are not worth a
-file). The cache never changes results: JAX keys an entry by the program, the backend, its version and the flags.
+A local directory that cannot be created switches the cache off, with one warning. Only programs that took at least
+``MIN_COMPILE_SECONDS`` to compile are stored (small eager helpers are not worth a file). The cache never changes
+results: JAX keys an entry by the program, the backend, its version and the flags.
 """
 
 from __future__ import annotations
