@@ -14,6 +14,7 @@ import numpy as np
 from clipjax.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
+COUNTERS = "counters"  # the train step's metrics entry of int32 [3]: non-finite streak, non-finite total, stop request
 
 
 class NonFiniteError(FloatingPointError):
@@ -23,10 +24,11 @@ class NonFiniteError(FloatingPointError):
 class Preemption:
     """SIGTERM / SIGINT → finish the step in flight, checkpoint and stop (exit status 0).
 
-    The handler only sets a flag. Every batch carries the flag of the process that built it and the step reduces
-    them (`jit_train_step(stop_flags=True)`), so all processes learn of a signal that reached any one of them at the
-    same step and checkpoint that step together. This replaces JAX's own SIGTERM preemption notifier. A second SIGINT
-    raises KeyboardInterrupt at once (the last complete checkpoint is kept).
+    The handler only sets a flag. With several processes, every batch carries the flag of the process that built it
+    and the step reduces them (`jit_train_step(stop_flags=True)`), so all processes learn of a signal that reached any
+    one of them at the same step and checkpoint that step together; a single process reads its own flag. This
+    replaces JAX's own SIGTERM preemption notifier. A second SIGINT raises KeyboardInterrupt at once (the last
+    complete checkpoint is kept).
     """
 
     def __init__(self) -> None:
@@ -57,8 +59,8 @@ class Preemption:
 
 
 class StepCounters:
-    """Reads the counters of a finished step (one tiny device→host copy): skipped non-finite updates, which stop the
-    run after `max_streak` in a row, and stop requests."""
+    """Reads the counters of a finished step (one tiny device→host copy of metrics[COUNTERS]): skipped non-finite
+    updates, which stop the run after `max_streak` in a row, and stop requests."""
 
     def __init__(self, max_streak: int, ckpt: Checkpointer):
         self.max_streak, self.ckpt, self.total = max_streak, ckpt, 0
@@ -66,8 +68,7 @@ class StepCounters:
 
     def check(self, step: int, metrics: dict[str, jax.Array]) -> bool:
         """Returns whether any process asked to stop; records a NonFiniteError after too many skipped updates."""
-        streak, total, stop = (int(x) for x in jax.device_get(
-            (metrics["nonfinite_streak"], metrics["nonfinite_total"], metrics["stop_requested"])))
+        streak, total, stop = (int(x) for x in jax.device_get(metrics[COUNTERS]))
         if total > self.total:
             log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row, %d in all)", step,
                         streak, total)

@@ -344,8 +344,9 @@ def batch_fields(task: str) -> dict[str, int]:
 
 
 def batch_shardings(mesh: Mesh, task: str, fields: dict[str, int] | None = None) -> dict[str, NamedSharding]:
-    """Shardings of a global batch: every field split over the batch axes."""
-    return {name: shd.batch_sharding(mesh, ndim) for name, ndim in (fields or batch_fields(task)).items()}
+    """Shardings of a global batch: every field (the task's by default) split over the batch axes."""
+    fields = batch_fields(task) if fields is None else fields
+    return {name: shd.batch_sharding(mesh, ndim) for name, ndim in fields.items()}
 
 
 def head_logits(features: jax.Array, head: dict[str, jax.Array]) -> jax.Array:

@@ -46,7 +46,7 @@ from clipjax.models.specs import get_model_config
 from clipjax import phases as phases_lib
 from clipjax.optim import make_optimizer, make_schedule
 from clipjax.phases import Phase, PhasedData
-from clipjax.run_control import Preemption, StepCounters, sum_over_processes
+from clipjax.run_control import COUNTERS, Preemption, StepCounters, sum_over_processes
 from clipjax.step import (HEAD, TrainState, abstract_with_shardings, batch_fields, batch_shardings,  # noqa: F401
                           clip_variables, make_train_state, train_step)
 
@@ -201,12 +201,18 @@ def load_init_variables(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> d
 
 
 def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags: bool = False,
-                   fields: dict[str, int] | None = None, patch_dropout: float = 0.0):
+                   fields: dict[str, int] | None = None, patch_dropout: float = 0.0,
+                   make_batch: Callable[[jax.Array], dict[str, jax.Array]] | None = None):
     """`train_step` jitted with its shardings and the state donated. `fields`: the batch's fields and ranks (default:
     the task's; the synthetic source may add its "nan" flags); `patch_dropout`: the phase's (FLIP).
 
+    `make_batch`: the step makes its own batch, `make_batch(state.step)` (the synthetic source), merged under the
+    fields it is given (`fields={}`: none).
+
     `stop_flags`: the batch also carries "stop": int32 [N], each process's rows set to 1 when it was asked to stop;
     metrics["stop_requested"] is their maximum, the same on every process, so all processes agree on when to stop.
+    metrics[COUNTERS] packs what the loop reads of every step into one int32 [3] array: the non-finite streak and total
+    and the stop request (0 without `stop_flags`).
     """
     step = functools.partial(
         train_step, model=model, tx=tx, loss_fn=get_loss(config.loss) if config.task == "contrastive" else None,
@@ -215,13 +221,16 @@ def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags
     in_batch = batch_shardings(mesh, config.task, fields)
     if stop_flags:
         in_batch["stop"] = shd.batch_sharding(mesh, 1)
-        inner = step
+    inner = step
 
-        def step(state, batch):
-            batch = dict(batch)
-            stop = jnp.max(batch.pop("stop"))  # [N] → scalar: did any process ask to stop?
-            state, metrics = inner(state, batch)
-            return state, {**metrics, "stop_requested": stop}
+    def step(state, batch):
+        batch = dict(batch)
+        stop = jnp.max(batch.pop("stop")) if stop_flags else jnp.zeros((), jnp.int32)  # [N] → did any process ask?
+        if make_batch is not None:
+            batch = {**make_batch(state.step), **batch}
+        state, metrics = inner(state, batch)
+        counters = jnp.stack([metrics["nonfinite_streak"], metrics["nonfinite_total"], stop])
+        return state, {**metrics, **({"stop_requested": stop} if stop_flags else {}), COUNTERS: counters}
 
     # activations are sharded by their logical names (clipjax/sharding.py) while the step is traced
     return jax.jit(shd.with_activation_sharding(step, mesh), in_shardings=(state_shardings, in_batch),
@@ -257,7 +266,7 @@ def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mes
         return SyntheticIterator(global_batch_size=config.batch_size, image_size=image_size,
                                  context_length=context_length, seed=seed, mesh=mesh,
                                  vocab_size=cfg.text.vocab_size, nan_steps=tuple(d.synthetic_nan_steps),
-                                 seconds_per_batch=float(d.synthetic_seconds_per_batch))
+                                 seconds_per_batch=float(d.synthetic_seconds_per_batch), on_step=True)
     from clipjax.data.pipeline import make_train_iterator
     from clipjax.data.tokenizer import get_tokenizer
 
@@ -422,7 +431,8 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
             config.seed, mesh, init_variables, tuple(config.reinit), num_classes)
         report = shd.sharded_fraction(state.params)
         log.info("parameters: %.1fM (%.0f%% of bytes sharded)", report.total_bytes / 4e6, 100 * report.fraction)
-        step_fn = functools.partial(jit_train_step, model, tx, config, mesh, state_shardings, stop_flags=True)
+        step_fn = functools.partial(jit_train_step, model, tx, config, mesh, state_shardings,
+                                    stop_flags=jax.process_count() > 1)
         schedule = make_schedule(config.lr, config.warmup_steps, config.total_steps)
 
         # Resume order: 1. this workdir's newest readable checkpoint; 2. `init_from` weights; 3. from scratch.
@@ -451,7 +461,8 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
     return last
 
 
-COUNTER_LAG = 2  # steps by which the non-finite / stop counters are read late, so the loop never waits for the chip
+COUNTER_LAG = 2  # the newest steps whose counters (non-finite updates, stop requests) are left unread
+COUNTER_GROUP = 4  # counters are read this many steps at a time: the loop waits for the devices once per group
 
 
 def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, schedule, data, ckpt: Checkpointer,
@@ -459,9 +470,13 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
     """Steps from the state's step to `config.total_steps`; logs, evaluates and checkpoints on schedule.
 
     The loop stays ahead of the devices: each step is dispatched without waiting for the one before, the next batch
-    is prepared while it runs, and nothing is read back except a step's counters `COUNTER_LAG` steps later and the
-    metrics of log steps. Log, eval and checkpoint steps first read every pending counter, so a run that must stop
-    (non-finite updates, a signal) never logs past, evaluates or checkpoints a bad state."""
+    is prepared while it runs, and nothing is read back but the steps' counters and the metrics of log steps. The
+    counters are read `COUNTER_GROUP` steps at a time, `COUNTER_LAG` steps behind the newest (so 2 to 5 steps late),
+    after one wait: the loop thread sleeps once per group, not once per step. A wait and its wake-up cost ~1 ms of
+    CPU, which on a small host is taken from the step (experiments/RESULTS.md). Log, eval and checkpoint steps first
+    read every pending counter, so a run that must stop (non-finite updates, a signal) never logs past, evaluates or
+    checkpoints a bad state. With several processes every process reads the same steps at the same point, so all
+    stop at the same step."""
     start = int(jax.device_get(state.step))
     is_main = jax.process_index() == 0
     evaluators = _make_evaluators(config, cfg)
@@ -477,7 +492,8 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
     step, stop, fields = start, False, None
     step_fns: dict[Phase, Any] = {}  # one compiled step per phase (its image size, text length, patch dropout)
     unchecked: collections.deque = collections.deque()  # (step, metrics) whose counters were not read yet
-    stop_arrays: dict[tuple[int, bool], jax.Array] = {}  # this process's stop flags on the devices
+    stop_arrays: dict[bool, jax.Array] = {}  # this process's stop flags on the devices (several processes)
+    rows = config.batch_size // jax.process_count()  # this process's rows of a global batch
     if start < config.total_steps and is_main:
         log.info("compiling the train step (the first step includes it)…")
     while step < config.total_steps:
@@ -485,22 +501,26 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
         local = next(data)
         if phase not in step_fns:  # the batch's fields decide the compiled signature (synthetic data may add "nan")
             fields = {k: v.ndim for k, v in local.items() if k in (*batch_fields(config.task), "nan")}
-            step_fns[phase] = make_step(fields=fields, patch_dropout=phase.patch_dropout)
+            make_batch = data.iterator.make if getattr(data.iterator, "on_step", False) else None
+            step_fns[phase] = make_step(fields=fields, patch_dropout=phase.patch_dropout, make_batch=make_batch)
             phase_cfg, kept = _phase_config(cfg, phase)
             flops = train_flops_per_step(phase_cfg, config.batch_size, kept)
         step_fn = step_fns[phase]
-        rows = len(local["image"]) // (jax.process_count() if isinstance(local["image"], jax.Array) else 1)
-        requested = bool(preempt.requested)
-        if (rows, requested) not in stop_arrays:  # the flags change once at most: built once, not every step
-            stop_arrays[rows, requested] = to_global({"stop": preempt.flags(rows)}, mesh)["stop"]
-        batch = {**to_global(local, mesh, fields), "stop": stop_arrays[rows, requested]}
+        batch = to_global(local, mesh, fields)
+        if not single:  # every process's stop flags travel with the batch
+            requested = bool(preempt.requested)
+            if requested not in stop_arrays:  # the flags change once at most: built once, not every step
+                stop_arrays[requested] = to_global({"stop": preempt.flags(rows)}, mesh)["stop"]
+            batch["stop"] = stop_arrays[requested]
         with jax.transfer_guard("disallow"):
             state, metrics = step_fn(state, batch)
         step += 1
         steps_since += 1
         unchecked.append((step, metrics))
-        while len(unchecked) > COUNTER_LAG:  # a step that finished a while ago: reading it does not wait
-            stop = counters.check(*unchecked.popleft()) or stop
+        if len(unchecked) >= COUNTER_LAG + COUNTER_GROUP:  # one wait (the group's newest step), then no more
+            jax.block_until_ready(unchecked[-1 - COUNTER_LAG][1][COUNTERS])
+            while len(unchecked) > COUNTER_LAG:
+                stop = counters.check(*unchecked.popleft()) or stop
         stop = stop or (single and preempt.requested)  # several processes stop only when all know (flags)
         log_now = step % config.log_every == 0 or step == config.total_steps or step == start + 1
         save = step % config.ckpt_every == 0 or step == config.total_steps or stop
@@ -510,7 +530,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
                 stop = counters.check(*unchecked.popleft()) or stop
             save = save or stop
         if log_now:
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            m = {k: float(v) for k, v in jax.device_get(metrics).items() if k != COUNTERS}
             dt = (time.perf_counter() - t_last) / steps_since
             host = (time.thread_time() - c_last) / steps_since  # the loop thread's CPU time: dispatch, batches
             t_last, c_last, steps_since = time.perf_counter(), time.thread_time(), 0

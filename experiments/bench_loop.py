@@ -12,8 +12,9 @@ and step function, one run:
     python experiments/bench_loop.py --model ViT-B-32 --batch 256 --dtype bfloat16   # accelerators
 
 Loop rates are the median `samples_per_sec` of the log intervals after the first (which holds the compilation).
-Bare and synthetic loop alternate `--pairs` times; the ratio is the median of each loop run over the bare run before
-it (a shared machine's speed drifts between minutes by more than the loop costs). `cpu_ms`: CPU time of the thread
+Bare and synthetic loop alternate `--pairs` times, bare first and last; the ratio is the median of each loop run over
+the mean of the bare runs before and after it (a shared machine's speed drifts between minutes by more than the loop
+costs). `cpu_ms`: CPU time of the thread
 that dispatches, per step (bare: the dispatch alone; loop: `loop_cpu_time`), which drift does not move much — the
 loop's own cost is their difference.
 Goal (CPU, synthetic source, a step of ≤ 20 ms): loop/bare ≥ 0.95; the JPEG loop is reported, not held to it.
@@ -151,18 +152,22 @@ def main() -> None:
 
     compile_cache.enable()
     out = {**stamp(command_line()), "devices": [str(d) for d in jax.devices()], "args": vars(args)}
-    # bare and loop alternate `--pairs` times: a shared or virtual machine's speed drifts by more than the loop's
-    # cost between minutes, so each loop run is compared with the bare run just before it
+    # bare and loop alternate, bare first and last: a shared or virtual machine's speed drifts by more than the loop's
+    # cost between minutes, so each loop run is compared with the mean of the bare runs just before and after it
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
+        after = bare(args)
         for i in range(args.pairs):
-            b = bare(args)
+            b = after
             s = loop(args, "synthetic", tmp / f"synthetic-{i}")
-            pairs.append({"bare": b, "loop_synthetic": s, "vs_bare": s["samples_per_sec"] / b["samples_per_sec"]})
-            print(f"pair {i + 1}: bare step {b['samples_per_sec']:.1f} samples/s ({b['step_ms']:.1f} ms, dispatch "
-                  f"{b['cpu_ms']:.2f} ms CPU), loop on synthetic {s['samples_per_sec']:.1f} samples/s "
-                  f"({s['cpu_ms']:.2f} ms CPU a step): {pairs[-1]['vs_bare']:.3f} of bare", flush=True)
+            after = bare(args)
+            ref = (b["samples_per_sec"] + after["samples_per_sec"]) / 2
+            pairs.append({"bare": b, "bare_after": after, "loop_synthetic": s, "vs_bare": s["samples_per_sec"] / ref})
+            print(f"pair {i + 1}: bare step {b['samples_per_sec']:.1f} → {after['samples_per_sec']:.1f} samples/s "
+                  f"({b['step_ms']:.1f} ms, dispatch {b['cpu_ms']:.2f} ms CPU), loop on synthetic "
+                  f"{s['samples_per_sec']:.1f} samples/s ({s['cpu_ms']:.2f} ms CPU a step): "
+                  f"{pairs[-1]['vs_bare']:.3f} of bare", flush=True)
         out["pairs"] = pairs
         out["bare"] = {k: median([p["bare"][k] for p in pairs]) for k in ("samples_per_sec", "step_ms", "cpu_ms")}
         out["loop_synthetic"] = {k: median([p["loop_synthetic"][k] for p in pairs])

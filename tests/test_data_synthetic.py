@@ -72,3 +72,36 @@ def test_slow_pipeline_delay_is_paid_off_the_loop_thread():
 def test_batch_not_divisible_by_the_batch_devices_is_an_error():
     with pytest.raises(ValueError, match="not divisible"):
         SyntheticIterator(**{**KW, "global_batch_size": 6}, mesh=shd.make_mesh({"data": 4}, devices=jax.devices()[:4]))
+
+
+def test_the_train_step_makes_the_same_batches_from_its_step_number():
+    """The trainer's synthetic batches are made inside the train step from the state's step (batch k feeds step
+    k + 1): the same updates as feeding the iterator's own batches, on a sharded mesh, NaN faults included."""
+    import optax
+
+    from clipjax.models import CLIP, CLIPConfig, TextConfig, VisionConfig
+    from clipjax.train import jit_train_step, make_train_state
+    from configs.common import base_config
+
+    cfg = CLIPConfig(embed_dim=16, vision=VisionConfig(image_size=16, layers=1, width=32, patch_size=8, head_width=16),
+                     text=TextConfig(context_length=8, vocab_size=64, width=32, heads=2, layers=1))
+    config = base_config()
+    mesh = shd.make_mesh({"data": 2, "fsdp": 4})
+    it = SyntheticIterator(**KW, mesh=mesh, nan_steps=(2,), on_step=True)
+    assert next(it) == {} and it.position == 1  # the trainer's iterator only counts; the step makes the batch
+    model = CLIP(cfg)
+    runs = []
+    for own in (True, False):
+        state, shardings, tx = make_train_state(model, lambda p: optax.sgd(0.1), 0, mesh)
+        fields = {} if own else {"image": 4, "text": 2, "nan": 1}
+        step = jit_train_step(model, tx, config, mesh, shardings, fields=fields, make_batch=it.make if own else None)
+        losses = []
+        for k in range(3):
+            state, m = step(state, {} if own else it.batch(k))
+            losses.append(float(m["loss"]))
+        runs.append((losses, jax.device_get(state.params), int(m["counters"][1])))
+    (own_losses, own_params, own_total), (fed_losses, fed_params, fed_total) = runs
+    assert np.isnan(own_losses[1]) and own_total == fed_total == 1  # step 2's images were poisoned
+    np.testing.assert_allclose(own_losses, fed_losses, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(own_params), jax.tree.leaves(fed_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
