@@ -156,6 +156,9 @@ _HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
 
 def run() -> None:
     """The console entry point (also `python -m clipjax.finetune`): help exits 0, user errors 2 with one line."""
+    from clipjax.cpu import use_huge_pages
+
+    use_huge_pages()  # first: it re-executes the process (XLA:CPU's per-step temporaries; see clipjax/cpu.py)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     quiet_storage_clients()  # before anything imports gcsfs or google-api-core
     if any(a in _HELP_FLAGS for a in sys.argv[1:]):

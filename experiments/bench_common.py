@@ -146,7 +146,7 @@ def jax_versions() -> dict[str, str]:
 def stamp(command: str) -> dict[str, Any]:
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(), "command": command, "machine": machine(), "versions": jax_versions(),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def write_json(name: str, payload: dict) -> pathlib.Path:

@@ -18,6 +18,9 @@ from bench_common import command_line, stamp, write_json
 
 
 def main() -> None:
+    from clipjax.cpu import use_huge_pages
+
+    use_huge_pages()  # as the command-line entry points do (re-executes this process; clipjax/cpu.py)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--batch", type=int, default=32)

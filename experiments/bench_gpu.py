@@ -588,6 +588,9 @@ def output_path(args) -> pathlib.Path:
 
 
 def main() -> None:
+    from clipjax.cpu import use_huge_pages
+
+    use_huge_pages()  # as the command-line entry points do (re-executes this process; clipjax/cpu.py)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU rehearsal of the same code path)")

@@ -79,6 +79,9 @@ def run(model_name: str, batch: int, worker: TorchWorker | None, rounds: int, pe
 
 
 def main() -> None:
+    from clipjax.cpu import use_huge_pages
+
+    use_huge_pages()  # as the command-line entry points do (re-executes this process; clipjax/cpu.py)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--batch", type=int, default=64)

@@ -134,6 +134,9 @@ def jpeg_dataset(root: pathlib.Path, n: int, side: int = 256) -> str:
 
 
 def main() -> None:
+    from clipjax.cpu import use_huge_pages
+
+    use_huge_pages()  # as the command-line entry points do (re-executes this process; clipjax/cpu.py)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-T-demo")
     p.add_argument("--batch", type=int, default=64)

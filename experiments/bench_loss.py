@@ -128,6 +128,9 @@ def summary_markdown(results: dict) -> str:
 
 
 def main() -> None:
+    from clipjax.cpu import use_huge_pages
+
+    use_huge_pages()  # as the command-line entry points do (re-executes this process; clipjax/cpu.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", nargs=3, metavar=("KIND", "BATCH", "BLOCK"), help="run one case in-process")
     parser.add_argument("--repeats", type=int, default=3)

@@ -201,6 +201,9 @@ def ab(case: str, variants: list[str], rounds: int, per_round: int, warmup: int)
 
 
 def main() -> None:
+    from clipjax.cpu import use_huge_pages
+
+    use_huge_pages()  # as the command-line entry points do (re-executes this process; clipjax/cpu.py)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", choices=sorted(CASES), action="append")
     ap.add_argument("--no-torch", action="store_true")

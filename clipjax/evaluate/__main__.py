@@ -178,4 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from clipjax.cpu import use_huge_pages
+
+    use_huge_pages()  # re-executes the process first (XLA:CPU's per-execution temporaries; see clipjax/cpu.py)
     sys.exit(main())
