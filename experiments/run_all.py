@@ -100,6 +100,9 @@ def plot(record: dict, path) -> None:
 
 
 def main() -> None:
+    from clipjax.cpu import use_huge_pages
+
+    use_huge_pages()  # as the command-line entry points do (re-executes this process; clipjax/cpu.py)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 rounds of 1 step: checks the harness, not a record")
     ap.add_argument("--no-torch", action="store_true")
