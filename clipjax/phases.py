@@ -122,6 +122,11 @@ class PhasedData:
         return int(getattr(self._it, "skipped", 0))
 
     @property
+    def skipped_by_source(self) -> dict[str, int]:
+        """{spec: samples skipped} of a mix that reads `wds:` streams (`clipjax.data.mix`); {} otherwise."""
+        return dict(getattr(self._it, "skipped_by_source", None) or {})
+
+    @property
     def sources(self) -> list:
         return list(getattr(self._it, "sources", ()))
 

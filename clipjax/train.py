@@ -541,6 +541,8 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
                 m["mfu"] = flops / dt / peak
             if hasattr(data, "skipped"):
                 m["data_skipped"] = float(sum_over_processes(int(data.skipped)))
+                for spec, n in getattr(data, "skipped_by_source", {}).items():  # a mix: which source skipped them
+                    m[f"data_skipped/{spec}"] = float(sum_over_processes(int(n)))
             _write_metrics(writer, step, m)
             last = m
             if is_main:

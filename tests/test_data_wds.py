@@ -589,6 +589,9 @@ def test_the_trainer_runs_on_a_mix_with_wds_shards_and_resumes_exactly(shards, r
     train(c, str(ref))
     rows = _rows(ref)
     assert sorted(rows) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows.values())
+    by_source = {k: v for k, v in rows[4].items() if k.startswith("data_skipped/")}  # which source skipped what
+    assert set(by_source) == {f"data_skipped/{_brace(root)}", f"data_skipped/dir:{records_dir}"}
+    assert sum(by_source.values()) == rows[4]["data_skipped"] and min(by_source.values()) > 0  # both hold bad samples
     run = tmp_path / "resumed"
     shutil.copytree(ref, run, ignore=shutil.ignore_patterns("tensorboard"))
     shutil.rmtree(run / "checkpoints" / "4")
