@@ -67,9 +67,9 @@ def make_batch(k: jax.Array, *, seed: int, n: int, size: int, length: int, vocab
 
 
 @functools.lru_cache(maxsize=8)
-def _generator(mesh: Mesh, seed: int, n: int, size: int, length: int, vocab: int, nan_steps: tuple[int, ...]):
+def _generator(mesh: Mesh, **batch_args):
     """`make_batch` jitted: batch index → batch, born in the batch sharding of `mesh` (one dispatch per batch)."""
-    make = functools.partial(make_batch, seed=seed, n=n, size=size, length=length, vocab=vocab, nan_steps=nan_steps)
+    make = functools.partial(make_batch, **batch_args)
     fields = jax.eval_shape(make, np.uint32(0))
     return jax.jit(make, out_shardings={k: shd.batch_sharding(mesh, v.ndim) for k, v in fields.items()})
 
@@ -89,11 +89,10 @@ class SyntheticIterator:
         if context_length < 3 or vocab_size < 4:
             raise ValueError(f"synthetic text needs context_length ≥ 3 and vocab_size ≥ 4, got {context_length}, "
                              f"{vocab_size}")
-        self.seed, self.mesh, self.on_step = seed, mesh, bool(on_step)
-        self.nan_steps = frozenset(int(s) for s in nan_steps)
+        self.mesh, self.on_step = mesh, bool(on_step)
         self.seconds_per_batch, self.prefetch = float(seconds_per_batch), max(1, prefetch)
-        self._args = (int(seed), global_batch_size, image_size, context_length, vocab_size,
-                      tuple(sorted(self.nan_steps)))
+        self._batch_args = dict(seed=int(seed), n=global_batch_size, size=image_size, length=context_length,
+                                vocab=vocab_size, nan_steps=tuple(sorted({int(s) for s in nan_steps})))
         self.position = 0
         self.skipped = 0
         self._queue: queue.Queue | None = None
@@ -102,13 +101,11 @@ class SyntheticIterator:
 
     def make(self, k: jax.Array) -> dict[str, jax.Array]:
         """Global batch k, traceable (`make_batch`): what a train step calls to make its own batch."""
-        seed, n, size, length, vocab, nan_steps = self._args
-        return make_batch(k, seed=seed, n=n, size=size, length=length, vocab=vocab, nan_steps=nan_steps,
-                          mesh=self.mesh)
+        return make_batch(k, **self._batch_args, mesh=self.mesh)
 
     def batch(self, k: int) -> dict[str, jax.Array]:
         """Global batch k (feeds training step k + 1), made by a jitted function of its own."""
-        return _generator(self.mesh, *self._args)(np.uint32(k))
+        return _generator(self.mesh, **self._batch_args)(np.uint32(k))
 
     def _next_batch(self, k: int) -> dict[str, jax.Array]:
         return {} if self.on_step else self.batch(k)
