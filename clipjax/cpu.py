@@ -43,10 +43,12 @@ def use_huge_pages() -> None:
     unmaps after it: for the small config's training step at batch 128 that is 2.3 GB, ~570 000 page faults and ~1 s
     of kernel time a step with 4 KiB pages, ~1 200 faults with huge pages (step 2.0 → 1.4 s; experiments/RESULTS.md).
     Nothing happens when: the C library is not glibc ≥ 2.35, `GLIBC_TUNABLES` already names `glibc.malloc.hugetlb`
-    (the user's choice, or this process after its re-execution), or `CLIPJAX_HUGE_PAGES=0`. Huge pages also need
-    the kernel's transparent huge pages in `madvise` or `always` mode (/sys/kernel/mm/transparent_hugepage/enabled).
+    (the user's choice, or this process after its re-execution), or `CLIPJAX_HUGE_PAGES=0` (or false/off/no). Huge
+    pages also need the kernel's transparent huge pages in `madvise` or `always` mode
+    (/sys/kernel/mm/transparent_hugepage/enabled).
     """
-    if os.environ.get("CLIPJAX_HUGE_PAGES", "1").strip() == "0" or not sys.platform.startswith("linux"):
+    off = os.environ.get("CLIPJAX_HUGE_PAGES", "1").strip().lower() in ("0", "false", "off", "no")
+    if off or not sys.platform.startswith("linux"):
         return
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables or not _glibc_at_least(2, 35):

@@ -50,7 +50,8 @@ def test_reexecutes_once_with_the_tunable_and_keeps_the_users_own():
     assert probe(GLIBC_TUNABLES=mine)["pid"].split()[-1] == f"{mine}:{HUGE_PAGES_TUNABLE}"
     chosen = "glibc.malloc.hugetlb=0"  # the user's own hugetlb choice is kept as it is
     assert probe(GLIBC_TUNABLES=chosen)["pid"].split()[-1] == chosen
-    assert probe(CLIPJAX_HUGE_PAGES="0")["pid"].split()[-1] == "tunables"  # switched off: none set
+    for off in ("0", "off", "False"):
+        assert probe(CLIPJAX_HUGE_PAGES=off)["pid"].split()[-1] == "tunables"  # switched off: none set
 
 
 @pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="transparent huge pages are off")
