@@ -29,6 +29,9 @@ class Preemption:
     one of them at the same step and checkpoint that step together; a single process reads its own flag. This
     replaces JAX's own SIGTERM preemption notifier. A second SIGINT raises KeyboardInterrupt at once (the last
     complete checkpoint is kept).
+
+    A SIGINT that this process started with ignored stays ignored, as the shell meant: a background job of a script
+    (`cmd &`) is not for the terminal's Ctrl-C. SIGTERM is always handled.
     """
 
     def __init__(self) -> None:
@@ -40,6 +43,10 @@ class Preemption:
             log.warning("train() runs outside the main thread: SIGTERM/SIGINT will not checkpoint before stopping")
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                log.info("SIGINT is ignored by this process (started in the background): only SIGTERM stops it "
+                         "with a checkpoint")
+                continue
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:

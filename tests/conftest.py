@@ -12,6 +12,13 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
 import pathlib  # noqa: E402
+import signal  # noqa: E402
+
+# A test run started in the background of a script (`pytest &`) inherits SIGINT ignored, and so would every process
+# the tests start: Python then never raises KeyboardInterrupt and the trainer keeps ignoring SIGINT (the shell's
+# intent, which clipjax honours). The tests model a user at a terminal, where Ctrl-C reaches the process: restore it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 

@@ -307,6 +307,34 @@ def test_sigint_while_compiling_checkpoints_step_one(setup, tmp_path):
     assert step == 1 and int(state["step"]) == 1
 
 
+@pytest.mark.parametrize("ignored", [False, True])
+def test_sigint_stops_the_run_unless_the_process_started_with_it_ignored(ignored):
+    """Row "SIGTERM / SIGINT": the trainer's handler takes SIGINT and SIGTERM; a SIGINT the process started with
+    ignored (a background job of a script) stays ignored, while SIGTERM still stops the run. Real signals, sent to
+    this process."""
+    from clipjax.run_control import Preemption
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    preempt = Preemption()
+    try:
+        preempt.install()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # Python runs the handler in the main thread, between bytecodes
+        assert preempt.requested is not ignored
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert preempt.requested
+        preempt.uninstall()
+        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) == (signal.SIG_IGN if ignored else before[signal.SIGINT])
+    finally:
+        preempt.uninstall()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 # ============================================================================================ crashes
 
 def _kill_during_async_write(proc: Proc, checkpoints: pathlib.Path, min_step: int) -> str:
