@@ -122,6 +122,10 @@ def model_config(config: ml_collections.ConfigDict, pretrained: Any = None) -> C
     `model.name` (and no `model.open_clip_config`) takes the architecture of the `init_from` weights."""
     m = config.model
     if m.open_clip_config:
+        if m.name and _names_an_architecture(m.name):  # e.g. --config.model.name=ViT-B-32 on configs/demo.py
+            raise ConfigError(f"config.model.name={m.name!r} names an architecture, but config.model.open_clip_config "
+                              f"gives one too and would be used: add --config.model.open_clip_config={{}} to train "
+                              f"{m.name}, or leave model.name a label")
         cfg = get_model_config(m.open_clip_config.to_dict())
     elif m.name:
         cfg = get_model_config(m.name)
@@ -139,6 +143,14 @@ def model_config(config: ml_collections.ConfigDict, pretrained: Any = None) -> C
     elif m.init_logit_scale is not None:
         kw["init_logit_scale"] = float(m.init_logit_scale)
     return cfg.replace(**kw)
+
+
+def _names_an_architecture(name: str) -> bool:
+    try:
+        get_model_config(name)
+    except ValueError:
+        return False
+    return True
 
 
 def make_tx(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:

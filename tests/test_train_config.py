@@ -14,7 +14,7 @@ import pytest
 from clipjax.configs.common import base_config
 from clipjax.metrics import MetricWriter
 from clipjax.models.specs import get_model_config
-from clipjax.train import ConfigError, _check_same_model, _warn_small_dataset, check_config
+from clipjax.train import ConfigError, _check_same_model, _warn_small_dataset, check_config, model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,24 @@ def test_unknown_task_is_an_error():
     c.task = "caption"
     with pytest.raises(ConfigError, match="config.task='caption'; valid: contrastive, classify"):
         check_config(c)
+
+
+def test_a_model_name_beside_an_open_clip_config_is_a_label_unless_it_names_an_architecture():
+    """configs/demo.py sets model.open_clip_config; `--config.model.name=ViT-B-32` on it used to train the demo model
+    silently. A name that is an architecture is refused, a label is kept, and clearing the JSON config trains the
+    named model."""
+    from clipjax.configs.demo import get_config
+
+    c = get_config()
+    demo = model_config(c)
+    c.model.name = "my-demo"
+    assert model_config(c) == demo
+    c.model.name = "ViT-B-32"
+    with pytest.raises(ConfigError, match=r"^config\.model\.name='ViT-B-32' names an architecture, .*"
+                                          r"--config\.model\.open_clip_config=\{\} to train ViT-B-32"):
+        model_config(c)
+    c.model.open_clip_config = ml_collections.ConfigDict()
+    assert model_config(c).vision == get_model_config("ViT-B-32").vision
 
 
 def test_warmup_longer_than_the_run_is_clipped_with_a_warning(caplog):
