@@ -125,6 +125,22 @@ def run_main(fn: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | No
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
+def integer(minimum: int = 1) -> Callable[[str], int]:
+    """An argparse `type=`: an integer of at least `minimum` (a usage error names the flag and the value)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in some messages
+    return parse
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with clipjax's error convention: a usage error is one `error: ...` line and exit status 2 (plain
     argparse prints the usage first); the description keeps its line breaks."""

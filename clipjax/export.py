@@ -77,18 +77,10 @@ def _save_safetensors(state: dict[str, np.ndarray], path: pathlib.Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _write_text(path: pathlib.Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` through a temporary file."""
-    tmp = _temporary(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=2) + "\n")
+    paths.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def is_training_workdir(path: paths.Path) -> bool:
@@ -188,7 +180,7 @@ def export_hf(model: Pretrained, out: str | os.PathLike) -> paths.Path:
     _write_json(out / "preprocessor_config.json", hf_files.preprocessor_config(cfg.vision.image_size))
     if hf_files.uses_clip_bpe(cfg):
         for name, text in hf_files.tokenizer_files(cfg.text.context_length).items():
-            _write_text(out / name, text)
+            paths.write_text(out / name, text)
     else:
         for name in hf_files.TOKENIZER_FILES:  # a previous export's tokenizer would not match this model
             (out / name).unlink(missing_ok=True)

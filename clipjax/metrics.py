@@ -87,13 +87,9 @@ class MetricWriter:
 
     def _replace(self, lines: list[str]) -> None:
         """metrics.jsonl holding exactly `lines`, atomically (a temporary file renamed; in a store, one object)."""
+        paths.write_text(self.path, "".join(lines))
         if self._remote:
-            paths.write_object(self.path, "".join(lines))
             self._lines = list(lines)
-            return
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(lines))
-        os.replace(tmp, self.path)
 
     def _remote_lines(self) -> list[str]:
         """The rows of metrics.jsonl in the object store, read on first use (none when it does not exist yet)."""

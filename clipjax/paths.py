@@ -147,6 +147,21 @@ def write_object(path: Path, data: bytes | str) -> None:
         path.write_bytes(data)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """`text` (UTF-8) as the whole file `path`, atomically: a local file through a temporary file in the same folder
+    renamed over it (a failed write leaves any previous file intact), an object in a store in one upload."""
+    if is_remote(path):
+        write_object(as_path(path), text)
+        return
+    local = pathlib.Path(path)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_bytes(path: Path) -> bytes:
     with storage_errors(path, "read"):
         return path.read_bytes()

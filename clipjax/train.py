@@ -23,7 +23,6 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -330,13 +329,8 @@ def _write_config(workdir: paths.Path, config: ml_collections.ConfigDict, cfg: C
     """config.json: the config as it runs and the resolved model config (written atomically: on an object store, as
     one object)."""
     text = json.dumps({"config": json.loads(config.to_json_best_effort()), "model_config": cfg.to_dict()}, indent=2)
-    tmp = workdir / f".config.json.tmp-{os.getpid()}"
     try:
-        if paths.is_remote(workdir):
-            paths.write_object(workdir / "config.json", text + "\n")
-        else:
-            tmp.write_text(text + "\n")
-            os.replace(tmp, workdir / "config.json")
+        paths.write_text(workdir / "config.json", text + "\n")
     except OSError as e:
         raise CheckpointError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 

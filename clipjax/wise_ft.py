@@ -140,8 +140,9 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--templates", default=None, help="zero-shot templates (default: the classifier's, else the "
                                                      "dataset's own set)")
     p.add_argument("--tokenizer", default=None, help="tokenizer for zero-shot (default: the classifier's, else CLIP)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-examples", type=int, default=None, help="evaluate at most this many images per split")
+    p.add_argument("--batch-size", type=cli.integer(1), default=256)
+    p.add_argument("--max-examples", type=cli.integer(0), default=None,
+                   help="evaluate at most this many images per split (0: all)")
     return p
 
 
@@ -175,4 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from clipjax.cpu import use_huge_pages
+
+    use_huge_pages()  # re-executes the process first (XLA:CPU's per-execution temporaries; see clipjax/cpu.py)
     sys.exit(main())

@@ -121,3 +121,36 @@ def test_a_gs_workdir_or_wds_spec_that_fails_ends_in_one_error_line_without_clie
             others = [line for line in err[:-1] if not line.startswith("I")]  # absl's INFO lines: the run's log
             assert not others, others
             assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("module", ["clipjax.evaluate", "clipjax.wise_ft"])
+@pytest.mark.parametrize("args, needle", [
+    (["--batch-size", "0"], "argument --batch-size: 0 is less than 1"),
+    (["--batch-size", "x"], "argument --batch-size: 'x' is not an integer"),
+    (["--max-examples", "-3"], "argument --max-examples: -3 is less than 0"),
+])
+def test_bad_counts_are_usage_errors_naming_the_flag(module, args, needle, capsys):
+    import importlib
+
+    main = importlib.import_module(module if module.endswith("wise_ft") else module + ".__main__").main
+    with pytest.raises(SystemExit) as stopped:
+        main([*COMMANDS[module], *args])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith("error: ") and needle in err, err
+
+
+def test_evaluate_refuses_an_out_it_cannot_write_before_it_evaluates(tmp_path, capsys):
+    """A bad --out is reported before the model is even read (the model here does not exist)."""
+    from clipjax.evaluate.__main__ import main
+
+    (tmp_path / "afile").write_text("")
+    cases = [(tmp_path / "afile" / "sub" / "r.json", f"{tmp_path / 'afile'} is a file, not a folder"),
+             (tmp_path, "is a directory; give the path of the JSON file"),
+             ("/proc/clipjax-r.json", "--out /proc/clipjax-r.json: cannot write a file in /proc")]
+    for out, needle in cases:
+        assert main([*COMMANDS["clipjax.evaluate"], "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and MISSING not in err, err
+    assert main([*COMMANDS["clipjax.evaluate"], "--out", str(tmp_path / "new" / "r.json")]) == 2
+    assert MISSING in capsys.readouterr().err  # a good --out: the missing model is what fails
+    assert list((tmp_path / "new").iterdir()) == []  # the write check left nothing behind

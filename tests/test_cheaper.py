@@ -4,7 +4,6 @@ patch dropout keeps the class token and a random subset per image, and a run wit
 step, also across a phase boundary."""
 
 import json
-import pathlib
 import shutil
 
 import jax

@@ -533,17 +533,6 @@ class ListTask:
     keys: str
 
 
-def _put_text(path: str, text: str) -> None:
-    """`text` as the file `path` (via a temp file and a rename) or as one object in a store."""
-    if paths.is_remote(path):
-        paths.write_object(paths.as_path(path), text)
-    else:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-
-
 def list_unit(task: ListTask) -> tuple[int, list[str]]:
     """(``task.index``, the sample keys of ``task.tar``): its complete samples in member order, by the rules of
     ``plan_webdataset`` (a damaged tar's samples before the damage, less the one the damage cuts). A tar in an object
@@ -560,7 +549,7 @@ def list_unit(task: ListTask) -> tuple[int, list[str]]:
     with paths.local_copy(task.tar) as tar:
         groups, _, _ = _tar_groups(tar, warn=False)  # the write stage warns
     keys = list(groups)
-    _put_text(task.keys, json.dumps(keys))
+    paths.write_text(task.keys, json.dumps(keys))
     return task.index, keys
 
 
@@ -589,7 +578,7 @@ def ingest_unit(task: UnitTask) -> dict:
     finally:
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-    _put_text(task.report, json.dumps(report))
+    paths.write_text(task.report, json.dumps(report))
     return report
 
 

@@ -386,6 +386,9 @@ class EvalDataset:
                  workers: int = 0, executor: core.ExecutorFactory | None = None):
         if label_space not in ("split", "all"):
             raise ValueError(f"label_space must be 'split' or 'all', got {label_space!r}")
+        for name, value in (("batch_size", batch_size), ("image_size", image_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"eval {name} must be a positive integer, got {value!r}")
         self.source = src_lib.open_source(spec, split, classnames=classnames)
         self.spec, self.split, self.image_size, self.batch_size = spec, split, image_size, batch_size
         self.num_threads, self.workers = max(1, num_threads), int(workers)

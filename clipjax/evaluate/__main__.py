@@ -24,6 +24,7 @@ import math
 import os
 import pathlib
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -50,9 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None,
                    help="clip (default) | sentencepiece:PATH | a name registered with "
                         "clipjax.data.tokenizer.register_tokenizer")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-examples", type=int, default=None, help="evaluate at most this many examples")
-    p.add_argument("--max-train-examples", type=int, default=None, help="linear probe: cap the training examples")
+    p.add_argument("--batch-size", type=cli.integer(1), default=256)
+    p.add_argument("--max-examples", type=cli.integer(0), default=None,
+                   help="evaluate at most this many examples (0: all)")
+    p.add_argument("--max-train-examples", type=cli.integer(0), default=None,
+                   help="linear probe: cap the training examples (0: all)")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/clipjax/zeroshot"),
                    help="zero-shot classifier cache ('' disables)")
     p.add_argument("--out", default=None, help="write the JSON summary here")
@@ -149,8 +152,8 @@ def _model_name(cfg) -> str:
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse `argv`, evaluate, print the JSON summary (and write it to --out); bad input raises."""
     args = parse_args(argv)
-    if args.out and paths.is_dir(paths.as_path(args.out)):
-        raise ValueError(f"--out {args.out} is a directory; give the path of the JSON file to write")
+    if args.out:
+        _check_out(args.out)
     from clipjax import compile_cache
 
     compile_cache.enable()
@@ -162,14 +165,29 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def _write_summary(out: str, text: str) -> None:
-    """`text` in the file `out` (an object in a store: written whole, in one upload)."""
+def _check_out(out: str) -> None:
+    """Refuses an --out that cannot be written before the evaluation (which may take hours) runs."""
+    if paths.is_dir(paths.as_path(out)):
+        raise ValueError(f"--out {out} is a directory; give the path of the JSON file to write")
     if paths.is_remote(out):
-        paths.write_object(paths.as_path(out), text)
         return
-    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
+    parent = pathlib.Path(out).parent
+    existing = next(d for d in (parent, *parent.parents) if d.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{pathlib.Path(out).name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write a file in {parent} ({e.strerror or e})") from None
+
+
+def _write_summary(out: str, text: str) -> None:
+    """`text` in the file `out`, atomically (an object in a store: written whole, in one upload)."""
+    if not paths.is_remote(out):
+        pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    paths.write_text(out, text)
 
 
 def main(argv: list[str] | None = None) -> int:
