@@ -227,6 +227,23 @@ def _remote_reason(e: OSError, directory) -> str:
 
 # ============================================================================================ checkpointer
 
+class _ReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _read_only_notice_dropped():
+    """Orbax warns "Given directory is read only=DIR" whenever a manager opens read-only, which clipjax does on
+    purpose (evaluating or exporting a workdir): keep that warning off the console."""
+    logger, notice = logging.getLogger("absl"), _ReadOnlyNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 class Checkpointer:
     """Saves and restores train states (+ input iterator states) in `directory`, one sub-directory per step."""
 
@@ -243,10 +260,14 @@ class Checkpointer:
                     raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
             else:
                 check_writable(self.directory)
-            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+            # read-only: the values orbax would otherwise set itself, with a warning each
+            options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                                   save_interval_steps=0 if read_only else 1,
+                                                   enable_async_checkpointing=async_save,
                                                    create=not read_only, read_only=read_only)
-            self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                                 item_names=("state", "data", "meta"))
+            with _read_only_notice_dropped():
+                self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                     item_names=("state", "data", "meta"))
         self._pending: int | None = None  # step of the save that may still be in flight
         self._failed = False  # a failed write was reported (orbax keeps re-raising it)
 
