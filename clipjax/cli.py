@@ -91,6 +91,8 @@ STORAGE_CLIENT_ECHOES = {
     "gcsfs": ("gcsfs experimental features enabled", "Could not determine bucket type",
               "lack permissions for storage layout api", "out of retries on exception", "non-retriable exception"),
     "google.auth._default": ("Authentication failed using Compute Engine authentication",),
+    # not a storage client: JAX's probe for a TPU on every start where libtpu is not installed (a CPU or GPU host)
+    "jax._src.xla_bridge": ("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so",),
 }
 
 
