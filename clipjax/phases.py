@@ -123,7 +123,7 @@ class PhasedData:
 
     @property
     def skipped_by_source(self) -> dict[str, int]:
-        """{spec: samples skipped} of a mix that reads `wds:` streams (`clipjax.data.mix`); {} otherwise."""
+        """{spec: samples skipped} of a mix (of ArrayRecord datasets, or with `wds:` streams); {} otherwise."""
         return dict(getattr(self._it, "skipped_by_source", None) or {})
 
     @property

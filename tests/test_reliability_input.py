@@ -77,6 +77,61 @@ def test_odd_image_modes_decode_and_broken_records_are_skipped(tmp_path):
     assert bad <= it.skipped <= 2 * bad
 
 
+def test_a_mix_of_record_datasets_counts_its_skips_by_source_and_resumes_them(tmp_path):
+    """Row "bad records": a mix of two ArrayRecord datasets with broken records keeps, per source, the count of its
+    skipped slots (checked against the loader run on every slot the iterator drew), through a resume, and reads a
+    state saved before per-source counts were kept."""
+    from clipjax.data import core
+    from clipjax.data.pipeline import make_train_iterator
+    from clipjax.data.tokenizer import get_tokenizer
+
+    a, _ = _mixed_dataset(tmp_path / "a")
+    b = write_dataset(tmp_path / "b", [(_odd_images()["la.png"] if i % 4 else b"broken", [f"b {i}"])
+                                       for i in range(30)])  # every 4th record undecodable
+    mix = {f"dir:{a}": 0.5, f"dir:{b}": 0.5}
+
+    def iterator():
+        return make_train_iterator(mix, global_batch_size=16, image_size=16, context_length=8,
+                                   tokenizer=get_tokenizer(), seed=0, process_index=0, process_count=1)
+
+    it = iterator()
+    next(it)
+    saved = it.get_state()
+    next(it)
+    skipped_after_two = it.skipped
+    for _ in range(2):
+        next(it)
+    it.close()
+    state = it.get_state()
+    by_source = it.skipped_by_source
+    assert list(by_source) == list(mix) and min(by_source.values()) > 0
+    assert sum(by_source.values()) == it.skipped == state["sample"] - 4 * 16
+    recount = dict.fromkeys(mix, 0)  # the loader itself on every slot drawn
+    slots = it._slots({"sample": 0, "counts": [0, 0]})
+    for _ in range(state["sample"]):
+        slot = next(slots)
+        try:
+            it.loader(slot)
+        except core.BadRecord:
+            recount[list(mix)[slot.source]] += 1
+    assert recount == by_source
+    resumed = iterator()
+    resumed.set_state(saved)
+    for _ in range(3):
+        next(resumed)
+    resumed.close()
+    assert resumed.get_state() == state and resumed.skipped_by_source == by_source
+    old = {k: v for k, v in saved.items() if k != "skipped_by_source"}  # a state saved by an earlier clipjax
+    resumed = iterator()
+    resumed.set_state(old)
+    next(resumed)
+    resumed.close()
+    assert resumed.skipped == skipped_after_two  # the total carries on; the per-source counts restart at 0
+    assert sum(resumed.skipped_by_source.values()) == skipped_after_two - saved["skipped"]
+    with pytest.raises(ValueError, match="inconsistent data iterator state"):
+        iterator().set_state({**saved, "skipped_by_source": [saved["skipped"] + 1, 0]})
+
+
 @pytest.mark.slow
 def test_skipped_records_reach_metrics(setup, tmp_path):
     """Row "bad records", end to end: a run on a dataset with broken records trains, logs each skip, and

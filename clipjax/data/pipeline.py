@@ -184,7 +184,7 @@ class TrainIterator(core.PrefetchedBatches):
         self.loader = TrainLoader(
             src_lib.SourceSet(specs, split, opened=self.sources), image_size, self.scale, seed, process_index,
             num_classes=len(self.classnames) if labels else None)
-        self._state = {"sample": 0, "counts": [0] * len(specs), "skipped": 0}
+        self._state = {"sample": 0, "counts": [0] * len(specs), "skipped": 0, "skipped_by_source": [0] * len(specs)}
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
         self._prefetcher: core.Prefetcher | None = None
 
@@ -227,17 +227,24 @@ class TrainIterator(core.PrefetchedBatches):
         records = core.OrderedMap(self.loader, self._slots(state), executor=self.executor,
                                   window=_window(self.batch_size, self._decoders), skipped=state["skipped"],
                                   max_consecutive_bad=_MAX_CONSECUTIVE_BAD, logger=log)
+        counts, by_source = list(state["counts"]), list(state["skipped_by_source"])
         with records:
             while True:
                 rows = [next(records) for _ in range(self.batch_size)]  # [(slot, (image, caption, label))] * b
+                last = rows[-1][0]
+                # each source's slots up to the last row, less its rows, are the ones the map skipped
+                taken = [after - before for after, before in zip(last.counts, counts)]
+                for slot, _ in rows:
+                    taken[slot.source] -= 1
+                counts, by_source = list(last.counts), [k + n for k, n in zip(by_source, taken)]
                 batch = {
                     "image": np.stack([r[1][0] for r in rows]),  # [b, S, S, 3]
                     "text": np.asarray(self.tokenizer([r[1][1] for r in rows], self.context_length), np.int32),
                 }  # text: [b, C]
                 if self.labels:
                     batch["label"] = np.asarray([r[1][2] for r in rows], np.int32)  # [b]
-                last = rows[-1][0]
-                yield batch, {"sample": last.t + 1, "counts": list(last.counts), "skipped": records.skipped}
+                yield batch, {"sample": last.t + 1, "counts": counts, "skipped": records.skipped,
+                              "skipped_by_source": by_source}
 
     def get_state(self) -> dict:
         """JSON-able position after the last yielded batch."""
@@ -246,6 +253,7 @@ class TrainIterator(core.PrefetchedBatches):
             "sample": self._state["sample"],
             "counts": list(self._state["counts"]),
             "skipped": self._state["skipped"],
+            "skipped_by_source": list(self._state["skipped_by_source"]),
             "specs": list(self.specs),
             "seed": self.seed,
             "process_index": self.process_index,
@@ -256,11 +264,22 @@ class TrainIterator(core.PrefetchedBatches):
         """Continues from ``state`` (from ``get_state`` of an iterator with the same specs/seed/hosts)."""
         core.check_state(state, self.get_state(), ("specs", "seed", "process_index", "process_count"),
                          what="an ArrayRecord iterator's")
-        if len(state["counts"]) != len(self.specs) or sum(state["counts"]) != state["sample"]:
-            raise ValueError(f"inconsistent data iterator state: sample={state['sample']} counts={state['counts']}")
+        # "skipped_by_source" is absent from states saved before it was kept: a mix's per-source counts restart at 0
+        by_source = state.get("skipped_by_source") or ([state["skipped"]] if len(self.specs) == 1 else
+                                                       [0] * len(self.specs))
+        if (len(state["counts"]) != len(self.specs) or sum(state["counts"]) != state["sample"]
+                or len(by_source) != len(self.specs)
+                or ("skipped_by_source" in state and sum(by_source) != state["skipped"])):
+            raise ValueError(f"inconsistent data iterator state: sample={state['sample']} counts={state['counts']} "
+                             f"skipped={state['skipped']} by source {state.get('skipped_by_source')}")
         self.close()
         self._state = {"sample": int(state["sample"]), "counts": [int(c) for c in state["counts"]],
-                       "skipped": int(state["skipped"])}
+                       "skipped": int(state["skipped"]), "skipped_by_source": [int(k) for k in by_source]}
+
+    @property
+    def skipped_by_source(self) -> dict[str, int]:
+        """Of a mix: {spec: records skipped so far (up to the batches yielded)}; {} for one dataset."""
+        return dict(zip(self.specs, self._state["skipped_by_source"])) if len(self.specs) > 1 else {}
 
 
 def make_train_iterator(
