@@ -9,7 +9,8 @@ and step function, one run:
 
     python experiments/bench_loop.py                      # ViT-T-demo at 64 px, batch 64 → results/bench_loop-DATE.json
     python experiments/bench_loop.py --model experiments/models/tiny_loop.json --batch 32   # a step of ≤ 20 ms on CPU
-    python experiments/bench_loop.py --model ViT-B-32 --batch 256 --dtype bfloat16   # accelerators
+    python experiments/bench_loop.py --model ViT-B-32 --batch 256 --dtype bfloat16 --workers 14 --threads 1
+                                                          # accelerators (PARTS=loop bash experiments/gpu_run.sh)
 
 Loop rates are the median `samples_per_sec` of the log intervals after the first (which holds the compilation).
 Bare and synthetic loop alternate `--pairs` times, bare first and last; the ratio is the median of each loop run over
@@ -51,7 +52,7 @@ def _config(args, steps: int, data: str):
     c.batch_size, c.total_steps, c.warmup_steps = args.batch, steps, 1
     c.log_every, c.ckpt_every, c.eval_every = args.log_every, 10 ** 9, 10 ** 9
     c.async_checkpoints = True
-    c.data.train, c.data.num_threads = data, args.threads
+    c.data.train, c.data.num_threads, c.data.workers = data, args.threads, args.workers
     return c
 
 
@@ -143,7 +144,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--log-every", type=int, default=20, help="steps per timed interval")
     p.add_argument("--rounds", type=int, default=5, help="timed intervals per case")
-    p.add_argument("--threads", type=int, default=2, help="decode threads of the JPEG loop")
+    p.add_argument("--threads", type=int, default=2, help="decode threads of the JPEG loop (per worker process)")
+    p.add_argument("--workers", type=int, default=0, help="decode worker processes of the JPEG loop (data.workers)")
     p.add_argument("--images", type=int, default=2000, help="JPEGs in the dataset of the JPEG loop")
     p.add_argument("--pairs", type=int, default=3, help="bare / synthetic-loop measurements, alternating")
     p.add_argument("--no-jpeg", action="store_true")
@@ -182,7 +184,7 @@ def main() -> None:
             spec = jpeg_dataset(tmp / "data", args.images)
             out["loop_jpeg"] = loop(args, spec, tmp / "jpeg")
             out["loop_jpeg"]["vs_bare"] = out["loop_jpeg"]["samples_per_sec"] / out["bare"]["samples_per_sec"]
-            print(f"loop, JPEG ({args.threads} threads): {out['loop_jpeg']['samples_per_sec']:.1f} samples/s "
+            print(f"loop, JPEG ({args.workers} workers, {args.threads} threads): {out['loop_jpeg']['samples_per_sec']:.1f} samples/s "
                   f"({out['loop_jpeg']['vs_bare']:.3f} of bare)", flush=True)
     name = args.out or f"bench_loop-{datetime.date.today().isoformat()}.json"
     path = write_json(name, out) if not os.path.isabs(name) else pathlib.Path(name)
