@@ -307,6 +307,61 @@ def test_sigint_while_compiling_checkpoints_step_one(setup, tmp_path):
     assert step == 1 and int(state["step"]) == 1
 
 
+def _worker_children(pid: int) -> set[int]:
+    """The data worker processes among `pid`'s children."""
+    found = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in f.read().split():
+                with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as g:
+                    if b"worker_main" in g.read():
+                        found.add(int(child))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie has ended
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_sigint_with_decode_workers_checkpoints_ends_them_and_resumes_exactly(setup, tmp_path):
+    """Rows "SIGTERM / SIGINT" and "data workers": Ctrl-C of a run that decodes JPEG records in two worker processes
+    checkpoints the step in flight, leaves no worker behind, and the resumed run continues the uninterrupted
+    trajectory bit for bit (the data iterator resumes at the same record)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photos = [encode(Image.fromarray(rng.integers(0, 255, (160, 200, 3), dtype=np.uint8)), "JPEG", quality=90)
+              for _ in range(48)]
+    data = write_dataset(tmp_path / "jpegs", [(img, [f"a photo number {i}"]) for i, img in enumerate(photos)])
+    steps = 40
+    over = (f"--config.model.name={setup.tiny_bpe}", f"--config.data.train=dir:{data}", "--config.data.workers=2",
+            "--config.data.num_threads=1", f"--config.total_steps={steps}", "--config.ckpt_every=4")
+    reference = setup.run(tmp_path / "reference", *over)
+    assert reference.returncode == 0, tail(reference)
+    workdir = tmp_path / "run"
+    with setup.start(workdir, *over) as proc:
+        proc.wait_for(r"\bstep 3/40\b")
+        workers = _worker_children(proc.popen.pid)
+        assert len(workers) == 2, workers
+        proc.popen.send_signal(signal.SIGINT)
+        rc, out = proc.finish()
+    assert rc == 0 and "SIGINT received" in out, tail(out)
+    stopped = int(re.search(r"stopped at step (\d+)", out).group(1))
+    assert 3 <= stopped < steps and steps_on_disk(workdir)[-1] == stopped, tail(out)
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in workers), f"data workers {workers} outlived the run"
+    resumed = setup.run(workdir, *over)
+    assert resumed.returncode == 0 and f"resumed from step {stopped}" in resumed.stderr, tail(resumed)
+    assert losses(workdir) == losses(tmp_path / "reference")
+
+
 @pytest.mark.parametrize("ignored", [False, True])
 def test_sigint_stops_the_run_unless_the_process_started_with_it_ignored(ignored):
     """Row "SIGTERM / SIGINT": the trainer's handler takes SIGINT and SIGTERM; a SIGINT the process started with
