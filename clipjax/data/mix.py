@@ -60,7 +60,7 @@ class MixLoader:
         return self.samples(item) if isinstance(item, wds.SampleItem) else self.records(item)
 
 
-class MixTrainIterator(core.PrefetchedBatches):
+class MixTrainIterator(pipeline.HostBatches):
     """Infinite per-host training batches of a mix with streams: {"image": uint8 [b,S,S,3], "text": i32 [b,C]}, with
     ``get_state``/``set_state``/``skipped``/``close`` as ``pipeline.TrainIterator``, and ``skipped_by_source``.
     ``sources`` is empty (the size of a stream is not known before reading it)."""
@@ -69,6 +69,9 @@ class MixTrainIterator(core.PrefetchedBatches):
                  image_size: int, context_length: int, tokenizer: pipeline.Tokenizer, seed: int, process_index: int,
                  process_count: int, scale: tuple[float, float], num_threads: int, prefetch: int, workers: int = 0,
                  executor: core.ExecutorFactory | None = None, shuffle_buffer: int = wds.DEFAULT_SHUFFLE_BUFFER):
+        self._configure(global_batch_size=global_batch_size, image_size=image_size, context_length=context_length,
+                        tokenizer=tokenizer, seed=seed, process_index=process_index, process_count=process_count,
+                        scale=scale, num_threads=num_threads, prefetch=prefetch, workers=workers, executor=executor)
         self.specs, self.weights = list(specs), np.asarray(weights, np.float64)
         kinds = [src_lib.source_kind(s) for s in self.specs]
         if split != "train":
@@ -91,12 +94,7 @@ class MixTrainIterator(core.PrefetchedBatches):
                 self._record[s] = (len(self._record), opened[len(self._record)])
         self.sources: list = []
         self.labels, self.classnames = False, None
-        self.batch_size, self.global_batch_size = global_batch_size // process_count, global_batch_size
-        self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
-        self.seed, self.process_index, self.process_count = seed, process_index, process_count
-        self.scale, self.num_threads, self.prefetch = tuple(scale), max(1, num_threads), max(1, prefetch)
-        self.shuffle_buffer, self.workers = int(shuffle_buffer), int(workers)
-        self.executor, self._decoders = pipeline._executor(executor, self.workers, self.num_threads, "clipjax-data")
+        self.shuffle_buffer = int(shuffle_buffer)
         self.loader = MixLoader(
             pipeline.TrainLoader(src_lib.SourceSet(record_specs, split, opened=opened), image_size, self.scale, seed,
                                  process_index),
@@ -105,7 +103,6 @@ class MixTrainIterator(core.PrefetchedBatches):
         self._state = {"sample": 0, "counts": [0] * n, "skipped": 0, "skipped_by_source": [0] * n,
                        "streams": {s: dict(m._state) for s, m in self.streams.items()}}
         self._orders: dict[int, tuple[int, np.ndarray]] = {}  # ArrayRecord source → (epoch, its host order)
-        self._prefetcher: core.Prefetcher | None = None
 
     # -------------------------------------------------------------------------------------------- slots
 

@@ -134,7 +134,27 @@ class TrainLoader:
         return image, caption, rec.label
 
 
-class TrainIterator(core.PrefetchedBatches):
+class HostBatches(core.PrefetchedBatches):
+    """What every training-batch iterator of a host shares (this module's, a ``wds:`` stream's, a mix with streams):
+    its settings, checked, and its decoding executor."""
+
+    def _configure(self, *, global_batch_size: int, image_size: int, context_length: int, tokenizer: Tokenizer,
+                   seed: int, process_index: int, process_count: int, scale: tuple[float, float], num_threads: int,
+                   prefetch: int, workers: int, executor: core.ExecutorFactory | None) -> None:
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} processes")
+        self.batch_size, self.global_batch_size = global_batch_size // process_count, global_batch_size
+        self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
+        self.seed, self.process_index, self.process_count = seed, process_index, process_count
+        self.scale, self.num_threads, self.prefetch = tuple(scale), max(1, num_threads), max(1, prefetch)
+        self.workers = int(workers)
+        self.executor, self._decoders = _executor(executor, self.workers, self.num_threads, "clipjax-data")
+        self._prefetcher: core.Prefetcher | None = None
+
+
+class TrainIterator(HostBatches):
     """Infinite iterator of per-host training batches {"image": uint8 [b,S,S,3], "text": i32 [b,C]}, plus
     "label": i32 [b] with ``labels=True``. Images are the cropped pixels; ``preprocess.normalize`` (on the host) or
     ``clipjax.step.prepare_images`` (on the device) makes them the model's float32 input."""
@@ -159,10 +179,9 @@ class TrainIterator(core.PrefetchedBatches):
         workers: int = 0,
         executor: core.ExecutorFactory | None = None,
     ):
-        if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
-        if global_batch_size % process_count:
-            raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} processes")
+        self._configure(global_batch_size=global_batch_size, image_size=image_size, context_length=context_length,
+                        tokenizer=tokenizer, seed=seed, process_index=process_index, process_count=process_count,
+                        scale=scale, num_threads=num_threads, prefetch=prefetch, workers=workers, executor=executor)
         if labels and len(specs) != 1:
             raise src_lib.DatasetError(f"labels=True reads one labelled dataset, got a mix of {len(specs)}")
         self.specs, self.weights = specs, np.asarray(weights, np.float64)
@@ -174,19 +193,11 @@ class TrainIterator(core.PrefetchedBatches):
                 )
         self.labels = bool(labels)
         self.classnames = src_lib.get_classnames(specs[0]) if labels else None  # what "label" indexes
-        self.batch_size = global_batch_size // process_count
-        self.global_batch_size = global_batch_size
-        self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
-        self.seed, self.process_index, self.process_count = seed, process_index, process_count
-        self.scale, self.num_threads, self.prefetch = tuple(scale), max(1, num_threads), max(1, prefetch)
-        self.workers = int(workers)
-        self.executor, self._decoders = _executor(executor, self.workers, self.num_threads, "clipjax-data")
         self.loader = TrainLoader(
             src_lib.SourceSet(specs, split, opened=self.sources), image_size, self.scale, seed, process_index,
             num_classes=len(self.classnames) if labels else None)
         self._state = {"sample": 0, "counts": [0] * len(specs), "skipped": 0, "skipped_by_source": [0] * len(specs)}
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
-        self._prefetcher: core.Prefetcher | None = None
 
     # -------------------------------------------------------------------------------------------- slots
 

@@ -461,7 +461,7 @@ class SampleLoader:
 
 # ============================================================================================ iterator
 
-class StreamTrainIterator(core.PrefetchedBatches):
+class StreamTrainIterator(pipeline.HostBatches):
     """Infinite per-host training batches of a ``wds:`` spec: {"image": uint8 [b,S,S,3], "text": i32 [b,C]}, with
     ``get_state``/``set_state``/``skipped``/``close`` as ``pipeline.TrainIterator``. ``sources`` is empty (no
     random-access source: the number of samples is not known before reading them)."""
@@ -471,10 +471,9 @@ class StreamTrainIterator(core.PrefetchedBatches):
                  scale: tuple[float, float], num_threads: int, prefetch: int, workers: int = 0,
                  executor: core.ExecutorFactory | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                  member: int | None = None):
-        if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
-        if global_batch_size % process_count:
-            raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} processes")
+        self._configure(global_batch_size=global_batch_size, image_size=image_size, context_length=context_length,
+                        tokenizer=tokenizer, seed=seed, process_index=process_index, process_count=process_count,
+                        scale=scale, num_threads=num_threads, prefetch=prefetch, workers=workers, executor=executor)
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1 (1: stream order), got {shuffle_buffer}")
         self.urls = shard_urls(spec)
@@ -485,16 +484,10 @@ class StreamTrainIterator(core.PrefetchedBatches):
         self.spec, self.specs, self.weights = spec, [spec], np.ones(1)
         self.sources: list = []
         self.labels, self.classnames = False, None
-        self.batch_size, self.global_batch_size = global_batch_size // process_count, global_batch_size
-        self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
-        self.seed, self.process_index, self.process_count = seed, process_index, process_count
-        self.scale, self.num_threads, self.prefetch = tuple(scale), max(1, num_threads), max(1, prefetch)
-        self.shuffle_buffer, self.workers = int(shuffle_buffer), int(workers)
+        self.shuffle_buffer = int(shuffle_buffer)
         self.member = member  # its place in a mix (``clipjax.data.mix``), which keys its shard orders and buffer
-        self.executor, self._decoders = pipeline._executor(executor, self.workers, self.num_threads, "clipjax-data")
         self.loader = SampleLoader(image_size, self.scale, seed, process_index)
         self._state = {"sample": 0, "position": [0, 0, 0], "buffer": [], "read_skipped": 0, "skipped": 0}
-        self._prefetcher: core.Prefetcher | None = None
 
     def reader(self, state: dict | None = None) -> ShardReader:
         """This host's shard reader at ``state``'s position (the start by default)."""
