@@ -62,6 +62,26 @@ def test_cli_zeroshot_on_hf_fixture(folder, tmp_path, capsys):
     assert list(tmp_path.glob("classifier-*.npy"))
 
 
+def test_cached_classifier_is_not_reused_for_the_same_weights_read_with_another_config(folder, tmp_path):
+    """The same file evaluated with and without QuickGELU shares no cached classifier: each run equals its run
+    without a cache (a reused classifier was a silent wrong score)."""
+    cfg = load(HF).config
+    quick_json, gelu = tmp_path / "quick.json", tmp_path / "gelu.json"  # open_clip configs: only the activation differs
+    quick_json.write_text(json.dumps(cfg.replace(quick_gelu=True).to_open_clip()))
+    gelu.write_text(json.dumps(cfg.replace(quick_gelu=False).to_open_clip()))
+    common = ["--model", str(HF), "--task", "zeroshot", "--data", str(folder), "--templates", "single",
+              "--tokenizer", "folded", "--batch-size", "4"]
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    quick = run([*common, *cache, "--config", str(quick_json)])["metrics"]
+    plain = run([*common, *cache, "--config", str(gelu)])["metrics"]
+    a, b = (np.load(f) for f in (tmp_path / "cache").glob("classifier-*.npy"))  # exactly two
+    assert not np.allclose(a, b, atol=1e-4)  # the activation changes the prompt features
+    uncached = run([*common, "--cache-dir", "", "--config", str(gelu)])["metrics"]
+    assert plain["per_class_recall"] == uncached["per_class_recall"] and plain["acc1"] == uncached["acc1"]
+    again = run([*common, *cache, "--config", str(quick_json)])["metrics"]  # the first config: its own classifier
+    assert again["per_class_recall"] == quick["per_class_recall"] and again["acc1"] == quick["acc1"]
+
+
 def test_cli_retrieval_on_hf_fixture(folder):
     result = run(["--model", str(HF), "--task", "retrieval", "--data", str(folder), "--tokenizer", "folded",
                    "--batch-size", "4"])

@@ -35,7 +35,8 @@ class ClassifierCache:
 
     Tokens depend only on the tokenizer and the prompts, so they are re-used by every evaluation during training.
     A classifier also depends on the weights: it is cached only under a `model_key` that names fixed weights (a
-    checkpoint path and step); evaluations of changing weights pass no key and only re-use the tokens.
+    checkpoint path and step; the evaluator adds the model config they were read with); evaluations of changing
+    weights pass no key and only re-use the tokens.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None):
@@ -178,10 +179,12 @@ class ZeroShotEvaluator:
     def classifier(self, variables: Any, templates: Sequence[str] | None = None) -> np.ndarray:
         """W [E, C] for `variables` (the evaluator's templates unless given)."""
         tok_key = ClassifierCache.key(self.tokenizer_spec, self.cfg.text)
+        # the same weights read with another config (e.g. QuickGELU or not) give other text features
+        model_key = None if self.model_key is None else ClassifierCache.key(self.model_key, self.cfg.to_dict())
         with self._context():
             return build_classifier(lambda t: self.encoder.texts(variables, t, self.batch_size), self.tokenize,
                                     self.classnames, templates or self.templates, self.batch_size, cache=self.cache,
-                                    tokenizer_key=tok_key, model_key=self.model_key)
+                                    tokenizer_key=tok_key, model_key=model_key)
 
     def evaluate(self, variables: Any, templates: Sequence[str] | None = None) -> dict[str, Any]:
         """All metrics (CLIP_benchmark names: acc1, acc5, mean_per_class_recall) plus per-class recall."""
