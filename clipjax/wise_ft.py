@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from clipjax import cli
+from clipjax import cli, paths
 from clipjax.export import numpy_variables
 from clipjax.finetune import (Head, check_new_dir, eval_batches, evaluate_head, load_finetuned, save_finetuned,
                               zeroshot_head)
@@ -165,7 +165,7 @@ def run(argv: list[str] | None = None) -> int:
         classifier = {**meta, "wise_ft": {"zeroshot": args.zeroshot, "finetuned": args.finetuned, "alpha": args.alpha}}
         out = save_finetuned(args.out, model, head, classifier)
         if rows:
-            (out / "wise_ft.json").write_text(json.dumps({"results": rows}, indent=2) + "\n")
+            paths.write_text(out / "wise_ft.json", json.dumps({"results": rows}, indent=2) + "\n")
         print(f"wrote {out} (alpha {args.alpha})")
     return 0
 

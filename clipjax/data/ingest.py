@@ -654,12 +654,10 @@ def _nothing_usable(src: pathlib.Path | str, skipped: list[dict], report: paths.
 
 
 def _write_text(path: paths.Path, text: str) -> None:
-    """`text` as the file `path` (its folder made), or as one whole object in a store."""
-    if paths.is_remote(path):
-        paths.write_object(path, text)
-    else:
+    """`text` as the file `path` (its folder made; written atomically), or as one whole object in a store."""
+    if not paths.is_remote(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+    paths.write_text(path, text)
 
 
 def check_output(out: paths.Path, src: pathlib.Path | str) -> None:
