@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sys
 import tempfile
 from typing import Any
@@ -189,8 +190,17 @@ def export_hf(model: Pretrained, out: str | os.PathLike) -> paths.Path:
     return out
 
 
+def check_model_name(name: str) -> str:
+    """`name` if it can be an open_clip model name and the stem of the file NAME.json; else a ValueError."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+@-]*", name or ""):
+        raise ValueError(f"open_clip model name {name!r}: use letters, digits and . _ - + @, starting with a letter or "
+                         f"digit (it names the file NAME.json)")
+    return name
+
+
 def export_open_clip(model: Pretrained, out: str | os.PathLike, name: str = "clipjax-model") -> paths.Path:
     """Write `out/model.safetensors` (open_clip state dict) and `out/NAME.json` (its open_clip model config)."""
+    check_model_name(name)
     if paths.is_remote(out):
         return _export_remote(export_open_clip, model, out, name)
     state = open_clip_state_dict(model)
@@ -226,6 +236,8 @@ def _parser() -> cli.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     """Parse `argv` and export; bad input raises (ValueError, OSError)."""
     args = _parser().parse_args(argv)
+    if args.format == "open_clip":
+        check_model_name(args.name)
     check_out_dir(args.out, args.model, args.force)
     model = load(args.model, _config_arg(args.config))
     if args.format == "hf":

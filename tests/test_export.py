@@ -213,6 +213,14 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "no such file" in err
 
 
+@pytest.mark.parametrize("name", ["a/b", "../up", ".hidden", ""])
+def test_an_open_clip_name_that_is_not_a_file_stem_is_refused_before_anything_is_written(name, tmp_path, capsys):
+    args = ["--model", str(tmp_path / "nothing"), "--format", "open_clip", "--out", str(tmp_path / "o"), "--name", name]
+    assert export.main(args) == 2
+    assert f"open_clip model name {name!r}: use letters, digits" in _error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
