@@ -75,6 +75,18 @@ def test_output_holding_other_files_is_refused_and_untouched(pics, tmp_path, cap
     assert set(_records(empty)) == {"pics/0.png", "pics/1.png"} and set(_records(empty, "val")) == {"pics/2.png"}
 
 
+@pytest.mark.parametrize("split", ["../x", "tr/ain", "a b", ""])
+def test_a_split_name_that_cannot_name_shard_files_is_refused_before_anything_is_written(pics, tmp_path, capsys,
+                                                                                         split):
+    table = pics / "data.csv"
+    table.write_text("image,caption\npics/0.png,a zero\n")
+    line = _one_error(*_run(capsys, str(table), "--output", str(tmp_path / "out"), "--split", split)[::2])
+    assert f"--split {split!r}: a split name is letters, digits, _ and -" in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.array_record*"))
+    assert _run(capsys, str(table), "--output", str(tmp_path / "out"), "--split", "val-2017")[0] == 0
+    assert set(_records(tmp_path / "out", "val-2017")) == {"pics/0.png"}
+
+
 # ============================================================================================ nothing usable
 
 def test_every_record_bad_is_an_error_not_an_empty_dataset(pics, tmp_path, capsys):

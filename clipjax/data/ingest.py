@@ -733,6 +733,8 @@ def ingest(
         raise FileNotFoundError(f"ingest source not found: {src}")
     if "{}" not in template:
         raise IngestError(f"caption template must contain '{{}}', got {template!r}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", split or ""):
+        raise IngestError(f"--split {split!r}: a split name is letters, digits, _ and - (it names the shard files)")
     with paths.storage_errors(out, "write"):
         check_output(out, src)
         plan = make_plan(src, shard_size, template)
@@ -993,7 +995,7 @@ def _parser() -> cli.ArgumentParser:
                         help="dataset directory to write (read it with dir:DIR): new, empty, or an earlier output "
                              "of this command; gs://BUCKET/DIR (or s3://) writes it to an object store")
     parser.add_argument("--name", default=None, help="dataset name (default: the output folder's name)")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train", help="split name: letters, digits, _ and - (default train)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
     parser.add_argument("--shard-size", type=int, default=2_000, help="records per shard (tables, ImageFolders)")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="ImageFolder caption template")
