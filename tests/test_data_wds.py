@@ -153,8 +153,9 @@ def test_spec_forms_list_the_same_shards(shards, tmp_path):
     assert sources.source_kind(f"wds:{root}") == "stream" and sources.resolve_spec(f"wds:{root}") == f"wds:{root}"
     for bad, message in [(f"wds:{tmp_path}/none", "neither a directory"), (f"wds:{tmp_path}", "no .tar shards"),
                          (f"wds:{tmp_path}/{{0..3}}.tar", "none of its 4 shards exists"), ("wds:", "name the shards")]:
-        with pytest.raises(sources.DatasetError, match=message):
+        with pytest.raises(sources.DatasetError, match=message) as raised:
             wds.shard_urls(bad)
+        assert str(raised.value).count(repr(bad)) == 1, raised.value  # the spec named once
     with pytest.raises(sources.DatasetError, match="training only"):
         sources.open_source(f"wds:{root}", "train")
     with pytest.raises(sources.DatasetError, match="fewer than 7 hosts"):

@@ -167,6 +167,8 @@ def shard_urls(spec: str) -> list[str]:
             urls = _local_shards(spec, path[len("file://"):] if protocol else path)
         else:
             urls = _remote_shards(spec, path, protocol)
+    except src_lib.DatasetError:  # already names the spec
+        raise
     except ValueError as e:  # a brace that is not a pattern
         raise src_lib.DatasetError(f"dataset {spec!r}: {e}") from None
     if not urls:
