@@ -211,3 +211,10 @@ def test_image_folder_eval_batches(folder):
     first = next(iter(renamed))
     assert names == ["kitty", "engine", "seal"] and first["captions"][0] == ["a photo of a kitty."]
     np.testing.assert_array_equal(first["label"], batches[0]["label"])
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf")])
+def test_mix_weights_must_be_positive_and_finite(weight):
+    with pytest.raises(sources.DatasetError, match=r"dataset mix weights must be positive and finite, got \{'b': "):
+        sources.resolve_specs({"a": 1.0, "b": weight})
+    assert sources.resolve_specs({"a": 1.0, "b": 3.0}) == (["a", "b"], [0.25, 0.75])

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import pathlib
 import threading
@@ -397,9 +398,9 @@ def resolve_specs(spec_or_mix: str | dict[str, float] | Sequence[str]) -> tuple[
     if isinstance(spec_or_mix, dict):
         if not spec_or_mix:
             raise DatasetError("empty dataset mix")
-        bad = {k: v for k, v in spec_or_mix.items() if not (float(v) > 0)}
+        bad = {k: v for k, v in spec_or_mix.items() if not (0 < float(v) < math.inf)}
         if bad:
-            raise DatasetError(f"dataset mix weights must be > 0, got {bad}")
+            raise DatasetError(f"dataset mix weights must be positive and finite, got {bad}")
         total = float(sum(spec_or_mix.values()))
         return list(spec_or_mix), [float(v) / total for v in spec_or_mix.values()]
     raise DatasetError(f"dataset spec must be a string or a {{spec: weight}} dict, got {type(spec_or_mix).__name__}")
