@@ -98,6 +98,9 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             or any(not isinstance(p, (tuple, list)) or len(p) != 2 or not isinstance(p[0], str) for p in mix)
             or len({p[0] for p in mix}) != len(mix)):
         raise ConfigError(f"config.data.mix={mix!r}: give {{spec: weight}} or ((spec, weight), ...), each spec once")
+    bad = [p for p in mix if not isinstance(p[1], (int, float)) or not 0 < p[1] < math.inf]
+    if bad:
+        raise ConfigError(f"config.data.mix: weights must be positive and finite numbers, got {bad}")
     buffer = config.data.get("shuffle_buffer", 1)
     if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
         raise ConfigError(f"config.data.shuffle_buffer={buffer!r}: must be a positive integer (the samples each wds: "

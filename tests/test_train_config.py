@@ -76,6 +76,11 @@ def test_shuffle_buffer_reaches_the_wds_stream(tmp_path):
     c.data.mix = ((f"wds:{tmp_path}", 1.0), (f"wds:{tmp_path}", 2.0))
     with pytest.raises(ConfigError, match=r"^config\.data\.mix=.*each spec once"):
         check_config(c)
+    for weight in (0.0, -1.0, float("nan"), float("inf"), "1"):
+        c.data.mix = ((f"wds:{tmp_path}", 1.0), ("scenes", weight))
+        with pytest.raises(ConfigError, match=r"^config\.data\.mix: weights must be positive and finite numbers, "
+                                              r"got \[\('scenes', "):
+            check_config(c)
 
 
 def test_unknown_task_is_an_error():
