@@ -69,6 +69,28 @@ def _from_config(what: str, fn: Callable, *args, **kwargs):
 
 # ============================================================================================ config checks
 
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+# (key, test, the rule in words) of numbers that would otherwise run wrongly or fail late
+_NUMBER_RULES = (
+    ("seed", lambda v: isinstance(v, int) and v >= 0, "must be a non-negative integer"),
+    ("keep_checkpoints", lambda v: isinstance(v, int) and v >= 1,
+     "must be a positive integer (the newest checkpoints kept; 0 would keep none)"),
+    ("lr", lambda v: _finite(v) and v >= 0, "must be a finite number ≥ 0"),
+    ("optimizer.weight_decay", lambda v: _finite(v) and v >= 0, "must be a finite number ≥ 0"),
+    ("optimizer.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optimizer.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optimizer.eps", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+    ("optimizer.grad_clip_norm", lambda v: _finite(v) and v >= 0, "must be a finite number ≥ 0 (0: no clipping)"),
+    ("model.patch_dropout", lambda v: 0 <= v < 1, "must be in [0, 1) (the fraction of patch tokens dropped)"),
+    ("data.num_threads", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
+    ("data.workers", lambda v: isinstance(v, int) and v >= 0,
+     "must be a non-negative integer (0: decode on threads of this process)"),
+)
+
+
 def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config as it will run: numbers that cannot work are a ConfigError naming the key; a warm-up that does not
     fit a short run (e.g. `--config.total_steps=5` on a recipe with 50 warm-up steps) is clipped, with a warning.
@@ -101,6 +123,17 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     bad = [p for p in mix if not isinstance(p[1], (int, float)) or not 0 < p[1] < math.inf]
     if bad:
         raise ConfigError(f"config.data.mix: weights must be positive and finite numbers, got {bad}")
+    for key, ok, rule in _NUMBER_RULES:
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, (dict, ml_collections.ConfigDict)) else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value)):
+            raise ConfigError(f"config.{key}={value!r}: {rule}")
+    scale = config.data.get("crop_scale")
+    if scale is not None and (len(scale) != 2 or not all(isinstance(v, (int, float)) for v in scale)
+                              or not 0 < scale[0] <= scale[1] <= 1):
+        raise ConfigError(f"config.data.crop_scale={tuple(scale)!r}: must be (MIN, MAX) with 0 < MIN <= MAX <= 1 (the "
+                          f"fraction of the image area a random crop keeps)")
     buffer = config.data.get("shuffle_buffer", 1)
     if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
         raise ConfigError(f"config.data.shuffle_buffer={buffer!r}: must be a positive integer (the samples each wds: "
@@ -159,7 +192,7 @@ def make_tx(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTra
     o = config.optimizer
     return make_optimizer(params, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.total_steps,
                           weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                          grad_clip_norm=o.grad_clip_norm, frozen=frozen_prefixes(config, params))
+                          grad_clip_norm=o.grad_clip_norm or None, frozen=frozen_prefixes(config, params))
 
 
 def load_pretrained(config: ml_collections.ConfigDict):

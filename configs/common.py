@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.98  # ViT; ResNets use 0.999
     c.optimizer.eps = 1e-6  # ViT; ResNets use 1e-8
-    c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0: none
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "synthetic"  # "scenes" | "dir:/path" | "wds:PATTERN" | an ImageFolder | a TFDS name | "synthetic"

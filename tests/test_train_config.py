@@ -5,6 +5,7 @@ architecture is refused before anything is written, and re-logged steps never du
 import json
 import logging
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -26,6 +27,49 @@ def test_non_positive_counts_are_config_errors_naming_the_key(key, value):
     c[key] = value
     with pytest.raises(ConfigError, match=rf"config\.{key}={value}: must be a positive integer"):
         check_config(c)
+
+
+@pytest.mark.parametrize("key,value,rule", [
+    ("seed", -1, "must be a non-negative integer"),  # numpy's generators refuse it, deep in the data thread
+    ("keep_checkpoints", 0, "must be a positive integer"),  # kept no checkpoint at all
+    ("lr", -1e-3, "must be a finite number ≥ 0"),  # gradient ascent
+    ("lr", float("nan"), "must be a finite number ≥ 0"),
+    ("optimizer.weight_decay", -0.1, "must be a finite number ≥ 0"),
+    ("optimizer.b2", 1.5, r"must be in \[0, 1\)"),
+    ("optimizer.eps", 0.0, "must be a finite number > 0"),
+    ("optimizer.grad_clip_norm", -1.0, r"must be a finite number ≥ 0 \(0: no clipping\)"),
+    ("model.patch_dropout", 1.0, r"must be in \[0, 1\)"),
+    ("data.num_threads", 0, "must be a positive integer"),
+    ("data.workers", -1, "must be a non-negative integer"),
+    ("data.crop_scale", (0.0, 1.0), r"must be \(MIN, MAX\) with 0 < MIN <= MAX <= 1"),  # every crop failed
+    ("data.crop_scale", (0.9, 0.5), r"must be \(MIN, MAX\) with 0 < MIN <= MAX <= 1"),
+])
+def test_numbers_that_would_run_wrongly_are_config_errors_naming_the_key(key, value, rule):
+    c = ml_collections.ConfigDict(base_config().to_dict(), type_safe=False)
+    node, last = c, key.split(".")[-1]
+    for part in key.split(".")[:-1]:
+        node = node[part]
+    node[last] = value
+    with pytest.raises(ConfigError, match=rf"^config\.{re.escape(key)}={re.escape(repr(value))}: {rule}"):
+        check_config(c)
+
+
+def test_a_zero_grad_clip_norm_means_no_clipping():
+    import jax.numpy as jnp
+
+    from clipjax.train import make_tx
+
+    c = base_config()
+    c.lr, c.warmup_steps, c.optimizer.weight_decay = 1.0, 0, 0.0
+    params = {"w": jnp.zeros(3)}
+    grads = {"w": jnp.array([30.0, 40.0, 0.0])}  # norm 50
+    updates = {}
+    for clip in (1.0, 0.0):
+        c.optimizer.grad_clip_norm = clip
+        tx = make_tx(check_config(c), params)
+        updates[clip], _ = tx.update(grads, tx.init(params), params)
+    # a clip at norm 0 would zero every gradient, hence every update
+    assert float(jnp.abs(updates[0.0]["w"]).sum()) > 0 and float(jnp.abs(updates[1.0]["w"]).sum()) > 0
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True])
