@@ -218,3 +218,11 @@ def test_mix_weights_must_be_positive_and_finite(weight):
     with pytest.raises(sources.DatasetError, match=r"dataset mix weights must be positive and finite, got \{'b': "):
         sources.resolve_specs({"a": 1.0, "b": weight})
     assert sources.resolve_specs({"a": 1.0, "b": 3.0}) == (["a", "b"], [0.25, 0.75])
+
+
+@pytest.mark.parametrize("scale", [(0.0, 1.0), (0.9, 0.5), (0.5, 1.5)])
+def test_a_crop_scale_that_cannot_crop_is_refused_when_the_iterator_is_made(scale):
+    """(0, 1) made every record fail to crop ("float division by zero"), skipped until TooManyBadRecords."""
+    with pytest.raises(ValueError, match=r"crop scale .*: must be \(MIN, MAX\) with 0 < MIN <= MAX <= 1"):
+        pipeline.make_train_iterator("scenes", global_batch_size=8, image_size=32, context_length=16,
+                                     tokenizer=get_tokenizer(), seed=0, process_index=0, process_count=1, scale=scale)

@@ -145,6 +145,8 @@ class HostBatches(core.PrefetchedBatches):
             raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
         if global_batch_size % process_count:
             raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} processes")
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop scale {tuple(scale)}: must be (MIN, MAX) with 0 < MIN <= MAX <= 1")
         self.batch_size, self.global_batch_size = global_batch_size // process_count, global_batch_size
         self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
         self.seed, self.process_index, self.process_count = seed, process_index, process_count
