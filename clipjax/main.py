@@ -121,15 +121,31 @@ def _check_overrides(argv_all: list[str]) -> None:
                 _fail(f"unknown config key {key!r} in {file}{hint}")
 
 
+def _check_launch_flags() -> None:
+    """The multi-process and device-count flags make sense together (checked before JAX starts)."""
+    if _LOCAL_DEVICES.value is not None and _LOCAL_DEVICES.value < 1:
+        _fail(f"--local_device_count={_LOCAL_DEVICES.value}: must be a positive integer")
+    if not _COORD.value and (_NPROC.value is not None or _PID.value is not None):
+        _fail("--num_processes and --process_id need --coordinator=host:port (the address of process 0)")
+    if _NPROC.value is not None and _NPROC.value < 1:
+        _fail(f"--num_processes={_NPROC.value}: must be a positive integer")
+    if _PID.value is not None and _NPROC.value is not None and not 0 <= _PID.value < _NPROC.value:
+        _fail(f"--process_id={_PID.value}: must be in [0, {_NPROC.value}) for --num_processes={_NPROC.value}")
+
+
 def main(argv: list[str]) -> None:
     del argv
+    _check_launch_flags()
     if _LOCAL_DEVICES.value:
         flags_env = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={_LOCAL_DEVICES.value}"
     import jax
 
     if _COORD.value:
-        jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+        try:
+            jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+        except ValueError as e:  # e.g. no --process_id and none the cluster environment tells
+            _fail(f"--coordinator={_COORD.value}: {e} (pass --num_processes and --process_id)")
     elif any(v in os.environ for v in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS")):
         jax.distributed.initialize()
     if _CONFIG.value is None:

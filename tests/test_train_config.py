@@ -221,6 +221,21 @@ def test_main_help_exits_zero():
     assert out.returncode == 0 and "--workdir" in out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--num_processes=2"], "--num_processes and --process_id need --coordinator=host:port"),  # was ignored
+    (["--coordinator=localhost:1", "--num_processes=2", "--process_id=5"], "--process_id=5: must be in [0, 2)"),
+    (["--coordinator=localhost:1", "--num_processes=0", "--process_id=0"], "--num_processes=0: must be a positive"),
+    (["--local_device_count=0"], "--local_device_count=0: must be a positive integer"),  # was ignored
+])
+def test_launch_flags_that_do_not_fit_together_are_one_line(flags, message, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "clipjax.main", f"--config={ROOT / 'configs' / 'demo.py'}",
+                          f"--workdir={tmp_path / 'run'}", *flags], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), out.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("recipe", ["vit_b32", "vit_b16", "vit_l14", "rn50"])
 def test_pod_recipes_name_their_data_explicitly(recipe):
     from clipjax.configs import rn50, vit_b16, vit_b32, vit_l14  # noqa: F401
