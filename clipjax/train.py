@@ -485,7 +485,12 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
             start, state, data_state = restored
             data.at(start)
             if data_state and data.get_state() is not None:
-                _from_config(f"config.data (the input position saved at step {start})", data.set_state, data_state)
+                try:
+                    data.set_state(data_state)
+                except ValueError as e:  # another dataset, seed or host count than the run that saved it
+                    raise ConfigError(f"config.data (the input position saved at step {start}): {e}; to train these "
+                                      f"weights on other data, start a new workdir with "
+                                      f"--config.init_from={workdir_p}") from e
             log.info("resumed from step %d in %s (fingerprints verified)", start, ckpt.directory)
         if is_main:
             _write_config(workdir_p, config, cfg)

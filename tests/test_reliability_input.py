@@ -201,6 +201,28 @@ def test_missing_or_empty_dataset_is_one_line(setup, tmp_path, spec, needle):
     assert_user_error(out, repr(spec), needle)
 
 
+@pytest.mark.slow
+def test_resuming_on_another_dataset_is_one_line_that_says_how_to_start_from_these_weights(setup, tmp_path):
+    """Row "bad config": the workdir's saved input position belongs to another dataset; the error names both and
+    the way to train these weights on the new data (a new workdir with init_from), and nothing is lost."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [encode(Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)), "PNG") for _ in range(16)]
+    first = write_dataset(tmp_path / "first", [(img, [f"first {i}"]) for i, img in enumerate(images)])
+    other = write_dataset(tmp_path / "other", [(img, [f"other {i}"]) for i, img in enumerate(images)])
+    workdir = tmp_path / "run"
+    model = f"--config.model.name={setup.tiny_bpe}"
+    assert setup.run(workdir, model, f"--config.data.train=dir:{first}", "--config.total_steps=2").returncode == 0
+    before = steps_on_disk(workdir)
+    out = setup.run(workdir, model, f"--config.data.train=dir:{other}")
+    line = assert_user_error(out, "config.data (the input position saved at step 2)", f"dir:{first}", f"dir:{other}")
+    assert line.endswith(f"start a new workdir with --config.init_from={workdir}")
+    assert steps_on_disk(workdir) == before
+    fresh = setup.run(tmp_path / "fresh", model, f"--config.data.train=dir:{other}", f"--config.init_from={workdir}")
+    assert fresh.returncode == 0, tail(fresh)
+
+
 def _export_safetensors(path: pathlib.Path, model: dict) -> pathlib.Path:
     """Random weights of `model` in open_clip's safetensors layout."""
     import jax
