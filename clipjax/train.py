@@ -85,6 +85,8 @@ _NUMBER_RULES = (
     ("optimizer.eps", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
     ("optimizer.grad_clip_norm", lambda v: _finite(v) and v >= 0, "must be a finite number ≥ 0 (0: no clipping)"),
     ("model.patch_dropout", lambda v: 0 <= v < 1, "must be in [0, 1) (the fraction of patch tokens dropped)"),
+    ("model.init_logit_scale", _finite, "must be a finite number (or None: the loss's default)"),
+    ("model.init_logit_bias", _finite, "must be a finite number"),
     ("data.num_threads", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
     ("data.workers", lambda v: isinstance(v, int) and v >= 0,
      "must be a non-negative integer (0: decode on threads of this process)"),
@@ -322,7 +324,10 @@ def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mes
             raise ConfigError("config.data.mix: classifying reads one labelled dataset (config.data.train)")
         return make_train_iterator(spec, tokenizer=_no_text, scale=tuple(d.crop_scale), num_threads=d.num_threads,
                                    workers=d.workers, split=d.train_split, labels=True, **kw)
-    tokenizer = get_tokenizer(d.tokenizer or None, context_length, cfg.text.vocab_size)
+    try:
+        tokenizer = get_tokenizer(d.tokenizer or None, context_length, cfg.text.vocab_size)
+    except OSError as e:  # e.g. a SentencePiece model file that does not exist
+        raise ConfigError(f"config.data.tokenizer={d.tokenizer!r}: {e}") from e
     return make_train_iterator(spec, tokenizer=tokenizer, scale=tuple(d.crop_scale), num_threads=d.num_threads,
                                workers=d.workers, split=d.train_split, shuffle_buffer=d.get("shuffle_buffer"), **kw)
 

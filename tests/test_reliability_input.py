@@ -169,10 +169,13 @@ def test_unknown_config_key_is_one_line_with_suggestion(setup, tmp_path):
     ("--config.loss=cosine", ("config.loss: unknown loss 'cosine'", "siglip")),
     ("--config.mesh.tensor=3", ("config.mesh: ", "not divisible by 3")),
     ("--config.batch_size=6", ("config.batch_size=6 must be divisible",)),
+    ("--config.model.dtype=float8", ("config.model: dtype='float8': valid compute dtypes are",)),  # was a traceback
+    (("--config.data.tokenizer=sentencepiece:/nonexistent.model", "--config.data.train=scenes"),  # a traceback
+     ("config.data.tokenizer='sentencepiece:/nonexistent.model'", "not found")),
 ])
 def test_bad_config_values_are_one_line(setup, tmp_path, override, needles):
     """Row "bad config": values that cannot run fail in one line naming the key, before anything compiles."""
-    out = setup.run(tmp_path / "run", override)
+    out = setup.run(tmp_path / "run", *((override,) if isinstance(override, str) else override))
     assert_user_error(out, *needles)
     assert "parameters:" not in out.stderr
 

@@ -39,6 +39,8 @@ def test_non_positive_counts_are_config_errors_naming_the_key(key, value):
     ("optimizer.eps", 0.0, "must be a finite number > 0"),
     ("optimizer.grad_clip_norm", -1.0, r"must be a finite number ≥ 0 \(0: no clipping\)"),
     ("model.patch_dropout", 1.0, r"must be in \[0, 1\)"),
+    ("model.init_logit_bias", float("nan"), "must be a finite number"),  # trained, then refused to checkpoint
+    ("model.init_logit_scale", float("inf"), "must be a finite number"),
     ("data.num_threads", 0, "must be a positive integer"),
     ("data.workers", -1, "must be a non-negative integer"),
     ("data.crop_scale", (0.0, 1.0), r"must be \(MIN, MAX\) with 0 < MIN <= MAX <= 1"),  # every crop failed

@@ -136,6 +136,9 @@ class TextConfig:
     eot_token_id: int | None = None
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
     """A whole CLIP model plus its numerics and memory options (which do not change the weights)."""
@@ -149,6 +152,11 @@ class CLIPConfig:
     dtype: str = "float32"  # computation dtype; parameters stay float32
     remat: str = "none"  # "none" | "full" | "dots": rematerialisation of each residual block
     scan_layers: bool = False  # stack transformer layers and run them with a scan (faster compile, same math)
+
+    def __post_init__(self) -> None:
+        name = self.dtype if isinstance(self.dtype, str) else getattr(self.dtype, "__name__", str(self.dtype))
+        if name not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: valid compute dtypes are {list(COMPUTE_DTYPES)}")
 
     def replace(self, **kw: Any) -> "CLIPConfig":
         return dataclasses.replace(self, **kw)
