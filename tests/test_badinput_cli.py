@@ -154,3 +154,12 @@ def test_evaluate_refuses_an_out_it_cannot_write_before_it_evaluates(tmp_path, c
     assert main([*COMMANDS["clipjax.evaluate"], "--out", str(tmp_path / "new" / "r.json")]) == 2
     assert MISSING in capsys.readouterr().err  # a good --out: the missing model is what fails
     assert list((tmp_path / "new").iterdir()) == []  # the write check left nothing behind
+
+
+@pytest.mark.parametrize("params, needle", [("{bad", "--params: not valid JSON"),
+                                            ('{"nosuch": 1}', "a JSON object with keys among"),
+                                            ("[1]", "a JSON object with keys among")])
+def test_scenes_builder_refuses_bad_params_in_one_line(params, needle, tmp_path):
+    """`python -m clipjax.data.scenes` (the builder behind the embedded dataset): bad --params are one line."""
+    _assert_user_error(_run("clipjax.data.scenes", str(tmp_path / "scenes"), "--params", params), needle)
+    assert not (tmp_path / "scenes").exists()

@@ -240,19 +240,32 @@ def ensure_scenes(data_dir: str | os.PathLike | None = None, *, progress: bool =
     return final
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
+def _run(argv: list[str] | None) -> None:
+    from clipjax import cli
 
-    parser = argparse.ArgumentParser(description="Build the clipjax scenes dataset into DIR.")
+    parser = cli.ArgumentParser(prog="python -m clipjax.data.scenes",
+                                description="Build the clipjax scenes dataset into DIR.")
     parser.add_argument("directory")
-    parser.add_argument("--params", default="{}", help="JSON dict of build_scenes keyword arguments")
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--params", default="{}",
+                        help=f"JSON object of build_scenes keyword arguments: {', '.join(sorted(DEFAULTS))}")
+    parser.add_argument("--workers", type=cli.integer(1), default=None)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    params = {**DEFAULTS, **json.loads(args.params)}
-    out = build_scenes(args.directory, workers=args.workers, progress=not args.quiet, **params)
-    print(out)
+    try:
+        given = json.loads(args.params)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--params: not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(given, dict) or set(given) - set(DEFAULTS):
+        raise ValueError(f"--params {args.params}: a JSON object with keys among {sorted(DEFAULTS)}")
+    print(build_scenes(args.directory, workers=args.workers, progress=not args.quiet, **{**DEFAULTS, **given}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0, or 2 after one `error: ...` line for bad input."""
+    from clipjax import cli
+
+    return cli.run_main(_run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
