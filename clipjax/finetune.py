@@ -100,9 +100,17 @@ def load_head(path: str | os.PathLike) -> Head:
 
 
 def check_new_dir(out: str | os.PathLike) -> None:
-    target = paths.as_path(out) / WEIGHTS
-    if paths.exists(target):
-        raise FileExistsError(f"{out} already holds a model ({WEIGHTS}); choose a new directory")
+    """Refuses `out` when it holds a model already, or is a training workdir: `clipjax.load` reads a workdir's
+    checkpoint, so a model written beside it would never be the one loaded."""
+    from clipjax.export import is_training_workdir
+
+    directory = paths.as_path(out)
+    with paths.storage_errors(directory):
+        if paths.exists(directory / WEIGHTS):
+            raise FileExistsError(f"{out} already holds a model ({WEIGHTS}); choose a new directory")
+        if paths.is_dir(directory) and is_training_workdir(directory):
+            raise FileExistsError(f"{out} is a clipjax training workdir (clipjax.load would read its checkpoint, not "
+                                  f"this model); choose a new directory")
 
 
 def save_finetuned(out: str | os.PathLike, model: Pretrained, head: Head | None = None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -121,9 +122,12 @@ def evaluate_alphas(a: Pretrained, b: Pretrained, head_a: Head | None, head_b: H
 
 def _floats(text: str, flag: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{flag} must be comma-separated finite numbers, got {text!r}")
+    return values
 
 
 def _parser() -> cli.ArgumentParser:
@@ -149,6 +153,11 @@ def _parser() -> cli.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     """Parse `argv`, evaluate and/or write the interpolated model; bad input raises."""
     args = _parser().parse_args(argv)
+    if args.out is None and not args.eval_data:
+        raise ValueError("nothing to do: give --out (write the model at --alpha) and/or --eval-data (evaluate "
+                         "--alphas)")
+    if not math.isfinite(args.alpha):
+        raise ValueError(f"--alpha must be a finite number, got {args.alpha}")
     alphas = _floats(args.alphas, "--alphas") if args.alphas else [args.alpha]
     if args.out is not None:
         check_new_dir(args.out)

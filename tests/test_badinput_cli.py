@@ -15,7 +15,7 @@ MISSING = "/nonexistent/clipjax-test-input"
 COMMANDS = {  # module -> arguments naming an input that does not exist
     "clipjax.evaluate": ["--model", MISSING, "--task", "zeroshot", "--data", "scenes"],
     "clipjax.export": ["--model", MISSING, "--format", "open_clip", "--out", "/nonexistent/out"],
-    "clipjax.wise_ft": ["--zeroshot", MISSING, "--finetuned", MISSING],
+    "clipjax.wise_ft": ["--zeroshot", MISSING, "--finetuned", MISSING, "--eval-data", "scenes"],
     "clipjax.data.ingest": [MISSING, "--output", "/nonexistent/out"],
 }
 
@@ -163,3 +163,22 @@ def test_scenes_builder_refuses_bad_params_in_one_line(params, needle, tmp_path)
     """`python -m clipjax.data.scenes` (the builder behind the embedded dataset): bad --params are one line."""
     _assert_user_error(_run("clipjax.data.scenes", str(tmp_path / "scenes"), "--params", params), needle)
     assert not (tmp_path / "scenes").exists()
+
+
+def test_wise_ft_refuses_nothing_to_do_a_non_finite_alpha_and_a_workdir_as_out(tmp_path, capsys):
+    """Before anything is read: no --out nor --eval-data (it did nothing, silently), --alpha nan; and a training
+    workdir as --out (clipjax.load reads a workdir's checkpoint, so the model written there was never the one used)."""
+    from clipjax import wise_ft
+
+    ends = ["--zeroshot", MISSING, "--finetuned", MISSING]
+    assert wise_ft.main(ends) == 2
+    assert "nothing to do: give --out" in capsys.readouterr().err
+    assert wise_ft.main([*ends, "--out", str(tmp_path / "new"), "--alpha", "nan"]) == 2
+    assert "--alpha must be a finite number, got nan" in capsys.readouterr().err
+    assert wise_ft.main([*ends, "--eval-data", "scenes", "--alphas", "0,inf"]) == 2
+    assert "--alphas must be comma-separated finite numbers, got '0,inf'" in capsys.readouterr().err
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    assert wise_ft.main([*ends, "--out", str(workdir)]) == 2
+    assert f"{workdir} is a clipjax training workdir" in capsys.readouterr().err
+    assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints"]

@@ -275,7 +275,7 @@ def test_wise_ft_cli_writes_and_evaluates(finetuned, hf_fixture, scenes_spec, tm
 def test_wise_ft_rejects_different_architectures(finetuned, fixtures_dir, capsys):
     d = fixtures_dir / "openclip_vit"
     code = wise_ft.main(["--zeroshot", str(d / "model.safetensors"), "--zeroshot-config",
-                         str(d / "open_clip_config.json"), "--finetuned", str(finetuned[0])])
+                         str(d / "open_clip_config.json"), "--finetuned", str(finetuned[0]), "--eval-data", "scenes"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "different architectures" in err
 
