@@ -105,12 +105,13 @@ def check_new_dir(out: str | os.PathLike) -> None:
     from clipjax.export import is_training_workdir
 
     directory = paths.as_path(out)
+    if paths.exists(directory / WEIGHTS):
+        raise FileExistsError(f"{out} already holds a model ({WEIGHTS}); choose a new directory")
     with paths.storage_errors(directory):
-        if paths.exists(directory / WEIGHTS):
-            raise FileExistsError(f"{out} already holds a model ({WEIGHTS}); choose a new directory")
-        if paths.is_dir(directory) and is_training_workdir(directory):
-            raise FileExistsError(f"{out} is a clipjax training workdir (clipjax.load would read its checkpoint, not "
-                                  f"this model); choose a new directory")
+        workdir = paths.is_dir(directory) and is_training_workdir(directory)
+    if workdir:
+        raise FileExistsError(f"{out} is a clipjax training workdir (clipjax.load would read its checkpoint, not "
+                              f"this model); choose a new directory")
 
 
 def save_finetuned(out: str | os.PathLike, model: Pretrained, head: Head | None = None,
