@@ -78,8 +78,6 @@ def _save_safetensors(state: dict[str, np.ndarray], path: pathlib.Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-
-
 def _write_json(path: pathlib.Path, obj: Any) -> None:
     paths.write_text(path, json.dumps(obj, indent=2) + "\n")
 

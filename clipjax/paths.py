@@ -148,12 +148,14 @@ def write_object(path: Path, data: bytes | str) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """`text` (UTF-8) as the whole file `path`, atomically: a local file through a temporary file in the same folder
-    renamed over it (a failed write leaves any previous file intact), an object in a store in one upload."""
+    """`text` (UTF-8) as the whole file `path`, atomically: a local file (its folder made) through a temporary file in
+    the same folder renamed over it (a failed write leaves any previous file intact), an object in a store in one
+    upload."""
     if is_remote(path):
         write_object(as_path(path), text)
         return
     local = pathlib.Path(path)
+    local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")

@@ -69,24 +69,20 @@ def _from_config(what: str, fn: Callable, *args, **kwargs):
 
 # ============================================================================================ config checks
 
-def _finite(v: float) -> bool:
-    return math.isfinite(v)
-
-
 # (key, test, the rule in words) of numbers that would otherwise run wrongly or fail late
 _NUMBER_RULES = (
     ("seed", lambda v: isinstance(v, int) and v >= 0, "must be a non-negative integer"),
     ("keep_checkpoints", lambda v: isinstance(v, int) and v >= 1,
      "must be a positive integer (the newest checkpoints kept; 0 would keep none)"),
-    ("lr", lambda v: _finite(v) and v >= 0, "must be a finite number ≥ 0"),
-    ("optimizer.weight_decay", lambda v: _finite(v) and v >= 0, "must be a finite number ≥ 0"),
+    ("lr", lambda v: math.isfinite(v) and v >= 0, "must be a finite number ≥ 0"),
+    ("optimizer.weight_decay", lambda v: math.isfinite(v) and v >= 0, "must be a finite number ≥ 0"),
     ("optimizer.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("optimizer.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("optimizer.eps", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
-    ("optimizer.grad_clip_norm", lambda v: _finite(v) and v >= 0, "must be a finite number ≥ 0 (0: no clipping)"),
+    ("optimizer.eps", lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
+    ("optimizer.grad_clip_norm", lambda v: math.isfinite(v) and v >= 0, "must be a finite number ≥ 0 (0: no clipping)"),
     ("model.patch_dropout", lambda v: 0 <= v < 1, "must be in [0, 1) (the fraction of patch tokens dropped)"),
-    ("model.init_logit_scale", _finite, "must be a finite number (or None: the loss's default)"),
-    ("model.init_logit_bias", _finite, "must be a finite number"),
+    ("model.init_logit_scale", math.isfinite, "must be a finite number (or None: the loss's default)"),
+    ("model.init_logit_bias", math.isfinite, "must be a finite number"),
     ("data.num_threads", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
     ("data.workers", lambda v: isinstance(v, int) and v >= 0,
      "must be a non-negative integer (0: decode on threads of this process)"),

@@ -653,13 +653,6 @@ def _nothing_usable(src: pathlib.Path | str, skipped: list[dict], report: paths.
     return f"{src}: nothing to ingest: all {len(skipped)} records were skipped (first: {first}){where}"
 
 
-def _write_text(path: paths.Path, text: str) -> None:
-    """`text` as the file `path` (its folder made; written atomically), or as one whole object in a store."""
-    if not paths.is_remote(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    paths.write_text(path, text)
-
-
 def check_output(out: paths.Path, src: pathlib.Path | str) -> None:
     """Refuse an --output that holds files this command did not write (see the module docstring)."""
     if out.exists() and not out.is_dir():
@@ -694,7 +687,7 @@ def _prepare(out: paths.Path, name: str | None, split: str, src: pathlib.Path | 
                                  "classnames": plan["classnames"], "units": unit_count(plan)}
     if "tars" in plan:  # its tars are listed by the workers, their keys kept in .ingest/SPLIT-NNNNN.keys.json
         manifest["splits"][split]["planned"] = "workers"
-    _write_text(manifest_path, json.dumps(manifest, indent=1))
+    paths.write_text(manifest_path, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -943,7 +936,7 @@ def _drop_split(out: paths.Path, manifest: dict, split: str) -> None:
         if manifest["splits"][split].get("planned") == "workers":
             _keys_file(out, split, i).unlink(missing_ok=True)
     del manifest["splits"][split]
-    _write_text(state / MANIFEST, json.dumps(manifest, indent=1))
+    paths.write_text(state / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def _finish(out: paths.Path, manifest: dict, split: str, plan: dict, done: int, start: float) -> Summary:
@@ -960,7 +953,7 @@ def _finish(out: paths.Path, manifest: dict, split: str, plan: dict, done: int, 
     report = _load_json(out / REPORT) or {}
     report[split] = {"source": manifest["splits"][split]["source"], "records": sum(lengths[split]),
                      "image_bytes": sum(r["image_bytes"] for r in mine), "skipped": skipped}
-    _write_text(out / REPORT, json.dumps(report, indent=1))
+    paths.write_text(out / REPORT, json.dumps(report, indent=1))
     if not sum(lengths[split]):
         source = manifest["splits"][split]["source"]
         _drop_split(out, manifest, split)

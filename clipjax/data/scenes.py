@@ -52,6 +52,7 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from clipjax import cli
 from clipjax.data import records
 from clipjax.data import scenes_render as sr
 
@@ -241,8 +242,6 @@ def ensure_scenes(data_dir: str | os.PathLike | None = None, *, progress: bool =
 
 
 def _run(argv: list[str] | None) -> None:
-    from clipjax import cli
-
     parser = cli.ArgumentParser(prog="python -m clipjax.data.scenes",
                                 description="Build the clipjax scenes dataset into DIR.")
     parser.add_argument("directory")
@@ -262,8 +261,6 @@ def _run(argv: list[str] | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: 0, or 2 after one `error: ...` line for bad input."""
-    from clipjax import cli
-
     return cli.run_main(_run, argv)
 
 

@@ -161,7 +161,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        _write_summary(args.out, text + "\n")
+        paths.write_text(args.out, text + "\n")  # atomically (in a store: one upload)
     return result
 
 
@@ -181,13 +181,6 @@ def _check_out(out: str) -> None:
             pass
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write a file in {parent} ({e.strerror or e})") from None
-
-
-def _write_summary(out: str, text: str) -> None:
-    """`text` in the file `out`, atomically (an object in a store: written whole, in one upload)."""
-    if not paths.is_remote(out):
-        pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
-    paths.write_text(out, text)
 
 
 def main(argv: list[str] | None = None) -> int:
