@@ -15,6 +15,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 export OUT="${OUT:-/tmp/bench_gpu-out}"
+PARTS="${PARTS:-bench}"
+for part in ${PARTS//,/ }; do
+  [[ "$part" == bench || "$part" == loop ]] || { echo "error: PARTS=$PARTS: each part is bench or loop" >&2; exit 2; }
+done
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -31,11 +35,11 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.85
 flax.__version__, 'optax', optax.__version__)"
   python3 -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)" \
     || echo "no torch/open_clip in python3"
-  if [[ ",${PARTS:-bench}," == *",bench,"* ]]; then
+  if [[ ",$PARTS," == *",bench,"* ]]; then
     timeout 330 python3 experiments/bench_gpu.py --deadline-s 300 "$@"
     echo "bench_gpu exit code $?"
   fi
-  if [[ ",${PARTS:-bench}," == *",loop,"* ]]; then
+  if [[ ",$PARTS," == *",loop,"* ]]; then
     mkdir -p "$OUT/results"
     if [[ " $* " == *" --tiny "* ]]; then  # the rehearsal: a toy model on the CPU
       loop=(--model ViT-T-demo --batch 16 --log-every 4 --rounds 2 --pairs 1 --workers 2 --threads 1 --images 64)
