@@ -48,7 +48,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
+import itertools
 import logging
+import math
 import os
 import re
 import tarfile
@@ -73,31 +75,59 @@ _READ_BUFFER = 1 << 20
 _PROTOCOL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+MAX_SHARD_NAMES = 1_000_000  # names a brace pattern may expand to (each is held in memory and, if local, stat'ed)
 
 SampleId = tuple[int, int, int]  # (epoch, shard position in that epoch's order, sample index in the shard)
 
 
 # ============================================================================================ shard listing
 
-def expand_braces(pattern: str) -> list[str]:
-    """``a{00..02}b{x,y}`` → a00bx, a00by, a01bx, ...: numeric ranges (zero-padded to the wider bound when a bound is
-    written with a leading zero) and comma lists, the leftmost brace varying slowest (as a shell expands them)."""
-    m = _BRACE.search(pattern)
-    if m is None:
-        return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+def _options(body: str, pattern: str) -> tuple[int, Iterable[str]]:
+    """(count, lazy options) of one brace's ``body``: a numeric range or a comma list."""
     bounds = _RANGE.match(body)
     if bounds:
         lo, hi = bounds.groups()
         padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (lo, hi))
         width = max(len(lo), len(hi)) if padded else 0
         step = 1 if int(hi) >= int(lo) else -1
-        options = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + step, step)]
-    elif "," in body:
+        numbers = range(int(lo), int(hi) + step, step)
+        return len(numbers), (f"{i:0{width}d}" for i in numbers)
+    if "," in body:
         options = body.split(",")
-    else:
-        raise ValueError(f"brace {{{body}}} in {pattern!r} is neither a range {{A..B}} nor a list {{a,b}}")
-    return [name for option in options for name in expand_braces(head + option + tail)]
+        return len(options), options
+    raise ValueError(f"brace {{{body}}} in {pattern!r} is neither a range {{A..B}} nor a list {{a,b}}")
+
+
+def iter_braces(pattern: str) -> Iterator[str]:
+    """The names of a brace pattern one at a time, in ``expand_braces``'s order, none held beyond the one yielded."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        yield pattern
+        return
+    head, tail = pattern[: m.start()], pattern[m.end():]
+    for option in _options(m.group(1), pattern)[1]:
+        yield from iter_braces(head + option + tail)
+
+
+def count_braces(pattern: str, limit: int = MAX_SHARD_NAMES) -> int:
+    """How many names ``pattern`` expands to, counted without listing them (a nested pattern is counted one name at a
+    time, up to ``limit`` + 1)."""
+    bodies = _BRACE.findall(pattern)
+    if "{" in _BRACE.sub("", pattern):  # nested braces: the options of an outer brace depend on the inner ones
+        return sum(1 for _ in itertools.islice(iter_braces(pattern), limit + 1))
+    return math.prod(_options(body, pattern)[0] for body in bodies)
+
+
+def expand_braces(pattern: str, limit: int = MAX_SHARD_NAMES) -> list[str]:
+    """``a{00..02}b{x,y}`` → a00bx, a00by, a01bx, ...: numeric ranges (zero-padded to the wider bound when a bound is
+    written with a leading zero) and comma lists, the leftmost brace varying slowest (as a shell expands them). More
+    than ``limit`` names is a ValueError, raised before any is made (``{0..999}{0..999}{0..999}`` is 10^9 names)."""
+    count = count_braces(pattern, limit)
+    if count > limit:
+        shown = f"{count:,}" if count > limit + 1 else f"more than {limit:,}"  # a nested pattern is counted to limit+1
+        raise ValueError(f"brace pattern {pattern!r} names {shown} shards; a pattern may name at most "
+                         f"{limit:,}: check the pattern, or split the data into a mix (data.mix)")
+    return list(iter_braces(pattern))
 
 
 def _protocol(path: str) -> str | None:

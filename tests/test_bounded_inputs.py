@@ -1,0 +1,58 @@
+"""Inputs that would take unbounded memory or time: a brace pattern of 10^9 shard names, an image path that is
+/dev/zero or a FIFO, an object store that cannot be reached, a throughput run of 1000 workers or for ever, a wds:
+source where no image decodes (a decompression bomb among them). Each ends in bounded time and memory, with one
+`error:` line (exit 2) or a skipped and counted record; a signal during the trainer's set-up ends it at once.
+Real files, real subprocesses, real signals.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from clipjax.data import sources, wds
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0", **extra}
+
+
+def _one_error_line(out: subprocess.CompletedProcess, *needles: str) -> str:
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+# ============================================================================================ brace patterns
+
+def test_a_brace_pattern_of_a_billion_names_is_refused_before_any_is_made(tmp_path):
+    start = time.monotonic()
+    pattern = f"{tmp_path}/{{0..999}}{{0..999}}{{0..999}}.tar"
+    with pytest.raises(sources.DatasetError, match=r"names 1,000,000,000 shards; a pattern may name at most "
+                                                   r"1,000,000") as e:
+        wds.shard_urls(f"wds:{pattern}")
+    assert pattern in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(sources.DatasetError, match="names 10,000,001 shards"):
+        wds.shard_urls("wds:gs://bucket/{0..10000000}.tar")  # remote patterns are expanded without a request
+    with pytest.raises(sources.DatasetError, match="more than 1,000,000 shards"):  # nested: counted, not listed
+        wds.shard_urls("wds:/data/{a,{0..999999}}{0,1}.tar")
+    assert time.monotonic() - start < 10
+    assert wds.count_braces("s{00..99}-{a,b,c}") == 300
+    names = wds.iter_braces("s{0..999}{0..999}{0..999}")  # lazy: the first names without the others
+    assert [next(names) for _ in range(3)] == ["s000", "s001", "s002"]
