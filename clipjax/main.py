@@ -121,6 +121,32 @@ def _check_overrides(argv_all: list[str]) -> None:
                 _fail(f"unknown config key {key!r} in {file}{hint}")
 
 
+def _check_repeated_flags(argv_all: list[str]) -> None:
+    """Fail on a flag given more than once: absl keeps the last, so an unquoted shell pattern in a value
+    (`--config=...:data=wds:/d/{00000..41455}.tar` becomes 41 456 `--config` arguments) would run on one match."""
+    given: dict[str, list[str]] = {}
+    for a in argv_all:
+        if a == "--":
+            break
+        if a.startswith("-") and a.lstrip("-") and not a.lstrip("-")[0].isdigit():
+            given.setdefault(a.lstrip("-").split("=", 1)[0], []).append(a)
+    for name, args in given.items():
+        if len(args) > 1:
+            shown = ", ".join(repr(a if len(a) <= 80 else a[:77] + "...") for a in args[:2])
+            _fail(f"--{name} is given {len(args)} times ({shown}{', ...' if len(args) > 2 else ''}): give each flag "
+                  f"once; a {{a..b}} or * pattern in a value must be quoted, or the shell expands it into one "
+                  f"argument per match and only the last would be used (e.g. "
+                  f"'--config=configs/vit_b32.py:data=wds:/data/{{00000..41455}}.tar')")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a value it cannot parse (e.g. `--config.batch_size=abc`) as one error line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(f"{e} (see --helpfull)")
+
+
 def _check_launch_flags() -> None:
     """The multi-process and device-count flags make sense together (checked before JAX starts)."""
     if _LOCAL_DEVICES.value is not None and _LOCAL_DEVICES.value < 1:
@@ -134,7 +160,9 @@ def _check_launch_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    if len(argv) > 1:  # e.g. `--config.data.train wds:/d/{0..9}.tar` unquoted: the shell's other matches
+        _fail(f"unexpected argument(s) {' '.join(argv[1:4])}{' ...' if len(argv) > 4 else ''}: flags are "
+              f"--name=value; quote a value holding a {{a..b}} or * pattern so that it stays one argument")
     _check_launch_flags()
     if _LOCAL_DEVICES.value:
         flags_env = os.environ.get("XLA_FLAGS", "")
@@ -182,8 +210,9 @@ def run() -> None:
             app.run(main)
         except SystemExit as e:  # absl ends --help with status 1
             sys.exit(0 if e.code == 1 else e.code)
+    _check_repeated_flags(sys.argv[1:])
     _check_overrides(sys.argv[1:])
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

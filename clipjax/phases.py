@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -39,15 +39,29 @@ def make_phases(schedule: Sequence[Any], total_steps: int, image_size: int, cont
                 patch_dropout: float, patch_size: int | None) -> list[Phase]:
     """The phases covering steps [0, total_steps); raises ValueError naming the bad phase."""
     phases, start = [], 0
+    if schedule and (isinstance(schedule, (str, bytes, Mapping)) or not isinstance(schedule, Sequence)):
+        raise ValueError(f"config.schedule={schedule!r}: must be a list of phases, e.g. "
+                         f"[dict(steps=400, image_size=32)] (keys {', '.join(PHASE_KEYS)})")
+    if patch_dropout and not patch_size:
+        raise ValueError(f"config.model.patch_dropout={patch_dropout:g}: patch dropout needs a ViT image tower")
     for i, raw in enumerate(schedule or ()):
-        p = dict(raw)
         where = f"config.schedule[{i}]"
+        if not isinstance(raw, Mapping) and not hasattr(raw, "keys"):  # a dict (or a ConfigDict)
+            raise ValueError(f"{where}={raw!r}: must be a dict with keys among {', '.join(PHASE_KEYS)}")
+        p = dict(raw)
         unknown = sorted(set(p) - set(PHASE_KEYS))
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {list(PHASE_KEYS)}")
         steps = p.get("steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"{where}.steps={steps!r}: must be a positive integer")
+        for key in ("image_size", "context_length"):
+            value = p.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{where}.{key}={value!r}: must be a positive integer (0 or None: the model's own)")
+        value = p.get("patch_dropout")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{where}.patch_dropout={value!r}: must be a number in [0, 1)")
         size = int(p.get("image_size") or image_size)
         length = int(p.get("context_length") or context_length)
         drop = float(p.get("patch_dropout") if p.get("patch_dropout") is not None else patch_dropout)

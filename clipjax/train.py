@@ -118,7 +118,7 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             or any(not isinstance(p, (tuple, list)) or len(p) != 2 or not isinstance(p[0], str) for p in mix)
             or len({p[0] for p in mix}) != len(mix)):
         raise ConfigError(f"config.data.mix={mix!r}: give {{spec: weight}} or ((spec, weight), ...), each spec once")
-    bad = [p for p in mix if not isinstance(p[1], (int, float)) or not 0 < p[1] < math.inf]
+    bad = [p for p in mix if isinstance(p[1], bool) or not isinstance(p[1], (int, float)) or not 0 < p[1] < math.inf]
     if bad:
         raise ConfigError(f"config.data.mix: weights must be positive and finite numbers, got {bad}")
     for key, ok, rule in _NUMBER_RULES:
@@ -285,6 +285,9 @@ def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags
 # ============================================================================================ data
 
 def make_phases(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> list[Phase]:
+    if config.model.patch_dropout and cfg.vision.is_resnet:  # checked with the config, not when the step is traced
+        raise ConfigError(f"config.model.patch_dropout={config.model.patch_dropout:g}: patch dropout needs a ViT "
+                          f"image tower (this model's is a ResNet)")
     return _from_config("config.schedule", phases_lib.make_phases, config.schedule, config.total_steps,
                         cfg.vision.image_size, cfg.text.context_length, float(config.model.patch_dropout),
                         None if cfg.vision.is_resnet else cfg.vision.patch_size)
@@ -424,7 +427,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     SIGTERM/SIGINT end the run after the current step with a checkpoint of it; see docs/reliability.md.
     """
     preempt = Preemption()
-    preempt.install()  # first, so that a signal during set-up or compilation still ends in a checkpoint
+    preempt.install(set_up=True)  # first: a signal in set-up ends the run at once, in compilation after a checkpoint
     try:
         return _train(config, paths.as_path(workdir), preempt)
     finally:
@@ -472,6 +475,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
         state, state_shardings, tx = _from_config(
             "config", make_train_state, model, lambda p: _from_config("config.frozen", make_tx, config, p),
             config.seed, mesh, init_variables, tuple(config.reinit), num_classes)
+        preempt.set_up_done()  # a signal from now on checkpoints the step in flight
         report = shd.sharded_fraction(state.params)
         log.info("parameters: %.1fM (%.0f%% of bytes sharded)", report.total_bytes / 4e6, 100 * report.fraction)
         step_fn = functools.partial(jit_train_step, model, tx, config, mesh, state_shardings,

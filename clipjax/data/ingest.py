@@ -146,7 +146,7 @@ def _captions(value) -> list[str]:
         return [text]
     if isinstance(value, (list, tuple)):
         return [c for v in value for c in _captions(v)]
-    return [str(value).strip()]
+    return []  # a number, dict or bool is not a caption (its str() would be trained on): the sample has none
 
 
 def _utf8_lines(src: pathlib.Path) -> Iterator[str]:

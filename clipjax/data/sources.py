@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import os
 import pathlib
 import threading
@@ -398,9 +399,15 @@ def resolve_specs(spec_or_mix: str | dict[str, float] | Sequence[str]) -> tuple[
     if isinstance(spec_or_mix, dict):
         if not spec_or_mix:
             raise DatasetError("empty dataset mix")
-        bad = {k: v for k, v in spec_or_mix.items() if not (0 < float(v) < math.inf)}
+        bad = {k: v for k, v in spec_or_mix.items()
+               if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 < float(v) < math.inf)}
         if bad:
-            raise DatasetError(f"dataset mix weights must be positive and finite, got {bad}")
-        total = float(sum(spec_or_mix.values()))
-        return list(spec_or_mix), [float(v) / total for v in spec_or_mix.values()]
+            raise DatasetError(f"dataset mix weights must be positive and finite numbers, got {bad}")
+        weights = [float(v) for v in spec_or_mix.values()]
+        total = float(sum(weights))
+        if not math.isfinite(total):  # finite weights whose sum overflows (1e308, 1e308): their ratios are what count
+            top = max(weights)
+            weights = [w / top for w in weights]
+            total = float(sum(weights))
+        return list(spec_or_mix), [w / total for w in weights]
     raise DatasetError(f"dataset spec must be a string or a {{spec: weight}} dict, got {type(spec_or_mix).__name__}")

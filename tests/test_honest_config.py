@@ -1,0 +1,157 @@
+"""Honest configs and command lines: a resume that would change the training numbers is refused (or recorded when
+asked for), a flag given twice (an unquoted shell pattern) is refused, wise_ft writes every alpha it is given, a
+fine-tuning evaluation on its training images says so, and input that would fail late or run otherwise than written
+is one `error:` line before anything is written."""
+
+import io
+import json
+import logging
+import pathlib
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from clipjax.configs.common import base_config
+from clipjax.phases import make_phases
+from clipjax.train import ConfigError, check_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO = f"--config={ROOT / 'configs' / 'demo.py'}:evals=0"
+
+
+def _main(*argv, timeout=300):
+    return subprocess.run([sys.executable, "-m", "clipjax.main", *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+def _one_error(out) -> str:
+    """The single `error:` line of a refused command (status 2, nothing else on stderr but log lines)."""
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and out.stderr.strip().splitlines()[-1] == errors[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "FATAL" not in out.stderr
+    return errors[0]
+
+
+# ============================================================================================ late failures
+
+def test_patch_dropout_on_a_resnet_is_refused_before_anything_is_written(tmp_path):
+    out = _main(DEMO, f"--workdir={tmp_path / 'run'}", "--config.model.patch_dropout=0.5", "--config.total_steps=2",
+                "--config.batch_size=8")
+    assert "config.model.patch_dropout=0.5: patch dropout needs a ViT image tower" in _one_error(out)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_value_absl_cannot_parse_is_one_error_line(tmp_path):
+    out = _main(DEMO, f"--workdir={tmp_path / 'run'}", "--config.batch_size=abc")
+    assert "config.batch_size" in _one_error(out) and "abc" in _one_error(out)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("schedule,match", [
+    ([{"steps": 2, "image_size": 32.7}], r"schedule\[0\]\.image_size=32.7: must be a positive integer"),
+    ([{"steps": 2, "context_length": 8.5}], r"schedule\[0\]\.context_length=8.5: must be a positive integer"),
+    ([{"steps": 2, "patch_dropout": True}], r"schedule\[0\]\.patch_dropout=True: must be a number"),
+    ("steps=2", r"config.schedule='steps=2': must be a list of phases"),
+    ([(2, 32)], r"config.schedule\[0\]=\(2, 32\): must be a dict"),
+])
+def test_a_schedule_that_would_run_otherwise_than_written_is_refused(schedule, match):
+    with pytest.raises(ValueError, match=match):
+        make_phases(schedule, 10, 64, 16, 0.0, 8)
+
+
+def test_model_patch_dropout_needs_a_vit_in_the_phases_too():
+    with pytest.raises(ValueError, match="config.model.patch_dropout=0.5: patch dropout needs a ViT"):
+        make_phases((), 10, 64, 16, 0.5, None)
+
+
+def test_a_boolean_mix_weight_is_refused():
+    c = base_config()
+    c.data.mix = {"scenes": True, "synthetic": 1.0}
+    with pytest.raises(ConfigError, match="weights must be positive and finite numbers"):
+        check_config(c)
+
+
+def test_mix_weights_whose_sum_overflows_keep_their_ratio():
+    from clipjax.data.sources import DatasetError, resolve_specs
+
+    assert resolve_specs({"a": 1e308, "b": 1e308}) == (["a", "b"], [0.5, 0.5])
+    assert resolve_specs({"a": 1e308, "b": 3e307})[1] == pytest.approx([1 / 1.3, 0.3 / 1.3])
+    assert resolve_specs({"a": 1, "b": 3}) == (["a", "b"], [0.25, 0.75])  # ordinary weights: as before
+    with pytest.raises(DatasetError, match="positive and finite numbers"):
+        resolve_specs({"a": True, "b": 1.0})
+
+
+def test_a_mix_of_huge_weights_trains(tmp_path):
+    """1e308 + 1e308 overflowed: numpy refused the mix's probabilities (a traceback) at the first batch."""
+    from clipjax.data import pipeline
+    from clipjax.data.tokenizer import get_tokenizer
+    from conftest import colour_folder
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    mix = {str(colour_folder(tmp_path / "a")): 1e308, str(colour_folder(tmp_path / "b")): 1e308}
+    it = pipeline.make_train_iterator(mix, tokenizer=get_tokenizer(None, 8, 49408), global_batch_size=4,
+                                      image_size=16, context_length=8, seed=0, process_index=0, process_count=1,
+                                      num_threads=1)
+    try:
+        assert next(it)["image"].shape[0] == 4
+    finally:
+        it.close()
+
+
+def _tar(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _png() -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_caption_that_is_not_text_is_a_skipped_sample(tmp_path):
+    """A .json caption that is a dict or a number was trained on as its str()."""
+    from clipjax.data import ingest, wds
+
+    assert ingest.sample_captions(None, json.dumps({"caption": {"en": "a cat"}}).encode()) == []
+    assert ingest.sample_captions(None, json.dumps({"caption": ["a cat", 3]}).encode()) == ["a cat"]
+    _tar(tmp_path / "0.tar", [("a", {"png": _png(), "json": json.dumps({"caption": {"en": "a cat"}}).encode()}),
+                              ("b", {"png": _png(), "json": json.dumps({"caption": 42}).encode()}),
+                              ("c", {"png": _png(), "json": json.dumps({"caption": "a red ball"}).encode()})])
+    reader = wds.ShardReader(f"wds:{tmp_path}", [str(tmp_path / "0.tar")], seed=0, process_index=0)
+    sample = next(reader)
+    assert sample.captions == ["a red ball"] and reader.skipped == 2
+    reader.close()
+
+
+# ============================================================================================ command lines
+
+def test_an_unquoted_brace_pattern_pasted_into_bash_is_refused(tmp_path):
+    """`{1..3}` unquoted makes three --config arguments; absl kept the last and trained on it."""
+    cmd = (f"{sys.executable} -m clipjax.main --config={ROOT / 'configs' / 'demo.py'}:evals=0,steps={{1..3}} "
+           f"--workdir={tmp_path / 'run'}")
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    line = _one_error(out)
+    assert line.startswith("error: --config is given 3 times") and "must be quoted" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--config.batch_size=8", "--config.batch_size=16"], "--config.batch_size is given 2 times"),
+    (["--workdir=elsewhere"], "--workdir is given 2 times"),
+    (["--config.data.train", "wds:/d/0.tar", "wds:/d/1.tar"], "unexpected argument(s) wds:/d/1.tar"),
+])
+def test_a_flag_given_twice_or_a_stray_argument_is_refused(argv, message, tmp_path):
+    out = _main(DEMO, f"--workdir={tmp_path / 'run'}", *argv)
+    assert _one_error(out).startswith(f"error: {message}")
+    assert not (tmp_path / "run").exists()
