@@ -21,8 +21,17 @@ class NonFiniteError(FloatingPointError):
     """Training stopped after `config.max_nonfinite_steps` consecutive skipped (non-finite) updates."""
 
 
+class StoppedDuringSetUp(SystemExit):
+    """A SIGTERM / SIGINT before the train state existed: the process ends at once, status 0 (nothing to save)."""
+
+
 class Preemption:
     """SIGTERM / SIGINT → finish the step in flight, checkpoint and stop (exit status 0).
+
+    During set-up (from `install(set_up=True)` until `set_up_done`: config checks, listing the data, reading weights,
+    building the train state) there is nothing to checkpoint yet: a signal logs one line and raises
+    `StoppedDuringSetUp` (a SystemExit with status 0) in the main thread at once, wherever set-up is (listing shards,
+    waiting on a storage request), rather than being noted for a step that may be minutes away.
 
     The handler only sets a flag. With several processes, every batch carries the flag of the process that built it
     and the step reduces them (`jit_train_step(stop_flags=True)`), so all processes learn of a signal that reached any
@@ -36,9 +45,17 @@ class Preemption:
 
     def __init__(self) -> None:
         self.requested = False
+        self.setting_up = False
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
+    def set_up_done(self) -> None:
+        """The train state exists: from now on a signal finishes the step in flight and checkpoints it."""
+        self.setting_up = False
+
+    def install(self, set_up: bool = False) -> None:
+        """Takes SIGTERM and SIGINT; `set_up`: the caller is setting up, and a signal ends it at once (`set_up_done`
+        ends that)."""
+        self.setting_up = set_up
         if threading.current_thread() is not threading.main_thread():
             log.warning("train() runs outside the main thread: SIGTERM/SIGINT will not checkpoint before stopping")
             return
@@ -57,6 +74,10 @@ class Preemption:
     def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.setting_up:
+            self.requested = True
+            log.warning("%s received during set-up (nothing to checkpoint yet): stopping", signal.Signals(signum).name)
+            raise StoppedDuringSetUp(0)
         log.warning("%s received: checkpointing and stopping after the step in flight", signal.Signals(signum).name)
         self.requested = True
 

@@ -245,6 +245,18 @@ def load_init_variables(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> d
     return init_variables_from(load_pretrained(config), config, cfg)
 
 
+def make_train_mesh(config: ml_collections.ConfigDict, devices: Any = None) -> Mesh:
+    """The mesh of `config.mesh` over `devices` (default: all of this run's), checked against the batch."""
+    mesh = _from_config("config.mesh", shd.make_mesh,
+                        dict(config.mesh) if isinstance(config.mesh, ml_collections.ConfigDict) else config.mesh,
+                        devices)
+    n_batch_devices = shd.batch_device_count(mesh)
+    if config.batch_size % (n_batch_devices * config.accum_steps):
+        raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the batch devices × "
+                          f"accum_steps ({n_batch_devices} × {config.accum_steps})")
+    return mesh
+
+
 def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags: bool = False,
                    fields: dict[str, int] | None = None, patch_dropout: float = 0.0,
                    make_batch: Callable[[jax.Array], dict[str, jax.Array]] | None = None):
@@ -421,29 +433,28 @@ def _close(ckpt: Checkpointer | None, writer: MetricWriter | None, data: Any, fa
 
 # ============================================================================================ train
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train(config: ml_collections.ConfigDict, workdir: str, compiled: str | None = None) -> dict[str, float]:
     """Train (resuming from `workdir` if it holds checkpoints). Returns the last logged metrics.
+
+    `compiled`: a train step compiled ahead of time (`python -m clipjax.aot --save_executable=PATH`), run instead of
+    compiling one; refused when it was made for other devices, another config or another jax / libtpu.
 
     SIGTERM/SIGINT end the run after the current step with a checkpoint of it; see docs/reliability.md.
     """
     preempt = Preemption()
     preempt.install(set_up=True)  # first: a signal in set-up ends the run at once, in compilation after a checkpoint
     try:
-        return _train(config, paths.as_path(workdir), preempt)
+        return _train(config, paths.as_path(workdir), preempt, compiled)
     finally:
         preempt.uninstall()
 
 
-def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Preemption) -> dict[str, float]:
+def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Preemption,
+           compiled: str | None = None) -> dict[str, float]:
     is_main = jax.process_index() == 0
     config = check_config(config)
     _check_workdir(workdir_p)
-    mesh = _from_config("config.mesh", shd.make_mesh,
-                        dict(config.mesh) if isinstance(config.mesh, ml_collections.ConfigDict) else config.mesh)
-    n_batch_devices = shd.batch_device_count(mesh)
-    if config.batch_size % (n_batch_devices * config.accum_steps):
-        raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the batch devices × "
-                          f"accum_steps ({n_batch_devices} × {config.accum_steps})")
+    mesh = make_train_mesh(config)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     if config.task == "contrastive":
         _from_config("config.loss", get_loss, config.loss)  # bad names fail before anything compiles
@@ -480,6 +491,10 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
         log.info("parameters: %.1fM (%.0f%% of bytes sharded)", report.total_bytes / 4e6, 100 * report.fraction)
         step_fn = functools.partial(jit_train_step, model, tx, config, mesh, state_shardings,
                                     stop_flags=jax.process_count() > 1)
+        if compiled:  # the first phase's step from a file (checked now, before anything is written)
+            from clipjax import aot
+
+            step_fn = aot.prebuilt(compiled, step_fn, config, cfg, mesh, state, phases[0])
         schedule = make_schedule(config.lr, config.warmup_steps, config.total_steps)
 
         # Resume order: 1. this workdir's newest readable checkpoint; 2. `init_from` weights; 3. from scratch.
