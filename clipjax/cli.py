@@ -153,3 +153,35 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)")
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        """argparse's, refusing an option given more than once (argparse keeps the last: an unquoted shell pattern
+        in a value becomes one option per match) unless it collects values (append, count)."""
+        args = list(sys.argv[1:] if args is None else args)
+        given: dict[str, list[str]] = {}
+        for arg in args:
+            if arg == "--":
+                break
+            action = self._option_action(arg.split("=", 1)[0]) if arg.startswith("-") else None
+            if action is not None and not isinstance(action, _COLLECTING):
+                given.setdefault(action.dest, []).append(arg)
+        for repeated in (a for a in given.values() if len(a) > 1):
+            shown = ", ".join(repr(a if len(a) <= 60 else a[:57] + "...") for a in repeated[:2])
+            self.error(f"{repeated[0].split('=', 1)[0]} is given {len(repeated)} times ({shown}"
+                       f"{', ...' if len(repeated) > 2 else ''}): give it once; quote a {{a..b}} or * pattern, or the "
+                       f"shell expands it into one argument per match")
+        return super().parse_known_args(args, namespace)
+
+    def _option_action(self, option: str) -> argparse.Action | None:
+        """The action of `option` as argparse resolves it (an unambiguous prefix of a long option too)."""
+        if option in self._option_string_actions:
+            return self._option_string_actions[option]
+        if not (self.allow_abbrev and option.startswith("--")):
+            return None
+        matches = {id(a): a for o, a in self._option_string_actions.items() if o.startswith(option)}
+        return next(iter(matches.values())) if len(matches) == 1 else None
+
+
+# actions that are meant to be given several times
+_COLLECTING = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction, argparse._HelpAction,
+               argparse._VersionAction)

@@ -155,3 +155,24 @@ def test_a_flag_given_twice_or_a_stray_argument_is_refused(argv, message, tmp_pa
     out = _main(DEMO, f"--workdir={tmp_path / 'run'}", *argv)
     assert _one_error(out).startswith(f"error: {message}")
     assert not (tmp_path / "run").exists()
+
+
+def _ingest(cmd: str, tmp_path):
+    return subprocess.run(["bash", "-c", f"{sys.executable} -m clipjax.data.ingest {cmd}"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+
+
+def test_ingest_refuses_an_unquoted_source_pattern_and_repeated_flags(tmp_path):
+    for i in range(3):
+        _tar(tmp_path / f"{i:02d}.tar", [(f"k{i}", {"png": _png(), "txt": b"a red ball"})])
+    out = _ingest(f"{tmp_path}/{{00..02}}.tar --output {tmp_path / 'out'}", tmp_path)
+    assert "more than one source given" in _one_error(out) and "quote" in _one_error(out)
+    out = _ingest(f"'{tmp_path}/{{00..02}}.tar' --output={tmp_path / 'a'} --output {tmp_path / 'b'}", tmp_path)
+    assert _one_error(out).startswith("error: --output is given 2 times")
+    out = _ingest(f"'{tmp_path}/{{00..02}}.tar' --out={tmp_path / 'a'} --shard-size=4 --shard-size 5", tmp_path)
+    assert _one_error(out).startswith("error: --shard-size is given 2 times")  # abbreviations count as the option
+    for name in ("out", "a", "b"):
+        assert not (tmp_path / name).exists()
+    out = _ingest(f"'{tmp_path}/{{00..02}}.tar' --output {tmp_path / 'out'} --quiet", tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]  # quoted: one source, three shards
+    assert json.loads((tmp_path / "out" / "ingest_report.json").read_text())["train"]["records"] == 3

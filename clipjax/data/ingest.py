@@ -1004,6 +1004,11 @@ def run(argv: list[str] | None = None) -> int:
     """Parse `argv` and ingest; bad input raises."""
     parser = _parser()
     args, pipeline_args = parser.parse_known_args(argv)
+    stray = [a for i, a in enumerate(pipeline_args) if not a.startswith("-")
+             and not (i and pipeline_args[i - 1].startswith("-") and "=" not in pipeline_args[i - 1])]
+    if stray:  # e.g. an unquoted `/data/{00000..00099}.tar`: the shell made one source argument per shard
+        parser.error(f"more than one source given ({args.src!r}, {stray[0]!r}{', ...' if len(stray) > 1 else ''}): "
+                     f"quote a {{a..b}} or * pattern so that it reaches ingest as one argument")
     if pipeline_args and args.runner is None:
         parser.error(f"unrecognized arguments: {' '.join(pipeline_args)} (Beam pipeline options need --runner)")
     if args.shard_size < 1:
