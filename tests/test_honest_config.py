@@ -176,3 +176,24 @@ def test_ingest_refuses_an_unquoted_source_pattern_and_repeated_flags(tmp_path):
     out = _ingest(f"'{tmp_path}/{{00..02}}.tar' --output {tmp_path / 'out'} --quiet", tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]  # quoted: one source, three shards
     assert json.loads((tmp_path / "out" / "ingest_report.json").read_text())["train"]["records"] == 3
+
+
+def test_readme_commands_reach_the_program_as_written(tmp_path):
+    """Each command of the README, pasted into bash, gives the program the arguments it shows: a {a..b} or * pattern
+    is quoted (the pod command gave --config 41 456 times)."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    checked = 0
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for cmd in re.split(r"&&|\|\|?|;", line):
+                if not cmd.strip() or cmd.strip().startswith("#") or "$" in cmd or "`" in cmd:
+                    continue
+                words = shlex.split(cmd, comments=True)
+                out = subprocess.run(["bash", "-c", 'f() { echo $#; }; f ' + cmd], capture_output=True, text=True,
+                                     cwd=tmp_path, timeout=60)
+                assert int(out.stdout) == len(words), f"README: {cmd.strip()!r} becomes {out.stdout.strip()} words"
+                checked += 1
+    assert checked > 10

@@ -19,8 +19,9 @@ SRC is one of
                       shard and how many members were kept); the sample the damage cuts is lost with the rest, as
                       when the shard is streamed (``wds:``), and reported; the other shards are ingested as usual.
                       The shards may also be named as the ``wds:`` spec names them: a brace pattern
-                      (``/data/{00000..00099}.tar``) or a glob (``/data/*.tar``), and they may be in an object store
-                      (``gs://BUCKET/laion/``, ``gs://BUCKET/laion/{00000..41455}.tar``; ``s3://`` too).
+                      (``'/data/{00000..00099}.tar'``) or a glob (``'/data/*.tar'``), and they may be in an object
+                      store (``gs://BUCKET/laion/``, ``'gs://BUCKET/laion/{00000..41455}.tar'``; ``s3://`` too).
+                      Quote a pattern, as here: unquoted, the shell expands it into one argument per shard (refused).
     an ImageFolder    one subfolder per class; each image gets the caption ``--template`` ("a photo of a {}.")
                       with the folder name (``_`` read as a space) and the class index as label.
 
