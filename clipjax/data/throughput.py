@@ -5,8 +5,9 @@
 
 runs ``make_train_iterator`` exactly as training does (read, decode, random resized crop to uint8, tokenise,
 batch; ``--workers 0``: ``--threads`` threads in this process; N > 0: N worker processes of ``--threads`` threads)
-for SEC seconds after the first batch (worker start-up and first reads are reported apart), printing a progress
-line with the rate every ``--every`` seconds on stderr, and ends with one JSON line on stdout::
+for SEC seconds after the first batch (worker start-up and first reads are reported apart), printing what it starts
+before starting it, then a progress line with the rate every ``--every`` seconds on stderr, and ends with one JSON
+line on stdout (``--workers`` is at most 4 per CPU, ``--seconds`` finite)::
 
     {"images_per_sec": ..., "batches": ..., "workers": N, "threads": T, ...}
 
@@ -19,6 +20,8 @@ name). Bad input prints one line ``error: ...`` on stderr and exits with status 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -75,6 +78,14 @@ def _parser() -> cli.ArgumentParser:
     return parser
 
 
+WORKERS_PER_CPU = 4  # --workers beyond this many per CPU is refused
+
+
+def max_workers() -> int:
+    """The most decode worker processes a run may ask for on this machine."""
+    return WORKERS_PER_CPU * (os.cpu_count() or 1)
+
+
 def _check(args) -> None:
     positive = {"--batch-size": args.batch_size, "--threads": args.threads, "--image-size": args.image_size,
                 "--seconds": args.seconds, "--context-length": args.context_length, "--prefetch": args.prefetch,
@@ -82,8 +93,14 @@ def _check(args) -> None:
     for flag, value in positive.items():
         if not value > 0:
             raise ValueError(f"{flag} must be positive, got {value}")
+    if not math.isfinite(args.seconds):
+        raise ValueError(f"--seconds must be a finite number of seconds, got {args.seconds}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0 (0: threads in this process), got {args.workers}")
+    if args.workers > max_workers():
+        raise ValueError(f"--workers {args.workers} is more than {max_workers()} ({WORKERS_PER_CPU} per CPU of this "
+                         f"machine's {os.cpu_count() or 1}): more decode processes than that only compete for the "
+                         f"CPUs (and each takes seconds and memory to start)")
     low, high = args.crop_scale
     if not 0 < low <= high <= 1:
         raise ValueError(f"--crop-scale must be 0 < MIN <= MAX <= 1, got {low} {high}")
@@ -98,6 +115,11 @@ def run(argv: list[str] | None = None) -> int:
         args.data, split=args.split, global_batch_size=args.batch_size, image_size=args.image_size,
         context_length=args.context_length, tokenizer=tokenizer, seed=args.seed, process_index=0, process_count=1,
         scale=tuple(args.crop_scale), num_threads=args.threads, prefetch=args.prefetch, workers=args.workers)
+    decoders = (f"{args.workers} decode worker process{'es' if args.workers != 1 else ''} of {args.threads} "
+                f"thread{'s' if args.threads != 1 else ''}" if args.workers else
+                f"{args.threads} decode thread{'s' if args.threads != 1 else ''} in this process")
+    print(f"starting {decoders}; measuring for {args.seconds:g} s after the first batch", file=sys.stderr,
+          flush=True)
     try:
         result = measure(it, args.seconds, every=args.every, progress=lambda line: print(line, file=sys.stderr,
                                                                                       flush=True))
