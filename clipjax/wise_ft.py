@@ -1,8 +1,9 @@
 """WiSE-FT (Wortsman et al. 2022): interpolate zero-shot and fine-tuned weights, θ = (1 − α)·θ_zs + α·θ_ft.
 
     python -m clipjax.wise_ft --zeroshot A --finetuned B --alpha 0.5 --out C
+    python -m clipjax.wise_ft --zeroshot A --finetuned B --alphas 0,0.25,0.5,0.75,1 --out C
     python -m clipjax.wise_ft --zeroshot A --finetuned B --alphas 0,0.25,0.5,0.75,1 --eval-data SPEC \
-        [--eval-split test,heldout] [--out C]
+        [--eval-split test,heldout] [--alpha 0.5 --out C]
 
 A and B are `clipjax.finetune` outputs or anything `clipjax.load` accepts (`--zeroshot-config` /
 `--finetuned-config` when it needs a config), of the same architecture. Every variable is interpolated: both towers,
@@ -11,12 +12,14 @@ has no head: its end of the head is its zero-shot classifier for B's class names
 fine-tuning started from when A is the model B was fine-tuned from. α = 0 gives A (with that head), α = 1 gives B,
 bit for bit.
 
-`--out C` writes the model at `--alpha` as `clipjax.finetune` does (`clipjax.finetune.load_finetuned(C)`; the weights
-are an open_clip state dict, C/model.safetensors with C/open_clip_config.json).
+`--out C` writes the model at `--alpha` (default 0.5) as `clipjax.finetune` does (`clipjax.finetune.load_finetuned(C)`;
+the weights are an open_clip state dict, C/model.safetensors with C/open_clip_config.json). `--alphas` with `--out`
+and without `--eval-data` writes the model at every alpha instead, each in its own directory: C/alpha_0,
+C/alpha_0.25, ..., C/alpha_1 (`f"alpha_{a:g}"`).
 `--eval-data SPEC` evaluates every α of `--alphas` on each `--eval-split`: `head_top1`, the head's top-1 over all
 of the dataset's classes (when there is a head), and `zeroshot_top1`, the top-1 of a zero-shot classifier built
 from the interpolated model's own text tower over the split's classes (`clipjax.evaluate.zeroshot`). The table is
-printed and, with `--out`, written to `C/wise_ft.json`.
+printed and, with `--out`, written to `C/wise_ft.json` beside the model at `--alpha`.
 
 Bad input prints one line `error: ...` on stderr and exits with status 2.
 """
@@ -136,9 +139,14 @@ def _parser() -> cli.ArgumentParser:
     p.add_argument("--finetuned", required=True, help="the fine-tuned weights (e.g. a clipjax.finetune output)")
     p.add_argument("--zeroshot-config", default=None, help="config for --zeroshot when clipjax.load needs one")
     p.add_argument("--finetuned-config", default=None, help="config for --finetuned when clipjax.load needs one")
-    p.add_argument("--alpha", type=float, default=0.5, help="mixing coefficient of the model written to --out")
-    p.add_argument("--alphas", default=None, help="comma-separated alphas to evaluate (default: --alpha)")
-    p.add_argument("--out", default=None, help="write the model at --alpha to this new directory")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="mixing coefficient of the model written to --out (default 0.5)")
+    p.add_argument("--alphas", default=None,
+                   help="comma-separated alphas to evaluate with --eval-data (default: --alpha); without "
+                        "--eval-data, the alphas whose models --out writes, one directory each (OUT/alpha_A)")
+    p.add_argument("--out", default=None,
+                   help="write the model at --alpha to this new directory (with --alphas and no --eval-data: "
+                        "every alpha's model, in OUT/alpha_A)")
     p.add_argument("--eval-data", default=None, help="dataset spec to evaluate on (scenes, dir:PATH, ImageFolder)")
     p.add_argument("--eval-split", default="test", help="comma-separated splits of --eval-data")
     p.add_argument("--templates", default=None, help="zero-shot templates (default: the classifier's, else the "
@@ -156,11 +164,22 @@ def run(argv: list[str] | None = None) -> int:
     if args.out is None and not args.eval_data:
         raise ValueError("nothing to do: give --out (write the model at --alpha) and/or --eval-data (evaluate "
                          "--alphas)")
-    if not math.isfinite(args.alpha):
-        raise ValueError(f"--alpha must be a finite number, got {args.alpha}")
-    alphas = _floats(args.alphas, "--alphas") if args.alphas else [args.alpha]
+    every = bool(args.alphas) and not args.eval_data  # --alphas --out: a model per alpha
+    if every and args.alpha is not None:
+        raise ValueError("give --alpha (the one model written to --out) or --alphas (a model per alpha, in "
+                         "OUT/alpha_A), not both, without --eval-data")
+    alpha = 0.5 if args.alpha is None else args.alpha
+    if not math.isfinite(alpha):
+        raise ValueError(f"--alpha must be a finite number, got {alpha}")
+    alphas = _floats(args.alphas, "--alphas") if args.alphas else [alpha]
+    if len({f"{a:g}" for a in alphas}) != len(alphas):
+        raise ValueError(f"--alphas names an alpha twice: {args.alphas!r}")
+    outs = {}  # alpha → the directory its model is written to
     if args.out is not None:
         check_new_dir(args.out)
+        outs = {a: paths.as_path(args.out) / f"alpha_{a:g}" for a in alphas} if every else {alpha: args.out}
+        for directory in outs.values():
+            check_new_dir(directory)
     a, b, head_a, head_b, meta = load_ends(args.zeroshot, args.finetuned, args.zeroshot_config, args.finetuned_config)
     rows = []
     if args.eval_data:
@@ -169,13 +188,13 @@ def run(argv: list[str] | None = None) -> int:
                                templates=args.templates or meta.get("templates"),
                                tokenizer=args.tokenizer or meta.get("tokenizer"), batch_size=args.batch_size,
                                max_examples=args.max_examples)
-    if args.out is not None:
-        model, head = wise_ft(a, b, args.alpha, head_a, head_b)
-        classifier = {**meta, "wise_ft": {"zeroshot": args.zeroshot, "finetuned": args.finetuned, "alpha": args.alpha}}
-        out = save_finetuned(args.out, model, head, classifier)
+    for mix, directory in outs.items():
+        model, head = wise_ft(a, b, mix, head_a, head_b)
+        classifier = {**meta, "wise_ft": {"zeroshot": args.zeroshot, "finetuned": args.finetuned, "alpha": mix}}
+        out = save_finetuned(directory, model, head, classifier)
         if rows:
             paths.write_text(out / "wise_ft.json", json.dumps({"results": rows}, indent=2) + "\n")
-        print(f"wrote {out} (alpha {args.alpha})")
+        print(f"wrote {out} (alpha {mix:g})", flush=True)
     return 0
 
 

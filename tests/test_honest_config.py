@@ -197,3 +197,39 @@ def test_readme_commands_reach_the_program_as_written(tmp_path):
                 assert int(out.stdout) == len(words), f"README: {cmd.strip()!r} becomes {out.stdout.strip()} words"
                 checked += 1
     assert checked > 10
+
+
+# ============================================================================================ wise_ft
+
+def test_wise_ft_alphas_with_out_writes_every_alpha(tmp_path, capsys):
+    """The README's `--alphas 0,0.25,0.5,0.75,1 --out C` wrote the model at alpha 0.5 only, silently."""
+    import jax
+    import numpy as np
+
+    import clipjax
+    from clipjax import finetune, wise_ft
+    from clipjax.export import numpy_variables
+    from clipjax.interop.load import Pretrained
+
+    zeroshot = ROOT / "tests" / "fixtures" / "hf_clip"
+    a = clipjax.load(zeroshot)
+    moved = jax.tree.map(lambda x: np.asarray(x, np.float32) + 1.0, numpy_variables(a))
+    finetune.save_finetuned(tmp_path / "b", Pretrained(a.config, moved, "moved"))
+    ends = ["--zeroshot", str(zeroshot), "--finetuned", str(tmp_path / "b")]
+    out = tmp_path / "c"
+    assert wise_ft.main([*ends, "--alphas", "0,0.25,1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["alpha_0", "alpha_0.25", "alpha_1"]
+    for alpha in (0, 0.25, 1):
+        model, _, meta = finetune.load_finetuned(out / f"alpha_{alpha:g}")
+        assert meta["wise_ft"]["alpha"] == alpha
+        got, want = jax.tree.leaves(numpy_variables(model)), jax.tree.leaves(numpy_variables(a))
+        np.testing.assert_allclose(got[0], want[0] + alpha, rtol=1e-6, atol=1e-6)
+    assert "alpha_0.25 (alpha 0.25)" in capsys.readouterr().out
+    # refused before anything is written: both --alpha and --alphas, an alpha twice, an alpha directory that exists
+    assert wise_ft.main([*ends, "--alpha", "0.3", "--alphas", "0,1", "--out", str(tmp_path / "d")]) == 2
+    assert "give --alpha (the one model written to --out) or --alphas" in capsys.readouterr().err
+    assert wise_ft.main([*ends, "--alphas", "0,0.0,1", "--out", str(tmp_path / "d")]) == 2
+    assert "names an alpha twice" in capsys.readouterr().err
+    assert wise_ft.main([*ends, "--alphas", "0.5,1", "--out", str(out)]) == 2
+    assert "alpha_1 already holds a model" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and not (out / "alpha_0.5").exists()
