@@ -14,7 +14,10 @@ the text tower and logit_scale are kept as loaded.
 
 Data (`config.data.train` / `config.data.eval`): a labelled dataset spec of `clipjax.data.sources` ("scenes",
 "dir:PATH" from `clipjax.data.ingest`, a prepared TFDS name, or an ImageFolder path: one subfolder per class).
-Labels index the dataset's class names (all classes of the dataset, whatever the split).
+Labels index the dataset's class names (all classes of the dataset, whatever the split). An ImageFolder has a single
+split: as `config.data.eval` beside the same folder as `config.data.train` (configs/finetune.py's `data=FOLDER` sets
+both) it evaluates the training images, and the run warns that `eval/top1` is then training accuracy; give held-out
+images with `--config.data.eval=OTHER_FOLDER`.
 
 The workdir receives, besides the trainer's config.json, metrics.jsonl and checkpoints/, when the run completes:
     model.safetensors        the CLIP, image tower fine-tuned, as an open_clip state dict (`clipjax.export`)
@@ -194,6 +197,26 @@ def eval_batches(spec: str, split: str, image_size: int, batch_size: int, max_ex
 
 # ============================================================================================ the trainer's task
 
+def reads_training_records(train: str, train_split: str, eval_spec: str, eval_split: str) -> bool:
+    """Whether the evaluation data is the training data: the same dataset and split, or the same ImageFolder (a
+    single split, read whatever the split name)."""
+    from clipjax.data import sources
+
+    def where(spec: str) -> tuple[str, str]:
+        try:
+            spec = sources.resolve_spec(spec)
+        except ValueError:
+            return "spec", str(spec)
+        if sources.is_image_folder(spec):
+            return "folder", os.path.realpath(os.path.expanduser(spec))
+        if spec.startswith(sources.DIR_PREFIX):
+            return "dir", os.path.realpath(os.path.expanduser(spec[len(sources.DIR_PREFIX):]))
+        return "spec", spec
+
+    kind, place = where(train)
+    return (kind, place) == where(eval_spec) and (kind == "folder" or train_split == eval_split)
+
+
 @dataclasses.dataclass
 class ClassifyTask:
     """What the trainer needs to fine-tune a classifier: the class names and prompts that build the head, the eval
@@ -218,6 +241,12 @@ class ClassifyTask:
         classnames = sources.get_classnames(d.train)
         templates = get_templates(d.templates or default_templates(d.train))
         batches = None
+        if d.eval and reads_training_records(d.train, d.train_split, d.eval, d.eval_split):
+            log.warning("config.data.eval=%r reads the training images (%s): eval/top1 and the other eval/ metrics "
+                        "are training accuracy, not held-out accuracy; give held-out images with "
+                        "--config.data.eval=SPEC (e.g. another ImageFolder)", d.eval,
+                        "an ImageFolder has a single split" if sources.is_image_folder(d.train)
+                        else f"the same split {d.eval_split!r}")
         if d.eval:
             batches = eval_batches(d.eval, d.eval_split, cfg.vision.image_size, d.eval_batch_size,
                                    d.max_eval_examples or None)

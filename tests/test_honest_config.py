@@ -233,3 +233,34 @@ def test_wise_ft_alphas_with_out_writes_every_alpha(tmp_path, capsys):
     assert wise_ft.main([*ends, "--alphas", "0.5,1", "--out", str(out)]) == 2
     assert "alpha_1 already holds a model" in capsys.readouterr().err
     assert not (tmp_path / "d").exists() and not (out / "alpha_0.5").exists()
+
+
+# ============================================================================================ fine-tuning
+
+def test_finetuning_says_when_its_evaluation_reads_the_training_images(tmp_path, caplog):
+    """configs/finetune.py's data=FOLDER sets data.eval to the same ImageFolder: eval/top1 was training accuracy,
+    reported as if held out."""
+    import clipjax
+    from clipjax.finetune import ClassifyTask, reads_training_records
+    from conftest import colour_folder
+
+    (tmp_path / "train").mkdir(), (tmp_path / "heldout").mkdir()
+    train, heldout = colour_folder(tmp_path / "train"), colour_folder(tmp_path / "heldout")
+    fixture = ROOT / "tests" / "fixtures" / "hf_clip"
+    cfg = clipjax.load(fixture).config
+    c = base_config()
+    c.task, c.init_from, c.data.train, c.data.eval, c.data.tokenizer = "classify", str(fixture), str(train), "", "folded"
+    c.data.eval = str(tmp_path / "train" / ".." / "train")  # the same folder, written otherwise
+    with caplog.at_level(logging.WARNING, logger="clipjax.finetune"):
+        ClassifyTask.from_config(c, cfg)
+    assert "reads the training images (an ImageFolder has a single split): eval/top1" in caplog.text
+    caplog.clear()
+    c.data.eval = str(heldout)
+    with caplog.at_level(logging.WARNING, logger="clipjax.finetune"):
+        ClassifyTask.from_config(c, cfg)
+    assert "training images" not in caplog.text
+    (tmp_path / "ds").mkdir()
+    assert reads_training_records(f"dir:{tmp_path / 'ds'}", "train", f"{tmp_path}/ds/", "train")
+    assert not reads_training_records(f"dir:{tmp_path / 'ds'}", "train", f"{tmp_path}/ds/", "test")
+    assert not reads_training_records("scenes", "train", "scenes", "test")
+    assert reads_training_records("scenes", "train", "scenes", "train")
