@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 
+from clipjax import cache_dir
+
 log = logging.getLogger(__name__)
 
 ENV = "CLIPJAX_COMPILATION_CACHE"
@@ -31,8 +33,7 @@ def default_dir() -> str | None:
     if ENV in os.environ:
         value = os.environ[ENV].strip()
         return None if not value or value.lower() in OFF else value
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "clipjax", "xla")
+    return str(cache_dir.path("xla"))
 
 
 def enable(setting: str = "") -> str | None:

@@ -32,6 +32,7 @@ import logging
 import os
 import pathlib
 import re
+import stat
 import sys
 import tempfile
 from typing import Any
@@ -67,12 +68,25 @@ def _temporary(path: pathlib.Path) -> pathlib.Path:
 
 def _save_safetensors(state: dict[str, np.ndarray], path: pathlib.Path) -> None:
     """Write `state` to `path` through a temporary file (a failed write leaves any previous file intact)."""
+    # {"format": "pt"}: transformers refuses safetensors files without it
+    save_safetensors(state, path, metadata={"format": "pt"})
+
+
+def save_safetensors(state: dict[str, np.ndarray], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """`state` as the safetensors file `path`, through a temporary file renamed over it (a failed write leaves any
+    previous file intact), with the permissions of any new file (the umask's): safetensors itself creates its files
+    readable by their owner only."""
     from safetensors.numpy import save_file
 
+    path = pathlib.Path(path)
     tmp = _temporary(path)
     try:
-        # {"format": "pt"}: transformers refuses safetensors files without it
-        save_file({k: np.array(v, order="C") for k, v in state.items()}, os.fspath(tmp), metadata={"format": "pt"})
+        with open(tmp, "wb"):  # a file made the usual way, for its mode
+            pass
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        save_file({k: np.array(v, order="C") for k, v in state.items()}, os.fspath(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

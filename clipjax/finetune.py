@@ -85,10 +85,9 @@ def zeroshot_head(model: Pretrained, classnames: Sequence[str], templates: Seque
 
 
 def save_head(head: Head, path: str | os.PathLike) -> None:
-    from safetensors.numpy import save_file
+    from clipjax.export import save_safetensors
 
-    save_file({"kernel": np.asarray(head.kernel, np.float32), "bias": np.asarray(head.bias, np.float32)},
-              os.fspath(path))
+    save_safetensors({"kernel": np.asarray(head.kernel, np.float32), "bias": np.asarray(head.bias, np.float32)}, path)
 
 
 def load_head(path: str | os.PathLike) -> Head:

@@ -144,20 +144,37 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """Periodic progress line: step, rate, ETA, and the latest scalars."""
+    """Periodic progress line: step, rate, ETA, and the latest scalars.
+
+    The rate and the ETA are measured from the first line on: the steps before it include compiling the train step
+    (minutes for a large model), which no later step repeats. The first line shows neither; it says how long its
+    steps took instead, and leaves out the scalars measured per second (`*per_sec`), which include the compilation
+    too."""
 
     def __init__(self, total_steps: int, start_step: int = 0):
         self.total = total_steps
         self.start_step = start_step
-        self.t0 = time.perf_counter()
+        self.t_start = time.perf_counter()
+        self.t0: float | None = None  # the time of the first line, and its step: where the rate is measured from
+        self.step0 = start_step
 
     def line(self, step: int, scalars: dict[str, float]) -> str:
-        done = step - self.start_step
-        elapsed = time.perf_counter() - self.t0
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if isinstance(v, float))
-        return f"step {step}/{self.total} ({100 * step / self.total:.0f}%) {rate:.2f} steps/s ETA {_hms(eta)} {shown}"
+        now = time.perf_counter()
+        head = f"step {step}/{self.total} ({100 * step / self.total:.0f}%)"
+        if self.t0 is None or step <= self.step0 or now <= self.t0:
+            first = self.t0 is None
+            self.t0, self.step0 = now, step
+            shown = _scalars({k: v for k, v in scalars.items() if not k.endswith("per_sec")})
+            took = f" (first {'step' if step - self.start_step == 1 else 'steps'}, compilation included: " \
+                   f"{now - self.t_start:.1f} s)" if first else ""
+            return f"{head}{took} {shown}".rstrip()
+        rate = (step - self.step0) / (now - self.t0)
+        eta = (self.total - step) / rate
+        return f"{head} {rate:.2f} steps/s ETA {_hms(eta)} {_scalars(scalars)}".rstrip()
+
+
+def _scalars(scalars: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if isinstance(v, float))
 
 
 def _hms(seconds: float) -> str:

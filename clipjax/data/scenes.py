@@ -21,8 +21,8 @@ split), reached 0.875 zero-shot top-1 on ``heldout`` (10 unseen pairs; 4 templat
 (38-way).
 
 Storage: a TFDS data directory of ArrayRecord shards (see ``records``), the image bytes stored exactly as
-encoded (PNG by default, or JPEG). Default location ``$CLIPJAX_DATA_DIR`` or ``~/.cache/clipjax/datasets``,
-then ``clipjax_scenes/<variant>/<version>``.
+encoded (PNG by default, or JPEG). Default location ``$CLIPJAX_DATA_DIR``, else ``$XDG_CACHE_HOME/clipjax/datasets``
+or ``~/.cache/clipjax/datasets``, then ``clipjax_scenes/<variant>/<version>``.
 
 Why shards are written by ``records.ShardWriter`` and not by a ``tfds.core.GeneratorBasedBuilder``:
 both work without TensorFlow (tensorflow-datasets 4.9.10 serializes ``tf.train.Example`` with its own
@@ -52,7 +52,7 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from clipjax import cli
+from clipjax import cache_dir, cli
 from clipjax.data import records
 from clipjax.data import scenes_render as sr
 
@@ -189,9 +189,10 @@ def build_scenes(
 
 
 def default_data_dir() -> pathlib.Path:
-    """``$CLIPJAX_DATA_DIR`` or ``~/.cache/clipjax/datasets``."""
+    """``$CLIPJAX_DATA_DIR``, else ``datasets`` in clipjax's cache (``$XDG_CACHE_HOME/clipjax/datasets`` or
+    ``~/.cache/clipjax/datasets``)."""
     env = os.environ.get("CLIPJAX_DATA_DIR")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "clipjax" / "datasets"
+    return pathlib.Path(env).expanduser() if env else cache_dir.path("datasets")
 
 
 def variant_name(**params) -> str:

@@ -3,7 +3,7 @@
 Spec strings:
 
     "scenes"         the embedded procedural dataset (``clipjax.data.scenes``), built on first use in
-                     ``$CLIPJAX_DATA_DIR`` or ``~/.cache/clipjax/datasets``
+                     ``$CLIPJAX_DATA_DIR`` or ``$XDG_CACHE_HOME/clipjax/datasets`` (``~/.cache/clipjax/datasets``)
     "dir:PATH"       a TFDS data directory with ArrayRecord shards (written by ``clipjax.data.ingest``, by
                      ``scenes.build_scenes`` or by TFDS itself); PATH is the directory holding
                      ``dataset_info.json``, or a parent with exactly one such directory below it

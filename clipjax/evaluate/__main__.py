@@ -28,7 +28,7 @@ import tempfile
 import time
 from typing import Any
 
-from clipjax import cli, paths
+from clipjax import cache_dir, cli, paths
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "linear_probe": "linear_probe"}
 SPLIT_HELP = ("split to evaluate. Default: for 'scenes', heldout with --task zeroshot and test otherwise; for an "
@@ -56,8 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="evaluate at most this many examples (0: all)")
     p.add_argument("--max-train-examples", type=cli.integer(0), default=None,
                    help="linear probe: cap the training examples (0: all)")
-    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/clipjax/zeroshot"),
-                   help="zero-shot classifier cache ('' disables)")
+    p.add_argument("--cache-dir", default=str(cache_dir.path("zeroshot")),
+                   help="zero-shot classifier cache ('' disables; default $XDG_CACHE_HOME/clipjax/zeroshot or "
+                        "~/.cache/clipjax/zeroshot)")
     p.add_argument("--out", default=None, help="write the JSON summary here")
     return p.parse_args(argv)
 
