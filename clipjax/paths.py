@@ -13,7 +13,10 @@ What object stores cannot do, and what is done instead:
 - keep directories: a "directory" exists while objects under it exist; `mkdir` does nothing.
 
 Failures of the object store's client (no credentials, network down, permission denied, a missing bucket, gcsfs
-not installed) are raised as `StorageError`, an OSError whose one-line message names the path.
+not installed) are raised as `StorageError`, an OSError whose one-line message names the path. Before the first
+request to a store, its endpoint is probed once per process (`check_reachable`: one HTTP request, at most
+`PROBE_TIMEOUT_S` seconds): an endpoint that does not answer (no network, a name that does not resolve, a refused
+connection) is one `StorageError` within seconds, not after the client's retries (about 30 s per request).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import pathlib
 import re
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Union
 
@@ -35,6 +40,9 @@ _REMOTE = re.compile(r"^(gs|s3):/+")  # also "gs:/b/x": what pathlib makes of "g
 # Modules of the object-store clients: their exceptions are storage failures, not bugs of the caller.
 _CLIENT_MODULES = ("gcsfs", "s3fs", "fsspec", "google", "aiohttp", "requests", "urllib3", "botocore", "aiobotocore")
 _CLIENTS = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")}  # scheme → (fsspec package, clipjax extra)
+PROBE_TIMEOUT_S = 5.0  # how long the first probe of an object store's endpoint may take
+_probed: dict[str, BaseException | None] = {}  # endpoint URL → why it cannot be reached (None: it answered)
+_probe_lock = threading.Lock()
 
 Path = Union[pathlib.Path, "epath.Path"]  # epath is imported (at run time) only for remote paths
 
@@ -123,10 +131,78 @@ def describe(e: BaseException, path: str | os.PathLike) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def _endpoint(kind: str) -> str:
+    """The URL the client of `kind` ("gs", "s3") sends its requests to (an emulator's, when one is configured)."""
+    import fsspec.config
+
+    conf = {"gs": fsspec.config.conf.get("gcs", {}) or fsspec.config.conf.get("gs", {}),
+            "s3": fsspec.config.conf.get("s3", {})}[kind]
+    if kind == "gs":
+        url = os.environ.get("STORAGE_EMULATOR_HOST") or conf.get("endpoint_url") or "https://storage.googleapis.com"
+    else:
+        url = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or conf.get("endpoint_url")
+               or (conf.get("client_kwargs") or {}).get("endpoint_url") or "https://s3.amazonaws.com")
+    return url if "://" in url else f"http://{url}"
+
+
+def _probe(url: str, timeout: float) -> BaseException | None:
+    """None when `url` answers an HTTP request (any status, or a TLS error: the server is there), else the reason.
+    The request runs on a thread of its own, so name resolution cannot outlast `timeout` and a signal handler of the
+    caller's (e.g. the trainer's SIGTERM) runs while it waits."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    result: list[BaseException | None] = []
+
+    def request() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            result.append(None)
+        except urllib.error.HTTPError:  # an answer
+            result.append(None)
+        except urllib.error.URLError as e:
+            reason = e.reason if isinstance(e.reason, BaseException) else OSError(str(e.reason))
+            result.append(None if isinstance(reason, ssl.SSLError) else reason)
+        except ssl.SSLError:
+            result.append(None)
+        except (OSError, ValueError) as e:  # a timeout, a reset connection, a malformed URL
+            result.append(e)
+
+    worker = threading.Thread(target=request, name="clipjax-storage-probe", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + timeout + 1.0
+    while worker.is_alive() and time.monotonic() < deadline:
+        worker.join(0.1)
+    return result[0] if result else TimeoutError(f"no answer within {timeout:g} s")
+
+
+def check_reachable(path: str | os.PathLike) -> None:
+    """Raise `StorageError` naming `path` when the endpoint of its object store does not answer (probed once per
+    process and endpoint: `_probe`). Local paths, and stores whose client is not installed (their own error says
+    so), are left alone."""
+    import importlib.util
+
+    kind = scheme(path)
+    if kind is None or importlib.util.find_spec(_CLIENTS[kind][0]) is None:
+        return
+    url = _endpoint(kind)
+    with _probe_lock:
+        if url not in _probed:
+            _probed[url] = _probe(url, PROBE_TIMEOUT_S)
+        error = _probed[url]
+    if error is not None:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        cause = ConnectionError(f"Cannot connect to {url} ({reason}); check the network connection")
+        raise StorageError(f"cannot reach {path}: {cause}") from cause
+
+
 @contextlib.contextmanager
 def storage_errors(path: str | os.PathLike, action: str = "access") -> Iterator[None]:
     """Re-raise a failure of the object-store client on remote `path` as a one-line `StorageError` naming it
-    (FileNotFoundError, which callers test for, passes through). Local paths are left alone."""
+    (FileNotFoundError, which callers test for, passes through); an endpoint that does not answer is one before any
+    request (`check_reachable`). Local paths are left alone."""
+    check_reachable(path)
     try:
         yield
     except (StorageError, FileNotFoundError):

@@ -136,7 +136,7 @@ def test_an_endpoint_that_does_not_answer_is_one_storage_error_within_seconds(mo
     server = _Silent()
     try:
         for url, reason in ((f"http://127.0.0.1:{closed_port()}", "Connection refused"),
-                            (server.url, "timed out")):
+                            (server.url, "timed out|no answer within")):
             monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
             monkeypatch.setattr(paths, "_probed", {})
             start = time.monotonic()
@@ -144,7 +144,7 @@ def test_an_endpoint_that_does_not_answer_is_one_storage_error_within_seconds(mo
                 with paths.storage_errors("gs://bucket/run"):
                     pytest.fail("no request may be sent to an endpoint that does not answer")
             assert time.monotonic() - start < paths.PROBE_TIMEOUT_S + 2
-            assert str(e.value).startswith(f"cannot reach gs://bucket/run: {url} does not answer")
+            assert str(e.value).startswith(f"cannot reach gs://bucket/run: Cannot connect to {url} (")
             assert "\n" not in str(e.value)
             start = time.monotonic()
             with pytest.raises(paths.StorageError):  # the answer is kept: no second wait
@@ -178,10 +178,10 @@ def test_a_store_that_cannot_be_reached_fails_the_trainer_in_one_line_within_sec
             proc.kill()
             out, err = proc.communicate()
         outs[k] = (subprocess.CompletedProcess(proc.args, proc.returncode, out, err), time.monotonic() - start)
-    line = _one_error_line(outs["wds"][0], "dataset 'wds:gs://bucket/shards/{00000..00099}.tar'", "does not answer",
+    line = _one_error_line(outs["wds"][0], "dataset 'wds:gs://bucket/shards/{00000..00099}.tar'", "Cannot connect to",
                            "check the network connection")
     assert "Connection refused" in line
-    _one_error_line(outs["workdir"][0], "workdir gs://bucket/run", "does not answer", "check the network connection")
+    _one_error_line(outs["workdir"][0], "workdir gs://bucket/run", "Cannot connect to", "check the network connection")
     assert max(took for _, took in outs.values()) < 25, {k: took for k, (_, took) in outs.items()}
 
 

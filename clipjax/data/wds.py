@@ -59,6 +59,7 @@ from typing import IO, NamedTuple
 
 import numpy as np
 
+from clipjax import paths
 from clipjax.data import core, ingest, pipeline
 from clipjax.data import preprocess as pp
 from clipjax.data import sources as src_lib
@@ -174,6 +175,10 @@ def _local_shards(spec: str, path: str) -> list[str]:
 
 def _remote_shards(spec: str, path: str, protocol: str) -> list[str]:
     fsspec = _fsspec(spec, protocol)
+    try:  # an object store that does not answer fails here, in seconds, not shard by shard on the reading thread
+        paths.check_reachable(path)
+    except paths.StorageError as e:
+        raise src_lib.DatasetError(f"dataset {spec!r}: {e.__cause__ or e}") from None
     if "{" in path:  # expanded without a request: listing a bucket of 10^5 shards is slow
         return expand_braces(path)
     fs, root = fsspec.core.url_to_fs(path)
