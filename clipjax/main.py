@@ -31,11 +31,14 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes of a m
 _PID = flags.DEFINE_integer("process_id", None, "This process's index in a manual multi-process launch.")
 _LOCAL_DEVICES = flags.DEFINE_integer("local_device_count", None,
                                       "Simulate this many CPU devices in this process (testing scaling on a CPU).")
+_COMPILED = flags.DEFINE_string("compiled", None, "Run the train step compiled ahead of time by `python -m clipjax.aot "
+                                "--save_executable=PATH` instead of compiling it (checked against this run first).")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that describe bad input or a refused run, not a bug (imported late: they pull in JAX)."""
     from clipjax.checkpoint import CheckpointError
+    from clipjax.data.core import TooManyBadRecords
     from clipjax.data.sources import DatasetError
     from clipjax.evaluate.features import NonFiniteFeaturesError
     from clipjax.interop.load import WeightsError
@@ -44,7 +47,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from clipjax.train import ConfigError
 
     return (ConfigError, CheckpointError, DatasetError, UnsafeCheckpointError, NonFiniteError, WeightsError,
-            NonFiniteFeaturesError)
+            NonFiniteFeaturesError, TooManyBadRecords)
 
 
 class _NoStorageTracebacks(logging.Filter):
@@ -188,7 +191,7 @@ def main(argv: list[str]) -> None:
     if not os.environ.get("CLIPJAX_DEBUG"):
         _quiet_storage_tracebacks()
     try:
-        train(_CONFIG.value, _WORKDIR.value)
+        train(_CONFIG.value, _WORKDIR.value, compiled=_COMPILED.value)
     except _user_errors() as e:
         if os.environ.get("CLIPJAX_DEBUG"):
             raise

@@ -215,3 +215,62 @@ def test_throughput_says_what_it_starts_before_the_first_batch(tmp_path):
     first = err.strip().splitlines()[0]
     assert first == "starting 1 decode worker process of 2 threads; measuring for 0.5 s after the first batch", err
     assert json.loads(out)["workers"] == 1
+
+
+# ============================================================================================ undecodable wds sources
+
+def _png(width: int, height: int, rows: int | None = None) -> bytes:
+    """A greyscale PNG of `width`x`height` zeros, compressed row by row (a few hundred KB for 10^8 pixels), or with
+    only `rows` rows of data (a header that promises the rest: a few bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0, then the pixels
+    data = b"".join(z.compress(row) for _ in range(height if rows is None else rows)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def _wds_shard(path: pathlib.Path, images: list[bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for i, image in enumerate(images):
+            for ext, data in (("jpg", image), ("txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_over_pils_pixel_limit_is_a_bad_record_without_being_decoded():
+    """10^8 pixels (300 KB of PNG, 100 MB decoded; PIL only warns below 2x its limit) and 9·10^8 (PIL refuses):
+    both skipped as bad records, from their header."""
+    from clipjax.data import core, ingest
+
+    loader = wds.SampleLoader(16, (0.9, 1.0), seed=0, process_index=0)
+    for image, needle in ((_png(10_000, 10_000), "10000x10000 = 100,000,000 pixels"),
+                          (_png(30_000, 30_000, rows=1), "decompression bomb")):
+        start = time.monotonic()
+        with pytest.raises(core.BadRecord, match=needle):
+            loader(wds.SampleItem(0, "shard.tar:00000", image, ["a caption"]))
+        assert time.monotonic() - start < 1
+        assert needle in ingest._check_image(image)
+    assert loader(wds.SampleItem(0, "s", _png(40, 30), ["ok"]))[0].shape == (16, 16, 3)
+
+
+def test_a_wds_source_where_no_image_decodes_is_one_error_line(tmp_path):
+    """Text named .jpg and a 30000² PNG, every sample bad: `python -m clipjax.main` ends in one `error:` line, exit
+    2 (it was a TooManyBadRecords traceback)."""
+    from test_reliability import setup_for
+
+    setup = setup_for(tmp_path)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _wds_shard(shards / "00000.tar", [b"these bytes are not an image"] * 20 + [_png(30_000, 30_000, rows=1)] * 20)
+    out = subprocess.run(setup.args(tmp_path / "run", f"--config.data.train=wds:{shards}", devices=1),
+                         capture_output=True, text=True, timeout=300, env=setup.env(), cwd=ROOT)
+    line = _one_error_line(out, "1000 consecutive bad records; last: sample ")
+    assert "cannot decode image" in line or "decompression bomb" in line, line

@@ -88,6 +88,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -460,10 +461,33 @@ def _fingerprint(plan: dict) -> str:
 # ----------------------------------------------------------------------------------------------- workers
 
 
+def oversized_image(data: bytes) -> str | None:
+    """Why the image ``data`` must not be decoded, from its header alone: more pixels than PIL decodes without a
+    decompression-bomb warning (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 M; a 30000² PNG of a few KB decodes to 2.7 GB).
+    None when it may be (or when the header does not parse: decoding then says why)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as e:
+        return f"decompression bomb: {e}"
+    except Exception:  # not an image PIL knows: decoding reports it
+        return None
+    if limit and width * height > limit:
+        return (f"decompression bomb: {width}x{height} = {width * height:,} pixels, more than PIL's limit of "
+                f"{limit:,} (PIL.Image.MAX_IMAGE_PIXELS)")
+    return None
+
+
 def _check_image(data: bytes) -> str | None:
     """None if ``data`` decodes to a non-empty image, else the reason."""
     if not data:
         return "zero-size file"
+    too_large = oversized_image(data)
+    if too_large is not None:
+        return too_large
     try:
         image = load_image(data)
     except Exception as e:

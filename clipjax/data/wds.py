@@ -489,6 +489,9 @@ class SampleLoader:
     def __call__(self, item: SampleItem) -> tuple[np.ndarray, str, int]:
         rng = np.random.default_rng([self.seed, self.process_index, item.t])
         caption = item.captions[int(rng.integers(len(item.captions)))]
+        too_large = ingest.oversized_image(item.image)  # from the header: never decoded
+        if too_large is not None:
+            raise core.BadRecord(f"sample {item.where}: {too_large}")
         try:
             image = pp.train_crop(item.image, self.image_size, rng, scale=self.scale)  # uint8 [S, S, 3]
         except Exception as e:  # corrupt or undecodable image bytes
