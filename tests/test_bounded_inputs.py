@@ -274,3 +274,59 @@ def test_a_wds_source_where_no_image_decodes_is_one_error_line(tmp_path):
                          capture_output=True, text=True, timeout=300, env=setup.env(), cwd=ROOT)
     line = _one_error_line(out, "1000 consecutive bad records; last: sample ")
     assert "cannot decode image" in line or "decompression bomb" in line, line
+
+
+# ============================================================================================ ingest: what is read
+
+def _encoded(size: int, seed: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_ingest_reads_only_regular_files_up_to_the_size_cap(tmp_path):
+    """A table naming /dev/zero, a FIFO with no writer, a directory and a file over --max-image-bytes beside two good
+    images: the four are skipped and reported with their reason, never read (/dev/zero was read until a MemoryError
+    at 7.7 GB, a FIFO waited for ever), and the good ones ingested."""
+    (tmp_path / "small.png").write_bytes(_encoded(8, 0))
+    (tmp_path / "small2.png").write_bytes(_encoded(8, 1))
+    big = _encoded(64, 2)
+    (tmp_path / "big.png").write_bytes(big)
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "folder.png").mkdir()
+    limit = 2000
+    assert len((tmp_path / "small.png").read_bytes()) <= limit < len(big)
+    rows = ["image,caption", "small.png,a small one", "/dev/zero,zeros for ever", "pipe.png,a pipe",
+            "folder.png,a folder", "big.png,a big one", "small2.png,another"]
+    (tmp_path / "table.csv").write_text("\n".join(rows) + "\n")
+    out = subprocess.run([sys.executable, "-m", "clipjax.data.ingest", str(tmp_path / "table.csv"), "--output",
+                          str(tmp_path / "ds"), "--workers", "0", "--quiet", "--max-image-bytes", str(limit)],
+                         capture_output=True, text=True, timeout=120, env=_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    report = json.loads((tmp_path / "ds" / "ingest_report.json").read_text())["train"]
+    assert report["records"] == 2
+    reasons = {s["key"]: s["reason"] for s in report["skipped"]}
+    assert reasons == {
+        "/dev/zero": "/dev/zero is a character device, not a file",
+        "pipe.png": f"{tmp_path / 'pipe.png'} is a FIFO (named pipe), not a file",
+        "folder.png": f"{tmp_path / 'folder.png'} is a directory, not a file",
+        "big.png": f"{tmp_path / 'big.png'} is {len(big):,} bytes, more than --max-image-bytes {limit:,}"}, reasons
+
+
+def test_ingest_of_a_tar_member_over_the_size_cap_skips_it_unread(tmp_path):
+    from clipjax.data import ingest
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    small, big = _encoded(8, 0), _encoded(64, 1)
+    _wds_shard(shards / "00000.tar", [small, big, small])
+    summary = ingest.ingest(shards, tmp_path / "ds", workers=0, progress=False, max_image_bytes=len(big) - 1)
+    assert summary.records == 2 and summary.skipped == 1
+    [skip] = json.loads((tmp_path / "ds" / "ingest_report.json").read_text())["train"]["skipped"]
+    assert skip["key"] == "00001" and skip["reason"] == f"00001.jpg is {len(big):,} bytes, more than " \
+                                                         f"--max-image-bytes {len(big) - 1:,}"
+    with pytest.raises(ingest.IngestError, match="--max-image-bytes must be at least 1"):
+        ingest.ingest(shards, tmp_path / "ds2", workers=0, progress=False, max_image_bytes=0)

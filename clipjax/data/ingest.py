@@ -27,10 +27,12 @@ SRC is one of
 
 Every image is fully decoded (``preprocess.load_image``) only to check it; the bytes written are the file's own,
 never re-encoded (an alpha channel stays in the file; decoding for training drops it as PIL's ``convert("RGB")``).
-Skipped (and listed with the reason in ``DIR/ingest_report.json``): missing or zero-size files, undecodable bytes
-or modes, images with a zero side, records without a non-empty caption, URLs, duplicate keys. When every record
-is skipped no split is written (the reasons still go to ``DIR/ingest_report.json``) and the command fails
-(status 2) with the count and the first reasons.
+Skipped (and listed with the reason in ``DIR/ingest_report.json``): missing or zero-size files, paths that are not
+regular files (a device such as /dev/zero, a FIFO: never opened for reading), files or tar members larger than
+``--max-image-bytes`` (64 MiB; not read), images whose header promises more pixels than PIL's decompression-bomb limit
+(never decoded), undecodable bytes or modes, images with a zero side, records without a non-empty caption, URLs,
+duplicate keys. When every record is skipped no split is written (the reasons still go to ``DIR/ingest_report.json``)
+and the command fails (status 2) with the count and the first reasons.
 
 DIR must be new or empty, or a directory written by this command (it holds ``.ingest/manifest.json``): then a run
 of the same SRC and ``--split`` resumes or completes it (finished shards are kept), and another ``--split`` adds
@@ -96,6 +98,7 @@ import pathlib
 import re
 import sys
 import shutil
+import stat
 import tarfile
 import tempfile
 import time
@@ -114,6 +117,7 @@ STATE_DIR = ".ingest"
 MANIFEST = "manifest.json"
 REPORT = "ingest_report.json"
 FIRST_REASONS = 3  # reasons quoted in the error of an ingestion where every record was skipped
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20  # larger image files (or tar members) are skipped, never read (--max-image-bytes)
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -512,16 +516,47 @@ class _Shard:
         self.tar.close()
 
 
-def _read_item(item: Item, shard: _Shard | None) -> tuple[bytes | None, list[str], str | None]:
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+               stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket"}
+
+
+def _too_large(size: int, max_bytes: int) -> str:
+    return f"{size:,} bytes, more than --max-image-bytes {max_bytes:,}"
+
+
+def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> tuple[bytes | None, str | None]:
+    """(the bytes of the image file ``path``, None) or (None, why it is not read): only a regular file (checked
+    before it is opened, and again on the open file: /dev/zero would be read until memory runs out, a FIFO waits for
+    a writer for ever) of at most ``max_bytes`` bytes."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return None, f"{path} is {_FILE_KINDS.get(stat.S_IFMT(info.st_mode), 'not a regular file')}, not a file"
+        if info.st_size > max_bytes:
+            return None, f"{path} is {_too_large(info.st_size, max_bytes)}"
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # never waits (a swapped FIFO)
+        with open(fd, "rb", closefd=True) as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None, f"{path} is not a regular file"
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        return None, f"cannot read {path}: {e.strerror or e}"
+    if len(data) > max_bytes:  # it grew since
+        return None, f"{path} is {_too_large(len(data), max_bytes)}"
+    return data, None
+
+
+def _read_item(item: Item, shard: _Shard | None,
+               max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> tuple[bytes | None, list[str], str | None]:
     """(image bytes, captions, error)."""
     if shard is None:
-        try:
-            with open(item.image, "rb") as f:
-                return f.read(), item.captions, None
-        except OSError as e:
-            return None, [], f"cannot read {item.image}: {e.strerror or e}"
+        data, error = read_image_file(item.image, max_bytes)
+        return data, item.captions if error is None else [], error
     if not item.image:
         return None, [], "no image file (jpg/jpeg/png/webp) for this key"
+    member = shard.members.get(item.image)
+    if member is not None and member.size > max_bytes:
+        return None, [], f"{item.image} is {_too_large(member.size, max_bytes)}"
     try:
         data = shard.read(item.image)
         txt = shard.read(item.txt) if item.txt else None
@@ -546,6 +581,7 @@ class UnitTask:
     classnames: list[str] | None = None
     tar: str | None = None
     drop: list[str] = dataclasses.field(default_factory=list)
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # larger image files are skipped, not read
 
 
 @dataclasses.dataclass
@@ -590,11 +626,12 @@ def ingest_unit(task: UnitTask) -> dict:
     local = os.path.join(tmp_dir, os.path.basename(task.shard)) if remote else task.shard
     try:
         if task.tar is None:
-            report = _write_shard(task.items, local, task.classnames)
+            report = _write_shard(task.items, local, task.classnames, max_image_bytes=task.max_image_bytes)
         else:
             with paths.local_copy(task.tar) as tar:
                 items, planned = _plan_tar(tar, set(task.drop), source=task.tar)
-                report = _write_shard(items, local, task.classnames, tar_file=tar)
+                report = _write_shard(items, local, task.classnames, tar_file=tar,
+                                      max_image_bytes=task.max_image_bytes)
         report["shard_bytes"] = os.path.getsize(local)
         if task.tar is not None:
             report["plan_skipped"] = planned
@@ -608,7 +645,7 @@ def ingest_unit(task: UnitTask) -> dict:
 
 
 def _write_shard(unit: list[Item], out_path: str, features_spec: list[str] | None,
-                 tar_file: os.PathLike | None = None) -> dict:
+                 tar_file: os.PathLike | None = None, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> dict:
     """Writes `unit`'s usable items as the ArrayRecord shard `out_path`; webdataset items are read from their tar,
     or from the local file `tar_file` holding it."""
     feats = records.image_text_features(features_spec)
@@ -619,7 +656,7 @@ def _write_shard(unit: list[Item], out_path: str, features_spec: list[str] | Non
         with records.ShardWriter(out_path, feats) as writer:
             for item in unit:
                 source = item.tar or item.image
-                data, captions, error = _read_item(item, shard)
+                data, captions, error = _read_item(item, shard, max_image_bytes)
                 captions = [c for c in captions if c]
                 if error is None:
                     error = _check_image(data)
@@ -728,11 +765,15 @@ def ingest(
     progress: bool = True,
     runner: str | None = None,
     pipeline_args: Sequence[str] = (),
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> Summary:
     """Ingests ``src`` as split ``split`` of the dataset directory ``output`` (see the module docstring): the units
     are written by a local process pool of ``workers``, or with ``runner`` (a Beam runner name) by an Apache Beam
-    pipeline with the options ``pipeline_args`` (``--flag=value`` strings)."""
+    pipeline with the options ``pipeline_args`` (``--flag=value`` strings). An image file or tar member larger than
+    ``max_image_bytes`` is skipped (and reported) without being read."""
     start = time.time()
+    if max_image_bytes < 1:
+        raise IngestError(f"--max-image-bytes must be at least 1, got {max_image_bytes}")
     if paths.is_remote(src):
         src = os.fspath(src)
         if src.lower().endswith((".csv", ".jsonl", ".json")):
@@ -758,9 +799,10 @@ def ingest(
         plan = make_plan(src, shard_size, template)
         manifest = _prepare(out, name, split, src, plan)
         if "tars" in plan:
-            done = _run_tars(out, manifest, split, plan, workers, progress, runner, pipeline_args, name_of_src)
+            done = _run_tars(out, manifest, split, plan, workers, progress, runner, pipeline_args, name_of_src,
+                             max_image_bytes=max_image_bytes)
             return _finish(out, manifest, split, plan, done, start)
-        tasks = list(_pending(out, manifest, split, plan).values())
+        tasks = list(_pending(out, manifest, split, plan, max_image_bytes).values())
         total = sum(len(u) for u in plan["units"])
         bar = tqdm(total=total, desc=f"ingesting {name_of_src}", unit="img",
                    disable=not progress or runner is not None)
@@ -779,7 +821,8 @@ def _unit_paths(out: paths.Path, manifest: dict, split: str, i: int, count: int)
     return os.fspath(shard), os.fspath(out / STATE_DIR / f"{split}-{i:05d}.json")
 
 
-def _pending(out: paths.Path, manifest: dict, split: str, plan: dict) -> dict[int, UnitTask]:
+def _pending(out: paths.Path, manifest: dict, split: str, plan: dict,
+             max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> dict[int, UnitTask]:
     """{unit index: task} of the units of `split` not yet done (a unit is done when its shard and its report
     exist)."""
     count = unit_count(plan)
@@ -788,9 +831,11 @@ def _pending(out: paths.Path, manifest: dict, split: str, plan: dict) -> dict[in
         shard, report = _unit_paths(out, manifest, split, i, count)
         if not (paths.as_path(shard).exists() and paths.as_path(report).exists()):
             if "tars" in plan:
-                tasks[i] = UnitTask([], shard, report, plan["classnames"], tar=plan["tars"][i][0])
+                tasks[i] = UnitTask([], shard, report, plan["classnames"], tar=plan["tars"][i][0],
+                                    max_image_bytes=max_image_bytes)
             else:
-                tasks[i] = UnitTask(plan["units"][i], shard, report, plan["classnames"])
+                tasks[i] = UnitTask(plan["units"][i], shard, report, plan["classnames"],
+                                    max_image_bytes=max_image_bytes)
     return tasks
 
 
@@ -799,11 +844,12 @@ def _keys_file(out: paths.Path, split: str, i: int) -> paths.Path:
 
 
 def _run_tars(out: paths.Path, manifest: dict, split: str, plan: dict, workers: int | None, progress: bool,
-              runner: str | None, pipeline_args: Sequence[str], name: str) -> int:
+              runner: str | None, pipeline_args: Sequence[str], name: str,
+              max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> int:
     """Runs the units of a source planned on the workers (``plan_tars``): stage "list" (``list_unit``) for every tar
     (a tar listed by an earlier run is not read again), the duplicate keys across tars (the first tar in listing
     order keeps a key), then stage "write" (``ingest_unit``) for the units not done; returns their number."""
-    pending = _pending(out, manifest, split, plan)
+    pending = _pending(out, manifest, split, plan, max_image_bytes)
     if not pending:
         return 0
     listing = [ListTask(i, url, os.fspath(_keys_file(out, split, i))) for i, (url, _) in enumerate(plan["tars"])]
@@ -1017,6 +1063,9 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
     parser.add_argument("--shard-size", type=int, default=2_000, help="records per shard (tables, ImageFolders)")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="ImageFolder caption template")
+    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                        help=f"image files (and tar members) larger than this are skipped and reported, not read "
+                             f"(default {DEFAULT_MAX_IMAGE_BYTES >> 20} MiB)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--runner", default=None,
                         help="write the units with an Apache Beam pipeline on this runner (DirectRunner, "
@@ -1040,7 +1089,7 @@ def run(argv: list[str] | None = None) -> int:
         raise IngestError(f"--shard-size must be at least 1, got {args.shard_size}")
     summary = ingest(args.src, args.output, name=args.name, split=args.split, workers=args.workers,
                      shard_size=args.shard_size, template=args.template, progress=not args.quiet,
-                     runner=args.runner, pipeline_args=pipeline_args)
+                     runner=args.runner, pipeline_args=pipeline_args, max_image_bytes=args.max_image_bytes)
     print(summary)
     return 0
 
