@@ -18,6 +18,7 @@ Letters: N global batch, B per-device batch, A accumulation steps, E embed dim, 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -38,11 +39,13 @@ from clipjax import paths
 from clipjax import sharding as shd
 from clipjax.checkpoint import CheckpointError, Checkpointer, check_supported, check_writable
 from clipjax.losses import get_loss
-from clipjax.metrics import MetricWriter, Progress, train_flops_per_step
+from clipjax.metrics import MetricWriter, Progress, final_line, train_flops_per_step
 from clipjax.models.clip import CLIP
 from clipjax.models.config import CLIPConfig
 from clipjax.models.specs import get_model_config
+from clipjax.plot import CURVES
 from clipjax import phases as phases_lib
+from clipjax import workdir_lock
 from clipjax.optim import make_optimizer, make_schedule
 from clipjax.phases import Phase, PhasedData
 from clipjax.run_control import COUNTERS, Preemption, StepCounters, sum_over_processes
@@ -132,6 +135,14 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                               or not 0 < scale[0] <= scale[1] <= 1):
         raise ConfigError(f"config.data.crop_scale={tuple(scale)!r}: must be (MIN, MAX) with 0 < MIN <= MAX <= 1 (the "
                           f"fraction of the image area a random crop keeps)")
+    allow = config.get("allow_resume_changes") or ""
+    if not isinstance(allow, str):
+        raise ConfigError(f"config.allow_resume_changes={allow!r}: must be comma-separated config keys, e.g. "
+                          f"'batch_size,model.dtype'")
+    keys = set(_all_keys(plain))
+    unknown = [k for k in _allowed_changes(config) if k.rstrip(".") not in keys]
+    if unknown:
+        raise ConfigError(f"config.allow_resume_changes: unknown config key(s) {', '.join(unknown)}")
     buffer = config.data.get("shuffle_buffer", 1)
     if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
         raise ConfigError(f"config.data.shuffle_buffer={buffer!r}: must be a positive integer (the samples each wds: "
@@ -209,6 +220,12 @@ def load_pretrained(config: ml_collections.ConfigDict):
         raise
     except (OSError, ValueError, CheckpointError) as e:  # missing file, refused pickle, wrong tensors, no checkpoint
         raise ConfigError(f"config.init_from: {e}") from e
+
+
+def _all_keys(d: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested dict, groups (e.g. "optimizer") included."""
+    return [k for key, v in d.items()
+            for k in (f"{prefix}{key}", *(_all_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else ()))]
 
 
 def _flat_dict(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -377,30 +394,132 @@ def _check_workdir(workdir: paths.Path) -> None:
         raise CheckpointError(f"workdir {workdir}: {paths.describe(e.__cause__ or e, workdir)}") from None
 
 
-def _write_config(workdir: paths.Path, config: ml_collections.ConfigDict, cfg: CLIPConfig) -> None:
+def _write_config(workdir: paths.Path, config: ml_collections.ConfigDict, cfg: CLIPConfig,
+                  step: int | None = None) -> None:
     """config.json: the config as it runs and the resolved model config (written atomically: on an object store, as
-    one object)."""
-    text = json.dumps({"config": json.loads(config.to_json_best_effort()), "model_config": cfg.to_dict()}, indent=2)
+    one object). When it replaces a config.json of other settings (a resume at `step` with changes that
+    `_check_same_model` let through), the changes are first appended to config_history.jsonl, so the settings of
+    every step stay on record."""
+    text = json.dumps({"config": _as_json(config), "model_config": cfg.to_dict()}, indent=2)
     try:
+        saved = _saved_config(workdir)
+        changes = _resume_changes(saved, config) if saved is not None else {}
+        if changes:
+            history = workdir / HISTORY_FILE
+            rows = paths.read_text(history) if paths.exists(history) else ""
+            row = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()},
+                   "allowed": _allowed_changes(config)}
+            paths.write_text(history, rows + json.dumps(row) + "\n")
         paths.write_text(workdir / "config.json", text + "\n")
     except OSError as e:
         raise CheckpointError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
-def _check_same_model(workdir: paths.Path, cfg: CLIPConfig) -> None:
-    """A workdir with checkpoints resumes only the architecture it was trained with (its config.json says which)."""
+HISTORY_FILE = "config_history.jsonl"  # one row per resume that changed settings: {"step", "time", "changes", ...}
+
+# Keys that may differ when a workdir resumes: how long the run goes (total_steps: the learning rate's cosine decay
+# then ends elsewhere, which is warned about), what it logs, evaluates, checkpoints and keeps, what only a fresh start
+# reads (init_from, ...), and how the same computation is laid out (devices, accumulation, remat, scan, decoding
+# processes and threads; the rounding of sums may differ). Every other key changes the numbers of the steps or the
+# data they read, and is refused unless named in config.allow_resume_changes; the architecture has its own check.
+# A key ending in "." stands for every key under it.
+RESUME_FREE_KEYS = (
+    "total_steps", "log_every", "ckpt_every", "eval_every", "evals.", "keep_checkpoints", "async_checkpoints",
+    "max_nonfinite_steps", "compilation_cache", "peak_flops_per_device", "allow_resume_changes",
+    "init_from", "init_config", "reinit", "mesh.", "accum_steps",
+    "model.name", "model.open_clip_config.", "model.quick_gelu", "model.init_logit_scale", "model.init_logit_bias",
+    "model.remat", "model.scan_layers",
+    "data.workers", "data.num_threads", "data.synthetic_seconds_per_batch",
+    "data.eval", "data.eval_split", "data.eval_batch_size", "data.max_eval_examples", "data.templates",
+)
+_UNKNOWN = object()
+
+
+def _as_json(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _saved_config(workdir: paths.Path) -> dict | None:
+    """The "config" of the workdir's config.json, or None when there is none (or it cannot be read)."""
+    try:
+        saved = json.loads(paths.read_text(workdir / "config.json"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _matches(key: str, names: Any) -> bool:
+    return any(key == n or (n.endswith(".") and key.startswith(n)) or key.startswith(n + ".") for n in names)
+
+
+def _allowed_changes(config: ml_collections.ConfigDict) -> list[str]:
+    return [k.strip() for k in str(config.get("allow_resume_changes") or "").split(",") if k.strip()]
+
+
+def _resume_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved value, value now)} of the dotted config keys that differ. A key that a config.json of an older
+    version lacks is compared with its default (configs/common.py), as it ran with it."""
+    from clipjax.configs.common import base_config
+
+    defaults = _flat_dict(_as_json(check_config(base_config())))
+    then, now = _flat_dict(saved), _flat_dict(_as_json(config))
+    changes = {}
+    for key in sorted(set(then) | set(now)):
+        old, new = then.get(key, defaults.get(key, _UNKNOWN)), now.get(key, _UNKNOWN)
+        if old is not _UNKNOWN and new is not _UNKNOWN and old != new:
+            changes[key] = (old, new)
+    return changes
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_same_trajectory(workdir: paths.Path, config: ml_collections.ConfigDict) -> None:
+    """A workdir with checkpoints resumes only with the settings that made its steps' numbers (config.json), but for
+    the `RESUME_FREE_KEYS` and the keys named in config.allow_resume_changes (recorded by `_write_config`)."""
+    saved = _saved_config(workdir)
+    if saved is None:
+        log.warning("%s has checkpoints but no readable config.json: the settings of its steps cannot be compared "
+                    "with these", workdir)
+        return
+    changes = _resume_changes(saved, config)
+    allowed = _allowed_changes(config)
+    refused = {k: v for k, v in changes.items() if not _matches(k, RESUME_FREE_KEYS) and not _matches(k, allowed)}
+    if refused:
+        listed = "; ".join(f"{k} {_shown(a)} → {_shown(b)}" for k, (a, b) in refused.items())
+        raise ConfigError(
+            f"workdir {workdir} holds checkpoints trained with other settings that change the training numbers: "
+            f"{listed}. Resume with the settings of {workdir / 'config.json'}, start a new workdir from these weights "
+            f"with --config.init_from={workdir}, or resume with the change on record ({HISTORY_FILE}) with "
+            f"--config.allow_resume_changes={','.join(sorted({k for k in refused} | set(allowed)))}")
+    if "total_steps" in changes:
+        log.warning("config.total_steps %s → %s on resume: the learning rate follows the cosine decay to step %s "
+                    "from here on (recorded in %s)", *changes["total_steps"], changes["total_steps"][1], HISTORY_FILE)
+    if changes:
+        log.info("resuming with changed settings (recorded in %s): %s", HISTORY_FILE,
+                 "; ".join(f"{k} {_shown(a)} → {_shown(b)}" for k, (a, b) in changes.items()))
+
+
+def _check_same_model(workdir: paths.Path, cfg: CLIPConfig, config: ml_collections.ConfigDict | None = None) -> None:
+    """A workdir with checkpoints resumes only the architecture it was trained with (its config.json says which),
+    and, given the training `config`, only its settings that change the numbers (`_check_same_trajectory`)."""
     try:
         saved = json.loads(paths.read_text(workdir / "config.json"))["model_config"]
     except (OSError, ValueError, KeyError, TypeError):
-        return  # no readable record: the checkpoint restore checks the shapes
+        saved = None  # no readable record: the checkpoint restore checks the shapes
     numerics = ("dtype", "remat", "scan_layers")  # may change between runs: the parameters stay the same
     ours = {k: v for k, v in _flat_dict(json.loads(json.dumps(cfg.to_dict()))).items() if k not in numerics}
-    theirs = {k: v for k, v in _flat_dict(saved).items() if k not in numerics}
+    theirs = {k: v for k, v in _flat_dict(saved).items() if k not in numerics} if isinstance(saved, dict) else ours
     diff = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in sorted(set(ours) | set(theirs))
             if ours.get(k) != theirs.get(k)]
     if diff:
         raise ConfigError(f"workdir {workdir} holds checkpoints of another model ({'; '.join(diff[:3])}): use a new "
                           f"--workdir, or the config it was trained with")
+    if config is not None:
+        _check_same_trajectory(workdir, config)
 
 
 def _truncate_metrics(writer: MetricWriter, step: int) -> None:
@@ -444,16 +563,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, compiled: str | None 
     preempt = Preemption()
     preempt.install(set_up=True)  # first: a signal in set-up ends the run at once, in compilation after a checkpoint
     try:
-        return _train(config, paths.as_path(workdir), preempt, compiled)
+        with contextlib.ExitStack() as held:  # the workdir's lock, taken in _train, released on the way out
+            return _train(config, paths.as_path(workdir), preempt, compiled, held)
     finally:
         preempt.uninstall()
 
 
 def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Preemption,
-           compiled: str | None = None) -> dict[str, float]:
+           compiled: str | None = None, held: contextlib.ExitStack | None = None) -> dict[str, float]:
     is_main = jax.process_index() == 0
     config = check_config(config)
     _check_workdir(workdir_p)
+    if held is not None:  # one run per workdir (a second one is refused, naming the first)
+        held.enter_context(workdir_lock.held(workdir_p))
     mesh = make_train_mesh(config)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     if config.task == "contrastive":
@@ -473,7 +595,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
                             async_save=config.async_checkpoints)
         resuming = ckpt.latest_step() is not None
         if resuming:
-            _check_same_model(workdir_p, cfg)
+            _check_same_model(workdir_p, cfg, config)
         init_variables = init_variables_from(pretrained, config, cfg) if pretrained is not None else None
         num_classes = 0
         if config.task == "classify":
@@ -483,6 +605,8 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
             num_classes = len(head_task.classnames)
             if not resuming:  # the head starts as the zero-shot classifier (a resumed run restores its own)
                 init_variables = head_task.with_zeroshot_head(init_variables, pretrained, cfg)
+        log.info("initialising the parameters and optimizer state of %s…",
+                 config.model.name or "the model of config.model.open_clip_config")
         state, state_shardings, tx = _from_config(
             "config", make_train_state, model, lambda p: _from_config("config.frozen", make_tx, config, p),
             config.seed, mesh, init_variables, tuple(config.reinit), num_classes)
@@ -500,6 +624,8 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
         # Resume order: 1. this workdir's newest readable checkpoint; 2. `init_from` weights; 3. from scratch.
         # Nothing in the workdir is rewritten before the resume succeeded.
         start = 0
+        if resuming:
+            log.info("restoring the newest checkpoint in %s…", workdir_p / "checkpoints")
         restored = ckpt.restore(abstract_with_shardings(state_shardings, state)) if resuming else None
         if restored is not None:
             start, state, data_state = restored
@@ -511,9 +637,9 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
                     raise ConfigError(f"config.data (the input position saved at step {start}): {e}; to train these "
                                       f"weights on other data, start a new workdir with "
                                       f"--config.init_from={workdir_p}") from e
-            log.info("resumed from step %d in %s (fingerprints verified)", start, ckpt.directory)
+            log.info("resumed from step %d in %s (%s)", start, ckpt.directory, ckpt.verified)
         if is_main:
-            _write_config(workdir_p, config, cfg)
+            _write_config(workdir_p, config, cfg, step=start)
         writer = MetricWriter(workdir_p, enabled=is_main)
         if is_main:
             _truncate_metrics(writer, start)  # rows of steps that no checkpoint kept are written again
@@ -523,9 +649,26 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
         raise
     _close(ckpt, writer, data, failing=False)
     if is_main:
-        log.info("done: step %s of %d; checkpoints in %s, metrics in %s", ckpt.latest_step(), config.total_steps,
-                 ckpt.directory, writer.path)
+        files = ["checkpoints/", "metrics.jsonl", "tensorboard/", *([CURVES] if _write_curves(workdir_p) else [])]
+        log.info("%s", final_line(workdir_p, ckpt.latest_step(), config.total_steps, files, last))
     return last
+
+
+def _write_curves(workdir_p: paths.Path) -> bool:
+    """WORKDIR/curves.png from metrics.jsonl (`python -m clipjax.plot`) when matplotlib is installed; whether it was
+    written. A failure is a warning: the curves are a view of the log, not state."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    from clipjax import plot
+
+    try:
+        plot.plot_workdir(workdir_p)
+    except Exception as e:  # noqa: BLE001
+        log.warning("%s not written: %s: %s", workdir_p / CURVES, type(e).__name__, " ".join(str(e).split())[:300])
+        return False
+    return True
 
 
 COUNTER_LAG = 2  # the newest steps whose counters (non-finite updates, stop requests) are left unread

@@ -49,7 +49,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_nonfinite_steps = 10
     c.compilation_cache = ""  # persistent XLA cache: "" the user's cache dir, "off", or a path (clipjax.compile_cache)
     c.peak_flops_per_device = 0.0  # set to report MFU (e.g. 197e12 for a TPU v5e chip, bf16)
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # A workdir resumes only with the settings its steps ran with (its config.json), but for those that do not change
+    # the numbers (clipjax.train.RESUME_FREE_KEYS: total_steps, log_every, data.workers, ...). To resume with others,
+    # name them here, comma-separated ("batch_size,model.dtype"; "optimizer" for all its keys): the change is then
+    # recorded in the workdir's config_history.jsonl
+    c.allow_resume_changes = ""
+    # mesh axis sizes (-1: the rest); slices: TPU slices, data parallel over the data-centre network (0: as found)
+    c.mesh = ml_collections.ConfigDict({"slices": 0, "data": -1, "fsdp": 1, "tensor": 1})
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "ViT-B-32"
@@ -114,7 +120,7 @@ def pod_recipe(c: ml_collections.ConfigDict, *, model: str, lr: float, runlocal:
     c.model.dtype = "bfloat16"
     c.model.remat = "dots_no_batch"
     c.model.scan_layers = True
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.mesh = ml_collections.ConfigDict({"slices": 0, "data": 1, "fsdp": -1, "tensor": 1})
     c.ckpt_every = 2000
     c.log_every = 100
     c.eval_every = 5000
@@ -124,5 +130,5 @@ def pod_recipe(c: ml_collections.ConfigDict, *, model: str, lr: float, runlocal:
         c.model.dtype, c.model.remat, c.model.scan_layers = "float32", "none", False
         c.ckpt_every, c.log_every = 2, 1
         c.data.train = "synthetic"
-        c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+        c.mesh = ml_collections.ConfigDict({"slices": 0, "data": -1, "fsdp": 1, "tensor": 1})
     return c

@@ -264,3 +264,50 @@ def test_finetuning_says_when_its_evaluation_reads_the_training_images(tmp_path,
     assert not reads_training_records(f"dir:{tmp_path / 'ds'}", "train", f"{tmp_path}/ds/", "test")
     assert not reads_training_records("scenes", "train", "scenes", "test")
     assert reads_training_records("scenes", "train", "scenes", "train")
+
+
+# ============================================================================================ resuming
+
+@pytest.mark.slow  # two short training runs
+def test_a_resume_that_changes_the_numbers_is_refused_or_recorded(tmp_path):
+    """--config.batch_size=16, --config.model.dtype=bfloat16 or a new schedule on a workdir at step 2 resumed and
+    rewrote config.json: no record of the first steps' settings remained."""
+    run = tmp_path / "run"
+    base = [DEMO, f"--workdir={run}", "--config.data.train=synthetic", "--config.batch_size=8"]
+    first = _main(*base, "--config.total_steps=2", timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = (run / "config.json").read_bytes()
+
+    line = _one_error(_main(*base[:-1], "--config.batch_size=16", "--config.model.dtype=bfloat16",
+                            "--config.total_steps=2"))
+    assert "change the training numbers: batch_size 8 → 16; model.dtype \"float32\" → \"bfloat16\"" in line
+    assert f"--config.init_from={run}" in line and "--config.allow_resume_changes=batch_size,model.dtype" in line
+    line = _one_error(_main(*base, "--config.total_steps=4", "--config.schedule=[{'steps': 1, 'context_length': 8}]"))
+    assert 'schedule [] → [{"steps": 1, "context_length": 8}]' in line and "total_steps" not in line
+    assert (run / "config.json").read_bytes() == saved and not (run / "config_history.jsonl").exists()
+
+    # a config.json of an older version, without keys added since, still resumes; keys that keep the numbers may
+    # change, others only when named, and every change is recorded
+    old = json.loads(saved)
+    del old["config"]["allow_resume_changes"], old["config"]["data"]["shuffle_buffer"]
+    (run / "config.json").write_text(json.dumps(old))
+    out = _main(*base, "--config.total_steps=3", "--config.log_every=1", "--config.model.dtype=bfloat16",
+                "--config.allow_resume_changes=model.dtype", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "config.total_steps 2 → 3 on resume: the learning rate follows the cosine decay to step 3" in out.stderr
+    [row] = [json.loads(r) for r in (run / "config_history.jsonl").read_text().splitlines()]
+    assert row["step"] == 2 and row["allowed"] == ["model.dtype"]
+    assert row["changes"]["model.dtype"] == {"from": "float32", "to": "bfloat16"}
+    assert row["changes"]["total_steps"] == {"from": 2, "to": 3} and "data.shuffle_buffer" not in row["changes"]
+    assert json.loads((run / "config.json").read_text())["config"]["model"]["dtype"] == "bfloat16"
+    steps = [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3
+
+
+def test_allow_resume_changes_names_known_keys():
+    c = base_config()
+    c.allow_resume_changes = "optimizer,model.dtype"
+    check_config(c)
+    c.allow_resume_changes = "batchsize"
+    with pytest.raises(ConfigError, match="allow_resume_changes: unknown config key.* batchsize"):
+        check_config(c)
