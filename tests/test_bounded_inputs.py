@@ -330,3 +330,13 @@ def test_ingest_of_a_tar_member_over_the_size_cap_skips_it_unread(tmp_path):
                                                          f"--max-image-bytes {len(big) - 1:,}"
     with pytest.raises(ingest.IngestError, match="--max-image-bytes must be at least 1"):
         ingest.ingest(shards, tmp_path / "ds2", workers=0, progress=False, max_image_bytes=0)
+
+
+def test_a_wds_member_over_the_cap_is_passed_over_unread(tmp_path):
+    small, big = _encoded(8, 0), _encoded(64, 1)
+    _wds_shard(tmp_path / "00000.tar", [small, big, small])
+    with open(tmp_path / "00000.tar", "rb") as f:
+        groups = list(wds.iter_groups(f, max_member_bytes=len(big) - 1))
+    assert [(k, files["jpg"]) for k, files in groups] == [("00000", small), ("00001", None), ("00002", small)]
+    assert groups[1][1]["txt"] == b"caption 1"  # the members after it are read
+    assert "too large to read" in wds._image_and_captions(groups[1][1])

@@ -1,7 +1,8 @@
 """Webdataset shards streamed in place as training data: the ``wds:PATTERN`` spec.
 
     wds:/data/shards/{00000..00099}.tar       a brace pattern: ``{A..B}`` numeric ranges (zero-padded as written) and
-                                              ``{x,y}`` alternatives, expanded in order
+                                              ``{x,y}`` alternatives, expanded in order (at most MAX_SHARD_NAMES,
+                                              10^6 names, counted before any is made)
     wds:/data/shards                          a directory: every ``*.tar`` in it, sorted by name
     wds:/data/shards/*.tar                    a glob, sorted; ``wds:/data/shards/00000.tar``: one shard
     wds:gs://bucket/laion/{00000..41455}.tar  the same on a filesystem of fsspec (gs://, s3://, ...), read through
@@ -23,11 +24,13 @@ The stream of one host (P hosts):
                (``clipjax.data.pipeline``): the same ``train_crop`` (uint8), tokenizer and batch format
 
 Skipped and counted in ``skipped`` (the first reasons logged): a sample without an image member or without a
-non-empty caption, an image that does not decode, the member where a shard is truncated or damaged (the samples
-before it are read, the rest of that shard is lost), and a shard that cannot be opened (deleted since it was listed,
-an error of remote storage). When the first 4 shards a host reads (or all, if fewer) cannot be opened and none could
-yet, the spec or the storage is wrong (a bucket, a path, credentials, the network): one ``DatasetError`` with the
-reason, at once rather than after retrying every shard.
+non-empty caption, an image member over 64 MiB (passed over unread), an image that does not decode or whose header
+promises more pixels than PIL's decompression-bomb limit (never decoded), the member where a shard is truncated or
+damaged (the samples before it are read, the rest of that shard is lost), and a shard that cannot be opened (deleted
+since it was listed, an error of remote storage). When the first 4 shards a host reads (or all, if fewer) cannot be
+opened and none could yet, the spec or the storage is wrong (a bucket, a path, credentials, the network): one
+``DatasetError`` with the reason, at once rather than after retrying every shard; a store whose endpoint does not
+answer at all is that error when the spec is listed (``clipjax.paths.check_reachable``), in seconds.
 
 Resume state (``get_state``, JSON): ``sample`` (the next slot t); ``position`` [epoch, shard, member] (the next sample
 to read: its epoch, its shard's place in that epoch's order, its index among the shard's samples); ``buffer``, the
@@ -76,6 +79,7 @@ _READ_BUFFER = 1 << 20
 _PROTOCOL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+MAX_MEMBER_BYTES = 64 << 20  # a larger tar member is passed over unread (ingest's --max-image-bytes default)
 MAX_SHARD_NAMES = 1_000_000  # names a brace pattern may expand to (each is held in memory and, if local, stat'ed)
 
 SampleId = tuple[int, int, int]  # (epoch, shard position in that epoch's order, sample index in the shard)
@@ -226,9 +230,11 @@ class ShardDamaged(Exception):
     """A shard that ends in damage (a truncated member, an unreadable header): the samples before it were read."""
 
 
-def iter_groups(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_groups(fileobj: IO[bytes], max_member_bytes: int = MAX_MEMBER_BYTES,
+                ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
     """(key, {extension: bytes}) of each run of consecutive members with one key (``ingest.member_key``), in one
-    pass; raises ``ShardDamaged`` where the tar is cut or unreadable, after the complete samples before the damage."""
+    pass; a member larger than ``max_member_bytes`` is passed over unread (its bytes: None). Raises ``ShardDamaged``
+    where the tar is cut or unreadable, after the complete samples before the damage."""
     key, files = None, {}
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r|")
@@ -241,7 +247,7 @@ def iter_groups(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if key is not None:
                     yield key, files
                 key, files = parts[0], {}
-            files[parts[1]] = tar.extractfile(member).read()
+            files[parts[1]] = tar.extractfile(member).read() if member.size <= max_member_bytes else None
     except Exception as e:  # tarfile's errors, and remote storage's; it stops quietly at a cut header after the first
         where = f" in sample {key!r}" if key is not None else ""
         raise ShardDamaged(f"{' '.join(str(e).split())}{where}") from None
@@ -249,11 +255,13 @@ def iter_groups(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, files
 
 
-def _image_and_captions(files: dict[str, bytes]) -> tuple[bytes, list[str]] | str:
+def _image_and_captions(files: dict[str, bytes | None]) -> tuple[bytes, list[str]] | str:
     """(image bytes, non-empty captions) of a sample's members, or why it cannot be used."""
     ext = ingest.sample_image_ext(files)
     if ext is None:
         return f"no image member ({'/'.join(ingest.WDS_IMAGE_EXTS)})"
+    if files[ext] is None:
+        return f"image member .{ext} too large to read (over MAX_MEMBER_BYTES, {MAX_MEMBER_BYTES:,} bytes)"
     captions = [c for c in ingest.sample_captions(files.get("txt"), files.get("json")) if c and c.strip()]
     if not captions:
         return "no caption (.txt, or 'caption' in .json)"
