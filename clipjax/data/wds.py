@@ -179,12 +179,13 @@ def _local_shards(spec: str, path: str) -> list[str]:
 
 def _remote_shards(spec: str, path: str, protocol: str) -> list[str]:
     fsspec = _fsspec(spec, protocol)
+    urls = expand_braces(path) if "{" in path else None  # without a request: listing 10^5 shards is slow
     try:  # an object store that does not answer fails here, in seconds, not shard by shard on the reading thread
         paths.check_reachable(path)
     except paths.StorageError as e:
         raise src_lib.DatasetError(f"dataset {spec!r}: {e.__cause__ or e}") from None
-    if "{" in path:  # expanded without a request: listing a bucket of 10^5 shards is slow
-        return expand_braces(path)
+    if urls is not None:
+        return urls
     fs, root = fsspec.core.url_to_fs(path)
     if any(c in root for c in "*?["):
         found = fs.glob(root)
