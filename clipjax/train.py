@@ -474,7 +474,7 @@ def _resume_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str,
 
 def _shown(value: Any) -> str:
     text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _check_same_trajectory(workdir: paths.Path, config: ml_collections.ConfigDict) -> None:
@@ -492,9 +492,9 @@ def _check_same_trajectory(workdir: paths.Path, config: ml_collections.ConfigDic
         listed = "; ".join(f"{k} {_shown(a)} → {_shown(b)}" for k, (a, b) in refused.items())
         raise ConfigError(
             f"workdir {workdir} holds checkpoints trained with other settings that change the training numbers: "
-            f"{listed}. Resume with the settings of {workdir / 'config.json'}, start a new workdir from these weights "
-            f"with --config.init_from={workdir}, or resume with the change on record ({HISTORY_FILE}) with "
-            f"--config.allow_resume_changes={','.join(sorted({k for k in refused} | set(allowed)))}")
+            f"{listed}. Resume with the settings of {workdir / 'config.json'}, or with "
+            f"--config.allow_resume_changes={','.join(sorted(set(refused) | set(allowed)))} to train on with the "
+            f"change on record ({HISTORY_FILE}), or start a new workdir with --config.init_from={workdir}")
     if "total_steps" in changes:
         log.warning("config.total_steps %s → %s on resume: the learning rate follows the cosine decay to step %s "
                     "from here on (recorded in %s)", *changes["total_steps"], changes["total_steps"][1], HISTORY_FILE)

@@ -219,7 +219,7 @@ def test_resuming_on_another_dataset_is_one_line_that_says_how_to_start_from_the
     assert setup.run(workdir, model, f"--config.data.train=dir:{first}", "--config.total_steps=2").returncode == 0
     before = steps_on_disk(workdir)
     out = setup.run(workdir, model, f"--config.data.train=dir:{other}")
-    line = assert_user_error(out, "config.data (the input position saved at step 2)", f"dir:{first}", f"dir:{other}")
+    line = assert_user_error(out, "data.train", f"dir:{first}", f"dir:{other}")
     assert line.endswith(f"start a new workdir with --config.init_from={workdir}")
     assert steps_on_disk(workdir) == before
     fresh = setup.run(tmp_path / "fresh", model, f"--config.data.train=dir:{other}", f"--config.init_from={workdir}")
