@@ -41,7 +41,8 @@ _REMOTE = re.compile(r"^(gs|s3):/+")  # also "gs:/b/x": what pathlib makes of "g
 _CLIENT_MODULES = ("gcsfs", "s3fs", "fsspec", "google", "aiohttp", "requests", "urllib3", "botocore", "aiobotocore")
 _CLIENTS = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")}  # scheme → (fsspec package, clipjax extra)
 PROBE_TIMEOUT_S = 5.0  # how long the first probe of an object store's endpoint may take
-_probed: dict[str, BaseException | None] = {}  # endpoint URL → why it cannot be reached (None: it answered)
+PROBE_AGAIN_S = 60.0  # a failed probe is repeated after this long (an answer is kept for the process's life)
+_probed: dict[str, tuple[BaseException | None, float]] = {}  # endpoint URL → (why it cannot be reached, when)
 _probe_lock = threading.Lock()
 
 Path = Union[pathlib.Path, "epath.Path"]  # epath is imported (at run time) only for remote paths
@@ -179,7 +180,7 @@ def _probe(url: str, timeout: float) -> BaseException | None:
 
 def check_reachable(path: str | os.PathLike) -> None:
     """Raise `StorageError` naming `path` when the endpoint of its object store does not answer (probed once per
-    process and endpoint: `_probe`). Local paths, and stores whose client is not installed (their own error says
+    process and endpoint, `_probe`; a failure again after `PROBE_AGAIN_S`). Local paths, and stores whose client is not installed (their own error says
     so), are left alone."""
     import importlib.util
 
@@ -188,9 +189,10 @@ def check_reachable(path: str | os.PathLike) -> None:
         return
     url = _endpoint(kind)
     with _probe_lock:
-        if url not in _probed:
-            _probed[url] = _probe(url, PROBE_TIMEOUT_S)
-        error = _probed[url]
+        error, when = _probed.get(url, (None, None))
+        if when is None or (error is not None and time.monotonic() - when > PROBE_AGAIN_S):
+            error = _probe(url, PROBE_TIMEOUT_S)
+            _probed[url] = (error, time.monotonic())
     if error is not None:
         reason = " ".join(str(error).split()) or type(error).__name__
         cause = ConnectionError(f"Cannot connect to {url} ({reason}); check the network connection")
