@@ -311,9 +311,9 @@ def test_ingest_reads_only_regular_files_up_to_the_size_cap(tmp_path):
     assert report["records"] == 2
     reasons = {s["key"]: s["reason"] for s in report["skipped"]}
     assert reasons == {
-        "/dev/zero": "/dev/zero is a character device, not a file",
-        "pipe.png": f"{tmp_path / 'pipe.png'} is a FIFO (named pipe), not a file",
-        "folder.png": f"{tmp_path / 'folder.png'} is a directory, not a file",
+        "/dev/zero": "/dev/zero is a character device, not a regular file",
+        "pipe.png": f"{tmp_path / 'pipe.png'} is a FIFO (named pipe), not a regular file",
+        "folder.png": f"{tmp_path / 'folder.png'} is a directory, not a regular file",
         "big.png": f"{tmp_path / 'big.png'} is {len(big):,} bytes, more than --max-image-bytes {limit:,}"}, reasons
 
 

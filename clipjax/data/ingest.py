@@ -531,7 +531,8 @@ def read_image_file(path: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> tupl
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
-            return None, f"{path} is {_FILE_KINDS.get(stat.S_IFMT(info.st_mode), 'not a regular file')}, not a file"
+            kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "a special file")
+            return None, f"{path} is {kind}, not a regular file"
         if info.st_size > max_bytes:
             return None, f"{path} is {_too_large(info.st_size, max_bytes)}"
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # never waits (a swapped FIFO)
