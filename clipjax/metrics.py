@@ -177,6 +177,23 @@ def _scalars(scalars: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if isinstance(v, float))
 
 
+def final_scores(last: dict[str, Any]) -> dict[str, float]:
+    """What a run ends with, from its last logged metrics: the training loss (and accuracy, when fine-tuning) and
+    the evaluation results (`<type>/<name>/<metric>`, `eval/<metric>`)."""
+    keys = [k for k in ("loss", "accuracy") if k in last]
+    keys += [k for k in last if "/" in k and not k.startswith("data_skipped")]
+    return {k: float(last[k]) for k in keys if isinstance(last[k], (int, float)) and not isinstance(last[k], bool)}
+
+
+def final_line(workdir: str | os.PathLike, step: int | None, total: int, files: list[str],
+               last: dict[str, Any]) -> str:
+    """The last line of a run: its step, its workdir as given with the files in it named relative to it, and its
+    final scores (`final_scores`)."""
+    scores = final_scores(last)
+    shown = "; " + " ".join(f"{k}={v:.4g}" for k, v in scores.items()) if scores else ""
+    return f"done: step {step} of {total} in {workdir} ({', '.join(files)}){shown}"
+
+
 def _hms(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

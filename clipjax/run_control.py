@@ -78,7 +78,8 @@ class Preemption:
             self.requested = True
             log.warning("%s received during set-up (nothing to checkpoint yet): stopping", signal.Signals(signum).name)
             raise StoppedDuringSetUp(0)
-        log.warning("%s received: checkpointing and stopping after the step in flight", signal.Signals(signum).name)
+        if not self.requested:  # a repeated SIGTERM (several senders, a retrying scheduler) changes nothing
+            log.warning("%s received: checkpointing and stopping after the step in flight", signal.Signals(signum).name)
         self.requested = True
 
     def flags(self, rows: int) -> np.ndarray:

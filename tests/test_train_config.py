@@ -214,7 +214,7 @@ def test_cli_short_run_of_the_demo_recipe_and_bad_counts(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "warm-up clipped to 0 steps" in ok.stderr and "compiling the train step" in ok.stderr
     assert "libtpu" not in ok.stderr
-    assert f"done: step 2 of 2; checkpoints in {tmp_path / 'ok' / 'checkpoints'}" in ok.stderr
+    assert f"done: step 2 of 2 in {tmp_path / 'ok'} (checkpoints/, metrics.jsonl, tensorboard/" in ok.stderr
 
 
 def test_main_help_exits_zero():
