@@ -14,7 +14,10 @@ Guarantees:
 - `restore` checks the fingerprint, so truncated, deleted or bit-flipped files are detected. A damaged step is
   reported, moved aside to `<step>.corrupt` (so the step number can be written again) and the previous step is used.
 - Write failures (unwritable directory, disk full, quota) raise `CheckpointError` naming the step and the steps
-  still on disk; earlier checkpoints are never deleted before a newer one is complete.
+  still on disk; earlier checkpoints are never deleted before a newer one is complete: `keep` is applied by clipjax
+  (`_retain`), after a save's write returned and its step is complete in storage, not by orbax's max_to_keep
+  (which deletes from its finalize thread, counting a step still in flight). A step being deleted first loses its
+  completeness mark, so a deletion cut short never leaves a step that looks complete.
 
 On gs:// (orbax writes the arrays through tensorstore's GCS driver, the rest through `etils.epath`) there is no
 atomic rename: orbax writes a step in place and marks it complete with `<step>/commit_success.txt` last; a step
@@ -30,6 +33,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -44,7 +48,9 @@ from clipjax import paths
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+ITEMS = ("state", "data", "meta")
 CORRUPT_SUFFIX = ".corrupt"
+DELETING_SUFFIX = ".deleting"  # an old step being deleted (local disk): renamed first, so never half a step
 COMMIT_FILE = "commit_success.txt"  # orbax's completeness marker of a step written in place (gs://)
 # Storage-layer error texts that mean "the environment refused the write" (not a bug in the caller) → a short cause.
 _IO_ERRORS = {"No space left": "No space left on device", "Read-only file system": "Read-only file system",
@@ -260,16 +266,21 @@ class Checkpointer:
                     raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
             else:
                 check_writable(self.directory)
-            # read-only: the values orbax would otherwise set itself, with a warning each
-            options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+            # read-only: the values orbax would otherwise set itself, with a warning each. Old steps are deleted
+            # by `_retain`, not by orbax's max_to_keep (see there)
+            options = ocp.CheckpointManagerOptions(max_to_keep=None,
                                                    save_interval_steps=0 if read_only else 1,
                                                    enable_async_checkpointing=async_save,
                                                    create=not read_only, read_only=read_only)
             with _read_only_notice_dropped():
-                self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                                     item_names=("state", "data", "meta"))
+                self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.keep = None if read_only else keep
+        self.async_save = async_save
+        self.verified = ""  # what the last restore checked, in words ("fingerprints verified: all 42 arrays match")
         self._pending: int | None = None  # step of the save that may still be in flight
         self._failed = False  # a failed write was reported (orbax keeps re-raising it)
+        if not read_only:
+            self._remove_leftovers()
 
     @contextlib.contextmanager
     def _reachable(self):
@@ -310,6 +321,8 @@ class Checkpointer:
                                   f"steps on disk: {self._steps_on_disk()}") from e
         if saved:
             self._pending = step
+            if not self.async_save:
+                self.wait()  # retention of the steps before it
         return saved
 
     def wait(self) -> None:
@@ -322,7 +335,83 @@ class Checkpointer:
             self._failed = True
             raise CheckpointError(f"writing checkpoint step {self._pending} to {self.directory} failed "
                                   f"({_reason(e)}); steps on disk: {self._steps_on_disk()}") from e
-        self._pending = None
+        if self._pending is not None:
+            step, self._pending = self._pending, None
+            self._retain(step)
+
+    # -------------------------------------------------------------------------------------------- retention
+
+    def _retain(self, newest: int) -> None:
+        """Delete the steps beyond the `keep` newest, once step `newest` is complete in storage.
+
+        Orbax's own max_to_keep is not used: it counts a step whose asynchronous write is still in flight and deletes
+        older steps from its finalize thread, which on an object store (no atomic rename, a step is written in place)
+        leaves a window in which the older steps are going or gone while the newer one is not complete. Here a step
+        is deleted only after the write of `newest` returned without error and its directory, commit marker and items
+        are in storage; a step being deleted loses its completeness mark first (gs://: the commit marker; local: the
+        directory is renamed), so a deletion cut short never leaves a step that looks complete."""
+        if self.keep is None:
+            return
+        if jax.process_index() == 0:
+            try:
+                with paths.storage_errors(self.directory, "delete old steps in"):
+                    complete = self._steps_on_disk()
+                    if newest in complete and self._items_complete(newest):
+                        for s in [s for s in complete[:-self.keep] if s < newest]:
+                            self._delete(s)
+                    else:
+                        log.warning("checkpoint step %d is not complete in %s after its write: older steps kept",
+                                    newest, self.directory)
+            except OSError as e:  # the run goes on; older steps are deleted after a later save
+                log.warning("could not delete old checkpoints in %s: %s", self.directory, e.strerror or e)
+        ocp.multihost.sync_global_processes(f"clipjax_retain_{newest}")
+        self.manager.reload()
+
+    def _items_complete(self, step: int) -> bool:
+        d = self.directory / str(step)
+        if not all((d / item).is_dir() for item in ITEMS) or not (d / "state" / "_METADATA").exists():
+            return False
+        return not paths.is_remote(d) or all((d / item / COMMIT_FILE).exists() for item in ITEMS)
+
+    def _delete(self, step: int) -> None:
+        src = self.directory / str(step)
+        if paths.is_remote(src):
+            (src / COMMIT_FILE).unlink()  # first: from now on the step is not listed
+            src.rmtree(missing_ok=True)
+            if src.exists():  # orbax does the same: a directory placeholder can hold up the first pass
+                src.rmtree(missing_ok=True)
+        else:
+            dst = self.directory / f"{step}{DELETING_SUFFIX}"
+            if dst.exists():
+                shutil.rmtree(dst)
+            src.rename(dst)
+            shutil.rmtree(dst)
+        log.info("deleted checkpoint step %d (keeping the newest %d)", step, self.keep)
+
+    def _remove_leftovers(self) -> None:
+        """Process 0, at start-up: remove what deletions cut short left (`<step>.deleting` directories; on gs://,
+        step directories without their commit marker that are older than a complete step)."""
+        if jax.process_index() != 0:
+            return
+        try:
+            with paths.storage_errors(self.directory, "list"):
+                names = [p.name for p in self.directory.iterdir()]
+                complete = self._steps_on_disk()
+                for name in names:
+                    path = self.directory / name
+                    cut_short = name.endswith(DELETING_SUFFIX) and name[:-len(DELETING_SUFFIX)].isdigit()
+                    if paths.is_remote(path):  # on gs://: a step without its marker, older than a complete one
+                        cut_short = name.isdigit() and bool(complete) and int(name) < complete[-1] \
+                            and int(name) not in complete
+                    if not cut_short:
+                        continue
+                    if paths.is_remote(path):
+                        path.rmtree(missing_ok=True)
+                    else:
+                        shutil.rmtree(path)
+                    log.info("removed %s (a deletion of an old checkpoint step that was cut short)", path)
+        except OSError as e:
+            log.warning("could not clean up %s: %s", self.directory, e.strerror or e)
 
     def close(self) -> None:
         try:
@@ -371,7 +460,9 @@ class Checkpointer:
         for s in candidates:
             try:
                 state, data, meta = self._read(s, abstract_state)
-                problem = self._verify(state, meta)
+                problem, verified = self._verify(state, meta)
+                if meta is None and self._expects_fingerprints(s):
+                    problem = "its fingerprints (the meta item) are missing"
                 error = None
             except Exception as e:  # noqa: BLE001 — any read failure means this step is unusable
                 state = data = None
@@ -381,6 +472,7 @@ class Checkpointer:
             if problem is None:
                 if damaged:
                     self._quarantine(damaged)
+                self.verified = verified
                 return s, state, self._local_data_state(data, s)
             if step is not None:
                 raise CheckpointError(f"checkpoint step {s} in {self.directory} is unusable: {problem}") from error
@@ -407,23 +499,45 @@ class Checkpointer:
         return out["state"], dict(out["data"] or {}), (dict(out["meta"]) if has_meta else None)
 
     @staticmethod
-    def _verify(state: Any, meta: dict | None) -> str | None:
-        """None if every restored array whose path and dtype were saved has its saved fingerprint."""
+    def _verify(state: Any, meta: dict | None) -> tuple[str | None, str]:
+        """(problem, what was checked): problem None if every restored array whose path and dtype were saved has
+        its saved fingerprint; what was checked in words, for the log."""
         if meta is None:
-            return None  # written before fingerprints existed
+            return None, "not verified: the step holds no fingerprints"
         saved = meta.get("leaves", {})
+        restored = fingerprint(state)
         checked = 0
-        for name, (dtype, digest, finite) in fingerprint(state).items():
+        for name, (dtype, digest, finite) in restored.items():
             if name not in saved or saved[name][0] != dtype:
                 continue  # restored into another dtype or structure: nothing to compare
             checked += 1
             if saved[name][1] != digest:
-                return f"{name} does not match its saved fingerprint"
+                return f"{name} does not match its saved fingerprint", ""
             if not finite:
-                return f"{name} holds NaN or Inf"
+                return f"{name} holds NaN or Inf", ""
         if saved and not checked:
             log.warning("restored state shares no array path with the saved fingerprints; not verified")
-        return None
+            return None, "not verified: the restored state shares no array with the saved fingerprints"
+        if checked == len(restored) == len(saved):
+            return None, f"fingerprints verified: all {checked} arrays match"
+        return None, (f"fingerprints verified: {checked} of {len(restored)} restored arrays match ({len(saved)} saved; "
+                      f"the others were restored into another dtype or structure)")
+
+    def _expects_fingerprints(self, step: int) -> bool:
+        """Whether `step` was written with fingerprints: its orbax metadata lists the meta item, or another step of
+        the directory has one (a step without them is then damaged, not of an older format)."""
+        try:
+            with paths.storage_errors(self.directory, "read"):
+                record = json.loads(paths.read_text(self.directory / str(step) / "_CHECKPOINT_METADATA"))
+            if "meta" in (record.get("item_handlers") or {}):
+                return True
+        except (OSError, ValueError, AttributeError):
+            pass  # no readable orbax metadata: judged by the other steps
+        try:
+            with paths.storage_errors(self.directory, "list"):
+                return any((self.directory / str(s) / "meta").is_dir() for s in self._steps_on_disk() if s != step)
+        except OSError:
+            return False
 
     def _quarantine(self, steps: list[int]) -> None:
         """Move damaged steps aside so their step numbers can be written again (kept for inspection)."""
