@@ -580,6 +580,8 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     if config.task == "contrastive":
         _from_config("config.loss", get_loss, config.loss)  # bad names fail before anything compiles
+    if config.init_from:
+        log.info("reading the weights of config.init_from=%s…", config.init_from)
     pretrained = load_pretrained(config)
     cfg = _from_config("config.model", model_config, config, pretrained)
     phases = make_phases(config, cfg)
