@@ -76,14 +76,24 @@ class MetricWriter:
         elif not self.path.is_file():
             return 0
         else:
-            lines = self.path.read_text().splitlines(keepends=True)
+            lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+        damaged = [i + 1 for i, line in enumerate(lines) if _row(line) is None and line.strip()]
         kept = [line for line in lines if _row_step(line) is None or _row_step(line) < step
                 or (_row_step(line) == step and step > 0)]
-        if len(kept) != len(lines):
+        kept = [line for line in kept if line.strip() and _row(line) is not None]
+        if kept and not kept[-1].endswith("\n"):  # a last row cut at its newline: the next row must not join it
+            kept[-1] += "\n"
+        dropped = len([line for line in lines if line.strip()]) - len(damaged) - len(kept)
+        if damaged:  # a row cut short (a run killed while writing it) or garbled: keep the file as it was
+            copy = keep_damaged_copy(self.path, paths.read_bytes(self.path))
+            log.warning("%s: line %s cannot be read (cut short or garbled); kept the %d readable rows up to step %d "
+                        "(the file as it was is kept as %s)", self.path, ", ".join(map(str, damaged)), len(kept), step,
+                        copy.name)
+        if kept != lines:
             self._replace(kept)
-            log.info("%s: dropped %d rows after step %d (written again on resume)", self.path, len(lines) - len(kept),
-                     step)
-        return len(lines) - len(kept)
+        if dropped:
+            log.info("%s: dropped %d rows after step %d (written again on resume)", self.path, dropped, step)
+        return dropped
 
     def _replace(self, lines: list[str]) -> None:
         """metrics.jsonl holding exactly `lines`, atomically (a temporary file renamed; in a store, one object)."""
@@ -96,7 +106,8 @@ class MetricWriter:
         if self._lines is None:
             with paths.storage_errors(self.path, "read"):
                 exists = self.path.exists()
-            self._lines = paths.read_text(self.path).splitlines(keepends=True) if exists else []
+            text = paths.read_bytes(self.path).decode("utf-8", errors="replace") if exists else ""
+            self._lines = text.splitlines(keepends=True)  # a garbled line is dropped by truncate_after
         return self._lines
 
     def _upload_events(self) -> None:
@@ -117,11 +128,35 @@ class MetricWriter:
                 self._tb_staging = None
 
 
-def _row_step(line: str) -> int | None:
+def _row(line: str) -> dict[str, Any] | None:
+    """The row of one line of metrics.jsonl; None when it is not one (a line cut short, garbled, or empty)."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):  # a torn last line of a killed run: dropped with the later rows
+        row = json.loads(line)
+        int(row["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return row
+
+
+def _row_step(line: str) -> int | None:
+    row = _row(line)
+    if row is None:  # a torn last line of a killed run: dropped with the later rows
         return None if not line.strip() else 1 << 62
+    return int(row["step"])
+
+
+def keep_damaged_copy(path: paths.Path, data: bytes) -> paths.Path:
+    """`data` (a damaged workdir file's bytes) written whole beside `path` as `<name>.damaged-<time>`, before `path`
+    is rewritten; returns that path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    copy, n = path.parent / f"{path.name}.damaged-{stamp}", 1
+    while paths.exists(copy):
+        copy, n = path.parent / f"{path.name}.damaged-{stamp}-{n}", n + 1
+    if paths.is_remote(copy):
+        paths.write_object(copy, data)
+    else:
+        copy.write_bytes(data)
+    return copy
 
 
 def _py(v: Any) -> Any:
@@ -132,15 +167,23 @@ def _py(v: Any) -> Any:
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of `workdir`'s metrics.jsonl (local or in an object store); [] when there is none."""
+    """The rows of `workdir`'s metrics.jsonl (local or in an object store); [] when there is none.
+    A line that is not a row (cut short by a killed run, garbled) is skipped with a warning naming it."""
     path = paths.as_path(workdir) / "metrics.jsonl"
-    if paths.is_remote(path):
-        return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()] \
-            if paths.exists(path) else []
-    if not path.is_file():
+    if not (paths.exists(path) if paths.is_remote(path) else path.is_file()):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    lines = paths.read_bytes(path).decode("utf-8", errors="replace").splitlines()
+    out, damaged = [], []
+    for i, line in enumerate(lines):
+        row = _row(line)
+        if row is not None:
+            out.append(row)
+        elif line.strip():
+            damaged.append(i + 1)
+    if damaged:
+        log.warning("%s: skipped line %s, which cannot be read (cut short or garbled); read the other %d rows", path,
+                    ", ".join(map(str, damaged)), len(out))
+    return out
 
 
 class Progress:

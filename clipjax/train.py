@@ -39,7 +39,7 @@ from clipjax import paths
 from clipjax import sharding as shd
 from clipjax.checkpoint import CheckpointError, Checkpointer, check_supported, check_writable
 from clipjax.losses import get_loss
-from clipjax.metrics import MetricWriter, Progress, final_line, train_flops_per_step
+from clipjax.metrics import MetricWriter, Progress, final_line, keep_damaged_copy, train_flops_per_step
 from clipjax.models.clip import CLIP
 from clipjax.models.config import CLIPConfig
 from clipjax.models.specs import get_model_config
@@ -522,6 +522,25 @@ def _check_same_model(workdir: paths.Path, cfg: CLIPConfig, config: ml_collectio
         _check_same_trajectory(workdir, config)
 
 
+def _keep_damaged_config(workdir: paths.Path) -> None:
+    """A config.json that cannot be read (cut short, garbled) is kept as `config.json.damaged-<time>`, with a warning,
+    before this run's config replaces it."""
+    path = workdir / "config.json"
+    try:
+        data = paths.read_bytes(path)
+    except OSError:  # none yet (or a store that fails: writing it reports that)
+        return
+    try:
+        record = json.loads(data)
+        readable = isinstance(record, dict) and all(isinstance(record.get(k), dict) for k in ("config", "model_config"))
+    except ValueError:
+        readable = False
+    if not readable:
+        copy = keep_damaged_copy(path, data)
+        log.warning("%s cannot be read (cut short or garbled): kept as %s; written again with this run's config",
+                    path, copy.name)
+
+
 def _truncate_metrics(writer: MetricWriter, step: int) -> None:
     """`writer.truncate_after(step)`; an object store that cannot be read or written is a CheckpointError."""
     try:
@@ -641,6 +660,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
                                       f"--config.init_from={workdir_p}") from e
             log.info("resumed from step %d in %s (%s)", start, ckpt.directory, ckpt.verified)
         if is_main:
+            _keep_damaged_config(workdir_p)
             _write_config(workdir_p, config, cfg, step=start)
         writer = MetricWriter(workdir_p, enabled=is_main)
         if is_main:

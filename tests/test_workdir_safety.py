@@ -308,3 +308,83 @@ def test_a_step_without_its_fingerprints_is_damaged_and_the_resume_says_what_it_
     shutil.rmtree(directory / "1" / "meta")
     with pytest.raises(CheckpointError, match=r"no readable checkpoint .*steps \[1\].*fingerprints"):
         Checkpointer(directory, async_save=False).restore()
+
+
+# ============================================================================================ 4. damaged workdir files
+
+def _cut_metrics(path) -> bytes:
+    """metrics.jsonl with rows 1-3 and row 4 cut mid-line (as a run killed while writing it leaves it)."""
+    rows_ = [json.dumps({"step": s, "loss": 3.0 - s / 10}) + "\n" for s in (1, 2, 3, 4)]
+    data = ("".join(rows_[:3]) + rows_[3][:12]).encode()
+    path.write_bytes(data)
+    return data
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_a_cut_metrics_file_is_warned_about_and_kept_aside(where, tmp_path, caplog, request):
+    """A metrics.jsonl whose last row was cut mid-line: reading it skips that line with a warning naming it; a resume
+    keeps the readable rows, warns naming the file and what was kept, and keeps the file as it was beside it; the next
+    row starts on its own line."""
+    from clipjax import paths
+    from clipjax.metrics import MetricWriter, read_metrics
+
+    if where == "gs":
+        request.getfixturevalue("emulator")
+        workdir = paths.as_path(gs("cut-metrics"))
+    else:
+        workdir = tmp_path
+    data = _cut_metrics(workdir / "metrics.jsonl")
+    caplog.set_level(logging.INFO)
+    assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3]
+    assert re.search(r"metrics\.jsonl: skipped line 4, which cannot be read", caplog.text), caplog.text
+    caplog.clear()
+
+    writer = MetricWriter(workdir)
+    writer.truncate_after(3)
+    writer.write(4, {"loss": 2.6})
+    writer.close()
+    assert re.search(r"metrics\.jsonl: line 4 cannot be read .*kept the 3 readable rows up to step 3 .*kept as "
+                     r"metrics\.jsonl\.damaged-\d{8}-\d{6}", caplog.text), caplog.text
+    copies = [p for p in workdir.iterdir() if p.name.startswith("metrics.jsonl.damaged-")]
+    assert len(copies) == 1 and copies[0].read_bytes() == data
+    assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3, 4]
+
+
+def test_a_half_written_config_json_is_kept_aside_before_it_is_written_again(tmp_path, caplog):
+    """A config.json cut short is not overwritten silently: it is kept as config.json.damaged-<time> with a warning
+    naming both; a readable one is left alone."""
+    from clipjax.train import _keep_damaged_config
+
+    (tmp_path / "config.json").write_text('{"config": {"batch_size": 8}, "model_config": {"embed')
+    caplog.set_level(logging.INFO)
+    _keep_damaged_config(tmp_path)
+    copies = [p for p in tmp_path.iterdir() if p.name.startswith("config.json.damaged-")]
+    assert len(copies) == 1 and copies[0].read_text().endswith('"embed')
+    assert re.search(r"config\.json cannot be read .*kept as config\.json\.damaged-\d{8}-\d{6}", caplog.text)
+    (tmp_path / "config.json").write_text(json.dumps({"config": {}, "model_config": {}}))
+    caplog.clear()
+    _keep_damaged_config(tmp_path)
+    assert len([p for p in tmp_path.iterdir() if "damaged" in p.name]) == 1 and "cannot be read" not in caplog.text
+
+
+@pytest.mark.slow
+def test_resuming_a_workdir_with_damaged_files_keeps_them_and_says_so(setup, tmp_path):
+    """End to end: a finished run whose metrics.jsonl was cut mid-row and whose config.json is half-written resumes;
+    both are warned about, kept beside as `.damaged-<time>`, and written again (config.json whole, every readable
+    row kept)."""
+    from test_reliability import copy_run, reference_run
+
+    workdir = copy_run(reference_run(setup), tmp_path / "run", keep_until=STEPS)
+    text = (workdir / "metrics.jsonl").read_text()
+    (workdir / "metrics.jsonl").write_text(text[:-25])  # the last row (step 8) cut mid-line
+    config = (workdir / "config.json").read_text()
+    (workdir / "config.json").write_text(config[:len(config) // 2])
+    out = setup.run(workdir)
+    assert out.returncode == 0, tail(out)
+    assert re.search(r"metrics\.jsonl: line \d+ cannot be read", out.stderr), tail(out)
+    assert re.search(r"config\.json cannot be read .*kept as config\.json\.damaged-", out.stderr), tail(out)
+    names = [p.name for p in workdir.iterdir()]
+    assert [n for n in names if n.startswith("metrics.jsonl.damaged-")]
+    assert [n for n in names if n.startswith("config.json.damaged-")]
+    assert json.loads((workdir / "config.json").read_text())["model_config"]
+    assert [r["step"] for r in rows(workdir) if "loss" in r] == list(range(1, STEPS))
