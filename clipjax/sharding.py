@@ -7,6 +7,12 @@ One rule table serves every strategy; the mesh shape picks it (a mesh axis of si
     FSDP (ZeRO-3)       mesh {"fsdp": -1}                 params + optimizer state split on `embed`, batch split
     FSDP + tensor       mesh {"fsdp": -1, "tensor": 2}    plus heads / MLP / vocab split over `tensor`
     any mix             mesh {"data": 2, "fsdp": 4}
+    several slices      mesh {"slices": 2, "fsdp": -1}    data parallel across slices (the data-centre network),
+                                                          the other axes inside each slice (its chip links)
+
+The outermost mesh axis, "slice", is the number of TPU slices (default: as many as the devices belong to; 1 on a
+single slice, a GPU host or a CPU): parameters are never split over it, so the only traffic between slices is the
+batch axes' (the gradient reduction and the contrastive loss's gather of the embeddings).
 
 A dimension that a mesh axis does not divide stays replicated (see `spec_for`), so odd sizes never fail to shard.
 
@@ -29,8 +35,9 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch (and the contrastive loss) is split over these
+MESH_AXES = ("slice", "data", "fsdp", "tensor")
+BATCH_AXES = ("slice", "data", "fsdp")  # the batch (and the contrastive loss) is split over these
+SLICES_KEY = "slices"  # the config's name of the slice axis's size (config.mesh.slices; 0 or absent: as found)
 
 # logical axis → mesh axis (or tuple of mesh axes, or None = replicated)
 RULES: tuple[tuple[str, Any], ...] = (
@@ -61,7 +68,8 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 def make_mesh(shape: Mapping[str, int] | str | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 3-axis (data, fsdp, tensor) mesh. `shape` maps axis → size, one size may be -1 (= the rest); or a preset."""
+    """The (slice, data, fsdp, tensor) mesh. `shape` maps axis → size, one of data/fsdp/tensor may be -1 (= the rest
+    of a slice), `slices` the number of slices (0 or absent: the number the devices belong to); or a preset."""
     if shape is None:
         shape = {"data": -1}
     if isinstance(shape, str):
@@ -69,22 +77,38 @@ def make_mesh(shape: Mapping[str, int] | str | None = None, devices: Sequence[ja
             raise ValueError(f"unknown mesh preset {shape!r}; valid: {sorted(PRESETS)}")
         shape = PRESETS[shape]
     shape = dict(shape)
-    unknown = set(shape) - set(MESH_AXES)
+    given_slices = int(shape.pop(SLICES_KEY, 0) or 0)
+    unknown = set(shape) - set(MESH_AXES[1:])
     if unknown:
-        raise ValueError(f"mesh axes {sorted(unknown)} unknown; valid axes: {MESH_AXES}")
+        raise ValueError(f"mesh axes {sorted(unknown)} unknown; valid axes: {(SLICES_KEY, *MESH_AXES[1:])}")
     devices = list(devices) if devices is not None else jax.devices()
-    n = len(devices)
-    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    found = len({getattr(d, "slice_index", 0) for d in devices})
+    slices = given_slices or found
+    if slices < 1 or len(devices) % slices:
+        raise ValueError(f"mesh {SLICES_KEY}={slices}: {len(devices)} devices are not divisible into {slices} slices")
+    if found > 1 and slices != found:
+        raise ValueError(f"mesh {SLICES_KEY}={slices}, but the devices belong to {found} slices")
+    n = len(devices) // slices  # devices per slice
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES[1:]]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh {shape}: at most one axis may be -1")
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if n % known:
-            raise ValueError(f"mesh {shape}: {n} devices are not divisible by {known}")
+            raise ValueError(f"mesh {shape}: {n} devices{' per slice' if slices > 1 else ''} are not divisible by "
+                             f"{known}")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"mesh {shape} needs {math.prod(sizes)} devices, there are {n}")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+        raise ValueError(f"mesh {shape} needs {math.prod(sizes)} devices{' per slice' if slices > 1 else ''}, there "
+                         f"are {n}")
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if found > 1:  # chips of a slice on its fast links, slices over the data-centre network
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh((1, *sizes), (slices, 1, 1, 1), devices,
+                                                    allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh((slices, *sizes), MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def _mesh_axes_of(name: str | None) -> tuple[str, ...]:

@@ -82,6 +82,22 @@ def make_train_state(model: CLIP, tx_fn: Callable[[Any], optax.GradientTransform
     `reinit` prefix ("text", "visual/ln_post") keep their fresh initialisation instead of `init_variables`.
     `num_classes` > 0 adds a classification head `params["head"]` (zeros unless `init_variables` holds one).
     """
+    init, shardings, tx = _state_init(model, tx_fn, mesh, init_variables, reinit, num_classes)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    return state, shardings, tx
+
+
+def abstract_train_state(model: CLIP, tx_fn: Callable[[Any], optax.GradientTransformation], mesh: Mesh,
+                         num_classes: int = 0):
+    """The train state's shapes, dtypes and shardings, with nothing allocated: (abstract state, state_shardings, tx)
+    as `make_train_state` would make them (for compiling ahead of time for devices that are not here)."""
+    init, shardings, tx = _state_init(model, tx_fn, mesh, None, (), num_classes)
+    return abstract_with_shardings(shardings, jax.eval_shape(init, jax.random.PRNGKey(0))), shardings, tx
+
+
+def _state_init(model: CLIP, tx_fn: Callable[[Any], optax.GradientTransformation], mesh: Mesh,
+                init_variables: dict | None, reinit: tuple[str, ...], num_classes: int):
+    """(init: rng → TrainState, the state's shardings, tx) — the one recipe of the train state."""
     images, tokens = _dummy_inputs(model.config)
 
     def boxed_init(rng):
@@ -114,15 +130,14 @@ def make_train_state(model: CLIP, tx_fn: Callable[[Any], optax.GradientTransform
                           batch_stats=variables.get("batch_stats", {}), rng=rng,
                           nonfinite_streak=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32))
 
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(seed))
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     rep = shd.replicated(mesh)
     shardings = TrainState(
         step=rep, params=shd.logical_shardings(boxed["params"], mesh),
         opt_state=_opt_state_shardings(tx, boxed["params"], mesh),
         batch_stats=jax.tree.map(lambda _: rep, abstract.batch_stats), rng=rep, nonfinite_streak=rep,
         nonfinite_total=rep)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
-    return state, shardings, tx
+    return init, shardings, tx
 
 
 def _opt_state_shardings(tx: optax.GradientTransformation, boxed_params: Any, mesh: Mesh) -> Any:
