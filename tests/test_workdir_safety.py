@@ -258,6 +258,7 @@ def assert_every_listed_step_is_whole(directory: str) -> list[int]:
     return steps
 
 
+@pytest.mark.slow  # ~40 s each: six saver processes
 @pytest.mark.parametrize("where", ["local", "gs"])
 def test_kill9_at_any_point_of_a_save_leaves_a_checkpoint_to_resume_from(where, tmp_path, request):
     """An async saver keeping one checkpoint is killed with -9 at several points of its saves (a new step's write
@@ -388,3 +389,21 @@ def test_resuming_a_workdir_with_damaged_files_keeps_them_and_says_so(setup, tmp
     assert [n for n in names if n.startswith("config.json.damaged-")]
     assert json.loads((workdir / "config.json").read_text())["model_config"]
     assert [r["step"] for r in rows(workdir) if "loss" in r] == list(range(1, STEPS))
+
+
+def test_every_process_of_a_run_on_a_busy_workdir_stops_with_the_error(setup, tmp_path):
+    """Only process 0 of a multi-process run takes the lock; when the workdir is busy, every process stops with the
+    same one-line error (none waits in a collective for ever)."""
+    from test_multihost import finish_all, start_two
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = start_holder(workdir)
+    try:
+        results = finish_all(start_two(setup, workdir), timeout=300)
+    finally:
+        kill9(holder)
+    for rc, out in results:
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert rc == 2 and len(errors) == 1, tail(out)
+        assert f"pid {holder.popen.pid}" in errors[0] and "is in use by another training run" in errors[0]
