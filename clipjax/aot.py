@@ -131,6 +131,7 @@ class Program:
     flops: float
     total_argument_bytes: int
     processes: int
+    state: Any = None  # the abstract train state (ShapeDtypeStructs with their shardings)
 
 
 def abstract_batch(config: Any, mesh: Any, image_size: int, context_length: int,
@@ -189,7 +190,7 @@ def lower(config: Any, devices: list[Any]) -> Program:
     phase_cfg, kept = tr._phase_config(cfg, phase)
     total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves((state, batch)))
     return Program(config, cfg, mesh, lowered, int(config.batch_size),
-                   train_flops_per_step(phase_cfg, int(config.batch_size), kept), int(total), processes)
+                   train_flops_per_step(phase_cfg, int(config.batch_size), kept), int(total), processes, state)
 
 
 def program_digest(lowered: Any) -> str:
@@ -335,11 +336,11 @@ def report(program: Program, topology: str, num_slices: int, devices: list[Any])
 def refusal(config_name: str, out: dict[str, Any]) -> str:
     """The one line for a program that does not fit."""
     need, hbm = out.get("bytes_per_chip_total"), out.get("hbm_bytes_per_chip")
-    amount = (f"needs {need / GiB:.2f} GiB per chip" if need else "needs more memory than a chip has") + (
+    amount = (f"needs {'at least ' if out.get('compiler_error') else ''}{need / GiB:.2f} GiB per chip" if need else "needs more memory than a chip has") + (
         f", {hbm / GiB:.2f} GiB available (fits at ≤ {FIT_FRACTION:.0%})" if hbm else "")
     per_chip = out["global_batch"] // out["chips"]
     return (f"{config_name} does not fit {out['topology']} ({out['chips']} chips × {out['device_kind']}): {amount}; try "
-            f"a cheaper remat policy (--config.model.remat=full; now {out['remat']!r}), a smaller per-chip batch "
+            f"a remat policy that keeps fewer activations (--config.model.remat=full; now {out['remat']!r}), a smaller per-chip batch "
             f"(now {per_chip}: --config.accum_steps=2 halves the activations, or lower --config.batch_size), or more "
             f"chips (a larger topology or --num_slices)")
 
@@ -526,8 +527,9 @@ def run() -> None:
             app.run(main)
         except SystemExit as e:
             sys.exit(0 if e.code == 1 else e.code)
+    cli_main._check_repeated_flags(sys.argv[1:])
     cli_main._check_overrides(sys.argv[1:])
-    app.run(main)
+    app.run(main, flags_parser=cli_main._parse_flags)
 
 
 if __name__ == "__main__":
