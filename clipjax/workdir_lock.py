@@ -194,6 +194,7 @@ class WorkdirLock:
         self.record = _me(self.token)
         self.lost: str | None = None  # set when another run took the lock over while this one held it
         self._fd: int | None = None  # local: the flock'ed file
+        self._by_heartbeat = False  # the lock is a file or object judged by its holder's pid and heartbeat
         self._file = _File(self.path)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -209,7 +210,7 @@ class WorkdirLock:
 
     def _refuse(self, holder: dict[str, Any] | None) -> WorkdirLockedError:
         how = ("wait for it to finish or stop it (SIGTERM checkpoints and exits), or train in another --workdir")
-        if holder and paths.is_remote(self.path) or holder and holder.get("host") != self.record["host"]:
+        if holder and self._by_heartbeat and holder.get("host") != self.record["host"]:
             how += (f"; if that run is gone, its lock is taken over once its heartbeat is {self.stale_s:.0f} s old, "
                     f"or delete {self.path}")
         return WorkdirLockedError(f"workdir {self.workdir} is in use by another training run ({_describe(holder)}): "
@@ -261,6 +262,7 @@ class WorkdirLock:
         return None
 
     def _acquire_file(self) -> None:
+        self._by_heartbeat = True
         data = json.dumps(self.record).encode()
         for _ in range(5):
             created = self._file.create(data)

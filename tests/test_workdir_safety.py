@@ -12,18 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import re
+import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 
 import pytest
 
 from gcs_emulator import BUCKET, needs_emulator, running_emulator
-from test_reliability import ROOT, STEPS, Proc, Setup, assert_user_error, rows, setup_for, tail
+from test_reliability import STEPS, Proc, Setup, assert_user_error, rows, setup_for, tail
 
 HOLDER = """
 import logging, sys, time
@@ -294,8 +293,6 @@ def test_a_step_without_its_fingerprints_is_damaged_and_the_resume_says_what_it_
     for step in (1, 2):
         ckpt.save(step, {"w": jnp.full((4, 4), float(step)), "b": jnp.zeros(3)}, {"position": step})
     ckpt.close()
-    import shutil
-
     shutil.rmtree(directory / "2" / "meta")
     caplog.set_level(logging.INFO)
     ckpt = Checkpointer(directory, async_save=False, keep=5)
