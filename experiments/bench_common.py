@@ -108,6 +108,51 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def random_batch(model_cfg: dict, batch: int, seed: int = 0) -> dict:
+    """One synthetic batch for an open_clip model-config dict, the same for both frameworks: images [N, S, S, 3]
+    float32 (standard normal) and tokens [N, L] int32 with the end-of-text id (vocab - 1, the maximum) at a random
+    position ≥ 2 of each row (NumPy)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    s, text = model_cfg["vision_cfg"]["image_size"], model_cfg["text_cfg"]
+    length, vocab = text.get("context_length", 77), text.get("vocab_size", 49408)
+    tokens = rng.integers(1, vocab - 1, (batch, length)).astype(np.int32)
+    tokens[np.arange(batch), rng.integers(2, length, batch)] = vocab - 1
+    return {"image": rng.standard_normal((batch, s, s, 3)).astype(np.float32), "text": tokens}
+
+
+def train_config(batch: int, *, model_name: str = "", open_clip_config: dict | None = None, scan: bool = False,
+                 remat: str = "none", dtype: str = "float32"):
+    """The trainer's config for a benchmark: its defaults (AdamW, clipping at 1.0), the model by name or as an
+    open_clip config dict, the batch."""
+    sys.path.insert(0, str(ROOT))
+    import ml_collections
+
+    from configs.common import base_config
+
+    c = base_config()
+    c.model.name, c.model.scan_layers, c.model.remat, c.model.dtype = model_name, scan, remat, dtype
+    if open_clip_config is not None:
+        c.model.open_clip_config = ml_collections.ConfigDict(open_clip_config)
+    c.batch_size, c.total_steps, c.warmup_steps = batch, 10_000, 10
+    return c
+
+
+def optimizer_recipe(config) -> dict:
+    """The trainer's optimizer settings of `config`, which the open_clip side copies (`torch_worker.make_optimizer`)."""
+    o = config.optimizer
+    return {"lr": config.lr, "weight_decay": o.weight_decay, "b1": o.b1, "b2": o.b2, "eps": o.eps,
+            "grad_clip_norm": o.grad_clip_norm}
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)

@@ -30,7 +30,6 @@ import math
 import os
 import pathlib
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -39,7 +38,8 @@ import tempfile
 import time
 from typing import Any
 
-from bench_common import RESULTS_DIR, ROOT, command_line, median, stamp
+from bench_common import (RESULTS_DIR, ROOT, command_line, median, optimizer_recipe, peak_rss, random_batch, stamp,
+                          train_config)
 
 GPU_CASES = [("ViT-B-32", 512), ("ViT-B-16", 256), ("ViT-L-14", 128)]
 GPU_LOSS = {"sizes": [16384, 65536, 262144], "dim": 512, "block": 1024}
@@ -65,10 +65,6 @@ MIN_S = {"kernels": 45, "jax_train": 90, "jax_warm": 40, "torch_eager": 30, "tor
 
 # ============================================================================================ parts (subprocesses)
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _steps(step, warmup: int, steps: int, deadline: float, budget_s: float = math.inf) -> list[float]:
     """Warm-up calls, then up to `steps` timed calls of `step` (which synchronises) while the deadline and the
     timing budget allow (at least 3)."""
@@ -88,48 +84,23 @@ def _jax_peak(device) -> dict[str, Any]:
     if "peak_bytes_in_use" in stats:
         return {"peak_bytes": int(stats["peak_bytes_in_use"]), "peak_kind": "device",
                 "bytes_limit": int(stats.get("bytes_limit", 0))}
-    return {"peak_bytes": _peak_rss(), "peak_kind": "host_rss"}
+    return {"peak_bytes": peak_rss(), "peak_kind": "host_rss"}
 
 
 def part_matmul(n: int, reps: int = 10, **_) -> dict:
-    """bf16 [n, n] @ [n, n] rate of the device in JAX (float32 accumulation as XLA's default)."""
+    """bf16 [n, n] @ [n, n] rate of the device in JAX (float32 accumulation as XLA's default): bench_matmul's."""
     import jax
-    import jax.numpy as jnp
 
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
-    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
-    f = jax.jit(jnp.matmul)
-    jax.block_until_ready(f(a, b))
-    times = _steps(lambda: jax.block_until_ready(f(a, b)), 2, reps, math.inf)
+    from bench_matmul import jax_matmul_times
+
+    times = jax_matmul_times(n, reps, "bfloat16", warmup=3)
     return {"n": n, "dtype": "bfloat16", "median_s": median(times), "tflops": 2 * n**3 / median(times) / 1e12,
             "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform}
 
 
 def _train_config(model_cfg: dict, batch: int):
     """The trainer's config for this benchmark: its defaults (AdamW, clip 1.0), bf16 compute, this model, batch."""
-    sys.path.insert(0, str(ROOT))
-    import ml_collections
-
-    from configs.common import base_config
-
-    c = base_config()
-    c.model.name, c.model.open_clip_config = "", ml_collections.ConfigDict(model_cfg)
-    c.model.dtype = "bfloat16"
-    c.batch_size, c.total_steps, c.warmup_steps = batch, 10_000, 10
-    return c
-
-
-def _random_batch(model_cfg: dict, batch: int, seed: int = 0) -> dict:
-    """Random images [N, S, S, 3] (float32) and tokens [N, L] with an end-of-text maximum per row (NumPy)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    s, text = model_cfg["vision_cfg"]["image_size"], model_cfg["text_cfg"]
-    length, vocab = text.get("context_length", 77), text.get("vocab_size", 49408)
-    tokens = rng.integers(1, vocab - 1, (batch, length)).astype(np.int32)
-    tokens[np.arange(batch), rng.integers(2, length, batch)] = vocab - 1
-    return {"image": rng.standard_normal((batch, s, s, 3)).astype(np.float32), "text": tokens}
+    return train_config(batch, open_clip_config=model_cfg, dtype="bfloat16")
 
 
 def part_jax_train(model_cfg: dict, batch: int, warmup: int, steps: int, deadline: float,
@@ -158,7 +129,7 @@ def part_jax_train(model_cfg: dict, batch: int, warmup: int, steps: int, deadlin
     state, shardings, tx = make_train_state(model, lambda p: make_tx(config, p), 0, mesh)
     jax.block_until_ready(state)
     t1 = time.perf_counter()
-    data = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in _random_batch(model_cfg, batch).items()}
+    data = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in random_batch(model_cfg, batch).items()}
     lowered = jit_train_step(model, tx, config, mesh, shardings).lower(state, data)
     t2 = time.perf_counter()
     compiled = lowered.compile()
@@ -186,29 +157,17 @@ def _summary(times: list[float], batch: int, flops: float) -> dict:
             "flops_per_step": flops, "n_steps": len(times), "times": [round(t, 5) for t in times]}
 
 
-def _torch_optimizer(model, opt: dict):
-    """open_clip_train's AdamW: no decay on < 2-D weights, norms, biases, embeddings' gains and the logit scale."""
-    import torch
-
-    def exclude(name: str, p) -> bool:
-        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-              {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": opt["weight_decay"]}]
-    return torch.optim.AdamW(groups, lr=opt["lr"], betas=(opt["b1"], opt["b2"]), eps=opt["eps"])
-
-
 def part_torch_train(model_cfg: dict, batch: int, opt: dict, mode: str, warmup: int, steps: int, deadline: float,
                      **_) -> dict:
-    """open_clip's train step (forward + ClipLoss under bf16 autocast, backward, clip, AdamW, clamp), eager or
-    torch.compile'd, on CUDA when there is one."""
+    """open_clip's train step (`torch_worker.train_step`: forward + ClipLoss under bf16 autocast, backward, clip,
+    AdamW, clamp), eager or torch.compile'd, on CUDA when there is one."""
     t_import = time.perf_counter()
     os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # time to first step: compiled afresh
-    import numpy as np
     import open_clip
     import torch
     from open_clip.loss import ClipLoss
+
+    import torch_worker
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
@@ -217,26 +176,15 @@ def part_torch_train(model_cfg: dict, batch: int, opt: dict, mode: str, warmup: 
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    cfg = dict(model_cfg)
-    base = open_clip.CLIP(cfg.pop("embed_dim"), cfg["vision_cfg"], cfg["text_cfg"],
-                          quick_gelu=bool(cfg.get("quick_gelu", False))).to(dev).train()
+    base = torch_worker.make_model(model_cfg).to(dev).train()
     model = torch.compile(base) if mode == "compile" else base
-    optimizer, loss_fn = _torch_optimizer(base, opt), ClipLoss()
-    host = _random_batch(model_cfg, batch)
-    images = torch.from_numpy(np.ascontiguousarray(host["image"].transpose(0, 3, 1, 2))).to(dev)  # [N, 3, S, S]
-    tokens = torch.from_numpy(host["text"]).long().to(dev)  # [N, L]
+    optimizer, loss_fn = torch_worker.make_optimizer(base, opt), ClipLoss()
+    images, tokens = torch_worker.make_batch(model_cfg, batch, device=dev)  # [N, 3, S, S], [N, L]
     box = {}
 
     def step():
-        with torch.autocast(device_type=dev, dtype=torch.bfloat16):
-            image_features, text_features, logit_scale = model(images, tokens)
-            total = loss_fn(image_features, text_features, logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(base.parameters(), opt["grad_clip_norm"], norm_type=2.0)
-        optimizer.step()
-        with torch.no_grad():
-            base.logit_scale.clamp_(0, math.log(100))
+        total = torch_worker.train_step(model, base, optimizer, loss_fn, images, tokens, opt["grad_clip_norm"],
+                                        autocast=torch.bfloat16)
         sync()
         box["loss"] = float(total.item())
 
@@ -249,7 +197,7 @@ def part_torch_train(model_cfg: dict, batch: int, opt: dict, mode: str, warmup: 
         peak = {"peak_bytes": int(torch.cuda.max_memory_allocated()), "peak_kind": "device"}
         name = torch.cuda.get_device_name()
     else:
-        peak, name = {"peak_bytes": _peak_rss(), "peak_kind": "host_rss"}, "cpu"
+        peak, name = {"peak_bytes": peak_rss(), "peak_kind": "host_rss"}, "cpu"
     return {"framework": f"open_clip {open_clip.__version__} ({mode})", "torch": torch.__version__, "device": name,
             "import_s": t0 - t_import, "time_to_first_step_s": t1 - t0, **_summary(times, batch, float("nan")),
             "loss": box["loss"], **peak}
@@ -257,33 +205,23 @@ def part_torch_train(model_cfg: dict, batch: int, opt: dict, mode: str, warmup: 
 
 def loss_case(kind: str, n: int, dim: int, block: int, mem_limit: int, steps: int, deadline: float) -> dict:
     """Loss + gradients (w.r.t. both feature sets and the scale) at N × D: the compiled program's memory (temp +
-    arguments + outputs), and the median time where that fits in the device's memory."""
-    import functools
-
+    arguments + outputs), and the median time where that fits in the device's memory (bench_loss's program and
+    inputs)."""
     import jax
-    import jax.numpy as jnp
 
-    from clipjax import losses
+    from bench_loss import compile_loss_grad, loss_inputs
 
     device = jax.devices()[0]
-    fn = losses.clip_loss if kind == "dense" else functools.partial(losses.clip_loss_tiled, block_size=block)
-    spec = jax.ShapeDtypeStruct((n, dim), jnp.float32)
-    t0 = time.perf_counter()
-    compiled = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2))).lower(
-        spec, spec, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+    compiled, compile_s = compile_loss_grad(kind, n, dim, block)
     mem = compiled.memory_analysis()
     need = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
     limit = mem_limit or int((device.memory_stats() or {}).get("bytes_limit", 0)) or _host_available()
     out = {"kind": kind, "n": n, "dim": dim, "block": block if kind == "tiled" else None,
-           "compile_s": time.perf_counter() - t0, "temp_bytes": int(mem.temp_size_in_bytes), "needs_bytes": int(need),
+           "compile_s": compile_s, "temp_bytes": int(mem.temp_size_in_bytes), "needs_bytes": int(need),
            "limit_bytes": int(limit), "fits": need <= 0.95 * limit}
     if not out["fits"]:
         return out
-    k1, k2 = jax.random.split(jax.random.key(0))
-    img = jax.random.normal(k1, (n, dim))  # [N, D]
-    txt = img + jax.random.normal(k2, (n, dim))  # [N, D], correlated with its pair
-    img, txt = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (img, txt))
-    scale = jnp.float32(math.log(1 / 0.07))
+    img, txt, scale = loss_inputs(n, dim, math.log(1 / 0.07))
     box = {}
 
     def call():
@@ -437,14 +375,6 @@ def _ratios(case: dict) -> None:
             case[f"clipjax_vs_{key}"] = jx["samples_per_s"] / case[key]["samples_per_s"]
 
 
-def optimizer_recipe() -> dict:
-    """The trainer's optimizer defaults, which the open_clip side copies."""
-    config = _train_config({}, 1)
-    o = config.optimizer
-    return {"lr": config.lr, "weight_decay": o.weight_decay, "b1": o.b1, "b2": o.b2, "eps": o.eps,
-            "grad_clip_norm": o.grad_clip_norm}
-
-
 def model_cases(tiny: bool, names: list[str] | None) -> list[tuple[str, dict, int]]:
     """(name, open_clip config, batch) of each train case."""
     from clipjax.models import get_model_config
@@ -466,7 +396,7 @@ def run_all(args, torch_python: str | None, log_dir: pathlib.Path) -> dict:
     run = Runner(time.time() + args.deadline_s, log_dir, torch_python)
     record: dict[str, Any] = {**stamp(command_line()), "tiny": args.tiny, "nvidia_smi": nvidia_smi(),
                               "torch_python": torch_python, "deadline_s": args.deadline_s,
-                              "recipe": {"dtype": "bfloat16 compute, float32 parameters", **optimizer_recipe()}}
+                              "recipe": {"dtype": "bfloat16 compute, float32 parameters", **optimizer_recipe(_train_config({}, 1))}}
     kernels = run("matmul + loss", "kernels", {
         "matmul_n": TINY_MATMUL if args.tiny else GPU_MATMUL, "loss": TINY_LOSS if args.tiny else GPU_LOSS,
         "mem_limit": TINY_MEM_LIMIT if args.tiny else 0, "steps": args.loss_steps}, min_s=MIN_S["kernels"],

@@ -20,11 +20,12 @@ import datetime
 import json
 import pathlib
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from bench_common import peak_rss
 
 D = 512
 RESULTS = pathlib.Path(__file__).parent / "results" / "loss_memory.json"
@@ -41,12 +42,10 @@ CASES = [  # (kind, batch, block_size, timed repeats; 0 = compile only)
 GIB = 2**30
 
 
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def run_case(kind: str, batch: int, block_size: int, repeats: int) -> dict:
-    """Compile and time loss+grad for one case in this process."""
+def compile_loss_grad(kind: str, batch: int, dim: int, block_size: int):
+    """The loss + gradients (w.r.t. both feature sets and the logit scale) of `kind` ("dense": `clip_loss`;
+    "dense_global": `clip_loss_sharded` with no mesh axis; "tiled": `clip_loss_tiled`) compiled for [batch, dim]
+    float32 features → (the compiled function, seconds to compile)."""
     import functools
 
     import jax
@@ -60,10 +59,30 @@ def run_case(kind: str, batch: int, block_size: int, repeats: int) -> dict:
         "tiled": functools.partial(losses.clip_loss_tiled, block_size=block_size),
     }[kind]
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    spec = jax.ShapeDtypeStruct((batch, D), jnp.float32)
+    spec = jax.ShapeDtypeStruct((batch, dim), jnp.float32)
     t0 = time.perf_counter()
     compiled = fn.lower(spec, spec, jax.ShapeDtypeStruct((), jnp.float32)).compile()
-    compile_s = time.perf_counter() - t0
+    return compiled, time.perf_counter() - t0
+
+
+def loss_inputs(batch: int, dim: int, scale: float):
+    """Unit-norm image and text features [batch, dim] (each text correlated with its image) and the logit scale."""
+    import jax
+    import jax.numpy as jnp
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    img = jax.random.normal(k1, (batch, dim))  # [B, D]
+    txt = img + jax.random.normal(k2, (batch, dim))  # [B, D], correlated with its pair
+    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+    txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
+    return jax.block_until_ready((img, txt, jnp.float32(scale)))
+
+
+def run_case(kind: str, batch: int, block_size: int, repeats: int) -> dict:
+    """Compile and time loss+grad for one case in this process."""
+    import jax
+
+    compiled, compile_s = compile_loss_grad(kind, batch, D, block_size)
     mem = compiled.memory_analysis()
     out = {
         "kind": kind, "batch": batch, "dim": D, "block_size": block_size or None, "compile_s": round(compile_s, 2),
@@ -73,14 +92,8 @@ def run_case(kind: str, batch: int, block_size: int, repeats: int) -> dict:
     if repeats == 0:
         return out
 
-    k1, k2 = jax.random.split(jax.random.key(0))
-    img = jax.random.normal(k1, (batch, D))  # [B, D]
-    txt = img + jax.random.normal(k2, (batch, D))  # [B, D], correlated with its pair
-    img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
-    txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
-    scale = jnp.float32(2.6592)
-    jax.block_until_ready((img, txt))
-    out["rss_before_run_bytes"] = _rss_bytes()
+    img, txt, scale = loss_inputs(batch, D, 2.6592)
+    out["rss_before_run_bytes"] = peak_rss()
     times = []
     for i in range(repeats + (1 if repeats > 1 else 0)):  # a warm-up call unless there is a single timed call
         t0 = time.perf_counter()
@@ -89,7 +102,7 @@ def run_case(kind: str, batch: int, block_size: int, repeats: int) -> dict:
             times.append(time.perf_counter() - t0)
     out.update({
         "loss": float(value), "grad_scale": float(grads[2]), "times_s": [round(t, 3) for t in times],
-        "median_s": round(statistics.median(times), 3), "peak_rss_bytes": _rss_bytes(),
+        "median_s": round(statistics.median(times), 3), "peak_rss_bytes": peak_rss(),
     })
     return out
 

@@ -15,14 +15,17 @@ from bench_common import TorchWorker, interleave, median, timed
 SIZES = (1024, 2048, 4096)
 
 
-def jax_matmul_times(n: int, reps: int) -> list[float]:
+def jax_matmul_times(n: int, reps: int, dtype: str = "float32", warmup: int = 1) -> list[float]:
+    """Wall times of `reps` [n, n] @ [n, n] matmuls in JAX in `dtype` (float32 accumulation, XLA's default), after
+    compiling and `warmup` untimed calls."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)  # [n, n]
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)  # [n, n]
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)  # [n, n]
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)  # [n, n]
     mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
+    for _ in range(warmup):
+        mm(a, b).block_until_ready()
     return timed(lambda: mm(a, b).block_until_ready(), reps)
 
 

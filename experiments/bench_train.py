@@ -19,23 +19,14 @@ import os
 import time
 from typing import Any
 
-from bench_common import TorchWorker, command_line, interleave, median, serve, stamp, write_json
+from bench_common import (TorchWorker, command_line, interleave, median, optimizer_recipe, random_batch, serve, stamp,
+                          train_config, write_json)
 
 CASES = {"small": ("ViT-S-16-small", 128), "b32": ("ViT-B-32", 32)}
 
 
 def _train_config(model_name: str, batch: int, scan: bool, remat: str, dtype: str = "float32"):
-    import sys
-
-    from bench_common import ROOT
-
-    sys.path.insert(0, str(ROOT))
-    from configs.common import base_config
-
-    c = base_config()
-    c.model.name, c.model.scan_layers, c.model.remat, c.model.dtype = model_name, scan, remat, dtype
-    c.batch_size, c.total_steps, c.warmup_steps = batch, 10_000, 10
-    return c
+    return train_config(batch, model_name=model_name, scan=scan, remat=remat, dtype=dtype)
 
 
 def open_clip_dict(cfg) -> dict[str, Any]:
@@ -56,7 +47,6 @@ class JaxTrain:
     def __init__(self, model_name: str, batch: int, *, scan: bool = False, remat: str = "none", devices: int = 1,
                  dtype: str = "float32"):
         import jax
-        import numpy as np
 
         from clipjax import sharding as shd
         from clipjax.models import CLIP
@@ -69,11 +59,7 @@ class JaxTrain:
         model = CLIP(self.cfg)
         state, shardings, tx = make_train_state(model, lambda p: make_tx(config, p), 0, mesh)
         step = jit_train_step(model, tx, config, mesh, shardings)
-        rng = np.random.default_rng(0)
-        s, length, vocab = self.cfg.vision.image_size, self.cfg.text.context_length, self.cfg.text.vocab_size
-        text = rng.integers(1, vocab - 1, (batch, length)).astype(np.int32)
-        text[np.arange(batch), rng.integers(2, length, batch)] = vocab - 1
-        host = {"image": rng.standard_normal((batch, s, s, 3)).astype(np.float32), "text": text}
+        host = random_batch(open_clip_dict(self.cfg), batch)
         self.batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in host.items()}
         t0 = time.perf_counter()
         lowered = step.lower(state, self.batch)
@@ -112,11 +98,8 @@ def run_case(name: str, worker: TorchWorker | None, rounds: int, per_round: int,
                            "flops_per_step_xla": jx.xla_flops}
     jx.steps(warmup)
     if worker is not None:
-        o = jx.config.optimizer
-        opt = {"lr": jx.config.lr, "weight_decay": o.weight_decay, "b1": o.b1, "b2": o.b2, "eps": o.eps,
-               "grad_clip_norm": o.grad_clip_norm}
         t0 = time.perf_counter()
-        worker("setup_train", model_cfg=open_clip_dict(jx.cfg), batch=batch, opt=opt)
+        worker("setup_train", model_cfg=open_clip_dict(jx.cfg), batch=batch, opt=optimizer_recipe(jx.config))
         first = worker("train_steps", n=1)["times"][0]
         out["torch_setup_s"], out["torch_first_step_s"] = time.perf_counter() - t0, first
         worker("train_steps", n=max(warmup - 1, 0))

@@ -15,11 +15,14 @@ Commands
 
 The training step is open_clip's (`open_clip_train.train.train_one_epoch`, fp32): forward, `ClipLoss`, backward,
 gradient clipping, AdamW (decay on ≥ 2-D weights except norms/embeddings as open_clip's `exclude` rule), and the
-logit-scale clamp to ln 100. Data is one fixed synthetic batch, as on the JAX side.
+logit-scale clamp to ln 100. Data is one fixed synthetic batch, the JAX side's (`bench_common.random_batch`).
+`make_model`, `make_optimizer`, `make_batch` and `train_step` are also what `bench_gpu.py` runs on the GPU (there
+under bf16 autocast, eager or torch.compile'd).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -28,76 +31,85 @@ import torch
 import open_clip
 from open_clip.loss import ClipLoss
 
-from bench_common import serve
+from bench_common import random_batch, serve
 
 _state: dict = {}
 
 
-def _batch(cfg: dict, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    size = cfg["vision_cfg"]["image_size"]
-    text_cfg = cfg["text_cfg"]
-    length, vocab = text_cfg.get("context_length", 77), text_cfg.get("vocab_size", 49408)
-    images = torch.randn(n, 3, size, size, generator=g)  # [N, 3, H, W]
-    tokens = torch.randint(1, vocab - 1, (n, length), generator=g)  # [N, L]
-    eot = torch.randint(2, length, (n,), generator=g)
-    tokens[torch.arange(n), eot] = vocab - 1  # EOT = argmax
-    return images, tokens
+def make_batch(cfg: dict, n: int, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """`bench_common.random_batch` for open_clip: images [N, 3, H, W] float32, tokens [N, L] int64."""
+    host = random_batch(cfg, n, seed)
+    images = torch.from_numpy(host["image"].transpose(0, 3, 1, 2).copy()).to(device)  # [N, 3, H, W]
+    return images, torch.from_numpy(host["text"]).long().to(device)  # [N, L]
 
 
-def _model(cfg: dict) -> torch.nn.Module:
+def make_model(cfg: dict) -> torch.nn.Module:
+    """open_clip's CLIP of an open_clip model-config dict."""
     cfg = dict(cfg)
     embed = cfg.pop("embed_dim")
     return open_clip.CLIP(embed, cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=bool(cfg.get("quick_gelu", False)))
 
 
-def setup_train(model_cfg: dict, batch: int, opt: dict, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    model = _model(model_cfg).train()
+def make_optimizer(model: torch.nn.Module, opt: dict) -> torch.optim.Optimizer:
+    """open_clip_train's AdamW: no decay on < 2-D weights, norms, biases and the logit scale."""
 
     def exclude(name: str, p: torch.Tensor) -> bool:  # open_clip_train/main.py
         return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
-    named = list(model.named_parameters())
-    decay = [p for n, p in named if not exclude(n, p) and p.requires_grad]
-    no_decay = [p for n, p in named if exclude(n, p) and p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
-                                   {"params": decay, "weight_decay": opt["weight_decay"]}],
-                                  lr=opt["lr"], betas=(opt["b1"], opt["b2"]), eps=opt["eps"])
-    images, tokens = _batch(model_cfg, batch, seed)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+                              {"params": [p for n, p in named if not exclude(n, p)],
+                               "weight_decay": opt["weight_decay"]}],
+                             lr=opt["lr"], betas=(opt["b1"], opt["b2"]), eps=opt["eps"])
+
+
+def train_step(model, base: torch.nn.Module, optimizer, loss_fn, images, tokens, clip: float | None,
+               autocast: torch.dtype | None = None) -> torch.Tensor:
+    """One step of open_clip_train: forward and `ClipLoss` (under autocast to `autocast` if given), backward,
+    gradient clipping to `clip`, the optimizer, the logit-scale clamp to ln 100 → the loss (not synchronised).
+    `model` is `base` or `torch.compile(base)`."""
+    context = torch.autocast(device_type=images.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    with context:
+        image_features, text_features, logit_scale = model(images, tokens)
+        total = loss_fn(image_features, text_features, logit_scale)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(base.parameters(), clip, norm_type=2.0)
+    optimizer.step()
+    with torch.no_grad():
+        base.logit_scale.clamp_(0, math.log(100))
+    return total
+
+
+def setup_train(model_cfg: dict, batch: int, opt: dict, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    net = make_model(model_cfg).train()
+    images, tokens = make_batch(model_cfg, batch, seed)
     _state.clear()
-    _state.update(model=model, optimizer=optimizer, loss=ClipLoss(), images=images, tokens=tokens,
+    _state.update(model=net, optimizer=make_optimizer(net, opt), loss=ClipLoss(), images=images, tokens=tokens,
                   clip=opt.get("grad_clip_norm"))
-    return {"params": sum(p.numel() for p in model.parameters())}
+    return {"params": sum(p.numel() for p in net.parameters())}
 
 
 def train_steps(n: int) -> dict:
     s = _state
-    model, optimizer, loss_fn = s["model"], s["optimizer"], s["loss"]
     times, loss = [], float("nan")
     for _ in range(n):
         t0 = time.perf_counter()
-        image_features, text_features, logit_scale = model(s["images"], s["tokens"])
-        total = loss_fn(image_features, text_features, logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if s["clip"]:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip"], norm_type=2.0)
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        loss = total.item()
+        loss = train_step(s["model"], s["model"], s["optimizer"], s["loss"], s["images"], s["tokens"],
+                          s["clip"]).item()
         times.append(time.perf_counter() - t0)
     return {"times": times, "loss": loss}
 
 
 def setup_infer(model_cfg: dict, batch: int, seed: int = 0) -> dict:
     torch.manual_seed(seed)
-    model = _model(model_cfg).eval()
-    images, tokens = _batch(model_cfg, batch, seed)
+    net = make_model(model_cfg).eval()
+    images, tokens = make_batch(model_cfg, batch, seed)
     _state.clear()
-    _state.update(model=model, images=images, tokens=tokens)
-    return {"params": sum(p.numel() for p in model.parameters())}
+    _state.update(model=net, images=images, tokens=tokens)
+    return {"params": sum(p.numel() for p in net.parameters())}
 
 
 def infer_steps(what: str, n: int) -> dict:

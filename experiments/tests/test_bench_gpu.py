@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 BENCH = ROOT / "experiments" / "bench_gpu.py"
 
 
@@ -72,6 +72,7 @@ def test_tiny_record_never_lands_in_recorded_results():
     assert bench_gpu.output_path(argparse.Namespace(tiny=False, out="")).parent == ROOT / "experiments" / "results"
 
 
+@pytest.mark.parity
 @pytest.mark.skipif(not os.path.exists(os.environ.get("CLIPJAX_PARITY_PYTHON", "/nonexistent")),
                     reason="open_clip side needs torch: set CLIPJAX_PARITY_PYTHON to a python with open_clip")
 def test_tiny_open_clip_side(tmp_path):
