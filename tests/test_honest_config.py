@@ -80,7 +80,7 @@ def test_mix_weights_whose_sum_overflows_keep_their_ratio():
     assert resolve_specs({"a": 1e308, "b": 1e308}) == (["a", "b"], [0.5, 0.5])
     assert resolve_specs({"a": 1e308, "b": 3e307})[1] == pytest.approx([1 / 1.3, 0.3 / 1.3])
     assert resolve_specs({"a": 1, "b": 3}) == (["a", "b"], [0.25, 0.75])  # ordinary weights: as before
-    with pytest.raises(DatasetError, match="positive and finite numbers"):
+    with pytest.raises(DatasetError, match="positive and finite, got .*not booleans"):
         resolve_specs({"a": True, "b": 1.0})
 
 

@@ -402,7 +402,7 @@ def resolve_specs(spec_or_mix: str | dict[str, float] | Sequence[str]) -> tuple[
         bad = {k: v for k, v in spec_or_mix.items()
                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 < float(v) < math.inf)}
         if bad:
-            raise DatasetError(f"dataset mix weights must be positive and finite numbers, got {bad}")
+            raise DatasetError(f"dataset mix weights must be positive and finite, got {bad} (numbers, not booleans)")
         weights = [float(v) for v in spec_or_mix.values()]
         total = float(sum(weights))
         if not math.isfinite(total):  # finite weights whose sum overflows (1e308, 1e308): their ratios are what count
