@@ -56,7 +56,7 @@ def _children(parent=None):
                 cmdline = f.read()
         except OSError:
             continue
-        if int(fields[1]) == parent and fields[0] != "Z" and b"core.worker_main" in cmdline:
+        if int(fields[1]) == parent and fields[0] != "Z" and b"workers.worker_main" in cmdline:
             out.append(int(entry))
     return sorted(out)
 

@@ -13,7 +13,7 @@ Slot t of a host's training stream (``clipjax.data.pipeline``, P hosts):
 
 so a stream gives a share of the slots as close to its weight as an ArrayRecord source does, and a slot never waits
 for a particular sample. Batches are the same format (uint8 images, the tokenizer's text) and the same for any
-number of threads or worker processes. A mix without a stream is ``pipeline.TrainIterator``: its batches and state
+number of threads or worker processes. A mix without a stream is ``slots.TrainIterator``: its batches and state
 are unchanged.
 
 Skipped samples are counted per source (``skipped_by_source``, {spec: n}) and in all (``skipped``): for an
@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from clipjax.data import core, pipeline, wds
+from clipjax.data import core, slots, wds
 from clipjax.data import sources as src_lib
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 STATE_KIND = "mix"
 STATE_VERSION = 1
 
-Item = pipeline.Slot | wds.SampleItem
+Item = slots.Slot | wds.SampleItem
 
 
 @dataclasses.dataclass
@@ -53,20 +53,20 @@ class MixLoader:
     ``source`` indexes ``records.sources``, the mix's ArrayRecord sources in mix order), a stream's sample through
     ``samples``; picklable for worker processes."""
 
-    records: pipeline.TrainLoader
+    records: slots.TrainLoader
     samples: wds.SampleLoader
 
     def __call__(self, item: Item) -> tuple[np.ndarray, str, int]:
         return self.samples(item) if isinstance(item, wds.SampleItem) else self.records(item)
 
 
-class MixTrainIterator(pipeline.HostBatches):
+class MixTrainIterator(core.HostBatches):
     """Infinite per-host training batches of a mix with streams: {"image": uint8 [b,S,S,3], "text": i32 [b,C]}, with
-    ``get_state``/``set_state``/``skipped``/``close`` as ``pipeline.TrainIterator``, and ``skipped_by_source``.
+    ``get_state``/``set_state``/``skipped``/``close`` as ``slots.TrainIterator``, and ``skipped_by_source``.
     ``sources`` is empty (the size of a stream is not known before reading it)."""
 
     def __init__(self, specs: Sequence[str], weights: Sequence[float], *, split: str, global_batch_size: int,
-                 image_size: int, context_length: int, tokenizer: pipeline.Tokenizer, seed: int, process_index: int,
+                 image_size: int, context_length: int, tokenizer: core.Tokenizer, seed: int, process_index: int,
                  process_count: int, scale: tuple[float, float], num_threads: int, prefetch: int, workers: int = 0,
                  executor: core.ExecutorFactory | None = None, shuffle_buffer: int = wds.DEFAULT_SHUFFLE_BUFFER):
         self._configure(global_batch_size=global_batch_size, image_size=image_size, context_length=context_length,
@@ -96,7 +96,7 @@ class MixTrainIterator(pipeline.HostBatches):
         self.labels, self.classnames = False, None
         self.shuffle_buffer = int(shuffle_buffer)
         self.loader = MixLoader(
-            pipeline.TrainLoader(src_lib.SourceSet(record_specs, split, opened=opened), image_size, self.scale, seed,
+            slots.TrainLoader(src_lib.SourceSet(record_specs, split, opened=opened), image_size, self.scale, seed,
                                  process_index),
             wds.SampleLoader(image_size, self.scale, seed, process_index))
         n = len(self.specs)
@@ -111,7 +111,7 @@ class MixTrainIterator(pipeline.HostBatches):
         source = self._record[s][1]
         epoch, pos = divmod(n, len(source) // self.process_count)
         if self._orders.get(s, (None,))[0] != epoch:
-            self._orders[s] = (epoch, pipeline.epoch_order(len(source), seed=self.seed, source=s, epoch=epoch,
+            self._orders[s] = (epoch, slots.epoch_order(len(source), seed=self.seed, source=s, epoch=epoch,
                                                            process_index=self.process_index,
                                                            process_count=self.process_count))
         return int(self._orders[s][1][pos])
@@ -122,16 +122,16 @@ class MixTrainIterator(pipeline.HostBatches):
         t, counts = state["sample"], list(state["counts"])
         block, choices = -1, None
         while True:
-            if t // pipeline._BLOCK != block:
-                block = t // pipeline._BLOCK
-                choices = pipeline.source_choices(self.weights, seed=self.seed, process_index=self.process_index,
+            if t // core.BLOCK != block:
+                block = t // core.BLOCK
+                choices = slots.source_choices(self.weights, seed=self.seed, process_index=self.process_index,
                                                   block=block)
-            s = int(choices[t % pipeline._BLOCK])
+            s = int(choices[t % core.BLOCK])
             if s in streams:
                 _, sample = next(streams[s])
                 item: Item = wds.SampleItem(t, sample.where, sample.image, sample.captions)
             else:
-                item = pipeline.Slot(t, self._record[s][0], self._record_index(s, counts[s]), ())
+                item = slots.Slot(t, self._record[s][0], self._record_index(s, counts[s]), ())
             counts[s] += 1
             taken.append((t, s, tuple(counts)))
             yield item
@@ -151,8 +151,8 @@ class MixTrainIterator(pipeline.HostBatches):
                        for s, n in enumerate(state["skipped_by_source"])]
             taken: collections.deque = collections.deque()
             records = core.OrderedMap(self.loader, self._items(state, streams, taken), executor=self.executor,
-                                      window=pipeline._window(self.batch_size, self._decoders),
-                                      skipped=sum(decoded), max_consecutive_bad=pipeline._MAX_CONSECUTIVE_BAD,
+                                      window=core.window(self.batch_size, self._decoders),
+                                      skipped=sum(decoded), max_consecutive_bad=core.MAX_CONSECUTIVE_BAD,
                                       logger=log)
             with records:
                 while True:

@@ -1,6 +1,9 @@
 """Host input pipeline: resumable, deterministic training batches and in-order eval batches.
 
-Training stream (per host). Sample slots t = 0, 1, 2, ... are assigned, as pure functions of the seed:
+``make_train_iterator`` chooses the training iterator of a spec or mix; ``make_eval_dataset`` reads eval batches.
+
+Training stream (per host, ``clipjax.data.slots``). Sample slots t = 0, 1, 2, ... are assigned, as pure functions
+of the seed:
 
     source     s(t)    from the mix weights, drawn in blocks of 4096 slots (one Generator per block)
     record     the n-th record drawn from source s, n = how many earlier slots chose s:
@@ -38,261 +41,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from clipjax.data import core
+from clipjax.data import core, mix, wds
 from clipjax.data import preprocess as pp
 from clipjax.data import sources as src_lib
+from clipjax.data.core import BLOCK as _BLOCK  # noqa: F401  (re-exported)
+from clipjax.data.core import HostBatches, Tokenizer  # noqa: F401  (re-exported)
+from clipjax.data.core import MAX_CONSECUTIVE_BAD as _MAX_CONSECUTIVE_BAD  # noqa: F401  (re-exported)
+from clipjax.data.core import executor_for as _executor  # noqa: F401  (re-exported)
+from clipjax.data.core import window as _window  # noqa: F401  (re-exported)
+from clipjax.data.slots import STATE_VERSION, Slot, TrainIterator, TrainLoader  # noqa: F401  (re-exported)
+from clipjax.data.slots import epoch_order, source_choices  # noqa: F401  (re-exported)
 from clipjax.data.sources import get_classnames  # noqa: F401  (re-exported)
 
-STATE_VERSION = 1
-_BLOCK = 4096
-_MAX_CONSECUTIVE_BAD = 1000
 log = logging.getLogger(__name__)
-
-Tokenizer = Callable[[Sequence[str], int], np.ndarray]
-
-
-def _valid_captions(captions: Sequence[str]) -> list[str]:
-    return [c for c in captions if c and c.strip()]
-
-
-def _window(batch_size: int, decoders: int) -> int:
-    """Records in flight: two batches, and enough to keep every decoding thread (of every worker) busy."""
-    return max(2 * batch_size, 8 * decoders)
-
-
-def _executor(executor: core.ExecutorFactory | None, workers: int, num_threads: int, name: str
-              ) -> tuple[core.ExecutorFactory, int]:
-    """(the executor factory, the number of decoding threads in all) for ``workers``/``num_threads``."""
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0 (0: threads in this process), got {workers}")
-    return executor or core.make_executor(workers, num_threads, name), max(1, workers) * num_threads
-
-
-# ============================================================================================ training
-
-def source_choices(weights: np.ndarray, *, seed: int, process_index: int, block: int) -> np.ndarray:
-    """The source of each slot of block ``block`` (slots ``block * 4096`` on) of a mix of ``weights``: int [4096]."""
-    if len(weights) == 1:
-        return np.zeros(_BLOCK, np.int64)
-    rng = np.random.default_rng([seed, 0x313, process_index, block])
-    return rng.choice(len(weights), size=_BLOCK, p=weights)
-
-
-def epoch_order(n: int, *, seed: int, source: int, epoch: int, process_index: int, process_count: int
-                ) -> np.ndarray:
-    """This host's record indices for epoch ``epoch`` of source ``source`` (of ``n`` records): int64 [n // P]."""
-    perm = np.random.default_rng([seed, 0x5EED, source, epoch]).permutation(n)  # [n]
-    return perm[process_index::process_count][: n // process_count]
-
-
-class Slot(NamedTuple):
-    """One sample slot of the training stream: a work item of ``TrainLoader``."""
-
-    t: int  # slot number
-    source: int  # index into the specs
-    index: int  # record index in that source's split
-    counts: tuple[int, ...]  # records drawn from each source up to and including this slot
-
-
-@dataclasses.dataclass
-class TrainLoader:
-    """Slot → (image uint8 [S,S,3], caption, label): the per-record work of training, picklable for workers.
-
-    Raises ``core.BadRecord`` for a record that cannot be read or decoded, has no non-empty caption or (with
-    ``num_classes``) no label in [0, num_classes).
-    """
-
-    sources: src_lib.SourceSet
-    image_size: int
-    scale: tuple[float, float]
-    seed: int
-    process_index: int
-    num_classes: int | None = None  # labels required when set
-
-    def __call__(self, slot: Slot) -> tuple[np.ndarray, str, int]:
-        spec = self.sources.specs[slot.source]
-        try:
-            rec = self.sources[slot.source].record(slot.index)
-        except Exception as e:  # a corrupt serialized record, an unreadable file
-            raise core.BadRecord(f"record {slot.index} of {spec!r}: unreadable ({type(e).__name__}: {e})") from None
-        captions = _valid_captions(rec.captions)
-        if not captions:
-            raise core.BadRecord(f"record {rec.key!r} of {spec!r}: no non-empty caption")
-        if self.num_classes is not None and not 0 <= rec.label < self.num_classes:
-            raise core.BadRecord(f"record {rec.key!r} of {spec!r}: no label (label {rec.label})")
-        rng = np.random.default_rng([self.seed, self.process_index, slot.t])
-        caption = captions[int(rng.integers(len(captions)))]
-        try:
-            image = pp.train_crop(rec.image, self.image_size, rng, scale=self.scale)  # uint8 [S, S, 3]
-        except Exception as e:  # corrupt or undecodable image bytes
-            raise core.BadRecord(f"record {rec.key!r} of {spec!r}: {e}") from None
-        return image, caption, rec.label
-
-
-class HostBatches(core.PrefetchedBatches):
-    """What every training-batch iterator of a host shares (this module's, a ``wds:`` stream's, a mix with streams):
-    its settings, checked, and its decoding executor."""
-
-    def _configure(self, *, global_batch_size: int, image_size: int, context_length: int, tokenizer: Tokenizer,
-                   seed: int, process_index: int, process_count: int, scale: tuple[float, float], num_threads: int,
-                   prefetch: int, workers: int, executor: core.ExecutorFactory | None) -> None:
-        if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
-        if global_batch_size % process_count:
-            raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} processes")
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"crop scale {tuple(scale)}: must be (MIN, MAX) with 0 < MIN <= MAX <= 1")
-        self.batch_size, self.global_batch_size = global_batch_size // process_count, global_batch_size
-        self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
-        self.seed, self.process_index, self.process_count = seed, process_index, process_count
-        self.scale, self.num_threads, self.prefetch = tuple(scale), max(1, num_threads), max(1, prefetch)
-        self.workers = int(workers)
-        self.executor, self._decoders = _executor(executor, self.workers, self.num_threads, "clipjax-data")
-        self._prefetcher: core.Prefetcher | None = None
-
-
-class TrainIterator(HostBatches):
-    """Infinite iterator of per-host training batches {"image": uint8 [b,S,S,3], "text": i32 [b,C]}, plus
-    "label": i32 [b] with ``labels=True``. Images are the cropped pixels; ``preprocess.normalize`` (on the host) or
-    ``clipjax.step.prepare_images`` (on the device) makes them the model's float32 input."""
-
-    def __init__(
-        self,
-        specs: list[str],
-        weights: list[float],
-        *,
-        split: str,
-        global_batch_size: int,
-        image_size: int,
-        context_length: int,
-        tokenizer: Tokenizer,
-        seed: int,
-        process_index: int,
-        process_count: int,
-        scale: tuple[float, float],
-        num_threads: int,
-        prefetch: int,
-        labels: bool = False,
-        workers: int = 0,
-        executor: core.ExecutorFactory | None = None,
-    ):
-        self._configure(global_batch_size=global_batch_size, image_size=image_size, context_length=context_length,
-                        tokenizer=tokenizer, seed=seed, process_index=process_index, process_count=process_count,
-                        scale=scale, num_threads=num_threads, prefetch=prefetch, workers=workers, executor=executor)
-        if labels and len(specs) != 1:
-            raise src_lib.DatasetError(f"labels=True reads one labelled dataset, got a mix of {len(specs)}")
-        self.specs, self.weights = specs, np.asarray(weights, np.float64)
-        self.sources = [src_lib.open_source(s, split) for s in specs]
-        for spec, source in zip(specs, self.sources):
-            if len(source) < process_count:
-                raise src_lib.DatasetError(
-                    f"dataset {spec!r} split {split!r} has {len(source)} records, fewer than {process_count} hosts"
-                )
-        self.labels = bool(labels)
-        self.classnames = src_lib.get_classnames(specs[0]) if labels else None  # what "label" indexes
-        self.loader = TrainLoader(
-            src_lib.SourceSet(specs, split, opened=self.sources), image_size, self.scale, seed, process_index,
-            num_classes=len(self.classnames) if labels else None)
-        self._state = {"sample": 0, "counts": [0] * len(specs), "skipped": 0, "skipped_by_source": [0] * len(specs)}
-        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
-
-    # -------------------------------------------------------------------------------------------- slots
-
-    def _epoch_order(self, s: int, epoch: int) -> np.ndarray:
-        """This host's record indices for epoch ``epoch`` of source ``s``: int64 [N // P]."""
-        key = (s, epoch)
-        if key not in self._perm_cache:
-            order = epoch_order(len(self.sources[s]), seed=self.seed, source=s, epoch=epoch,
-                                process_index=self.process_index, process_count=self.process_count)
-            self._perm_cache = {k: v for k, v in self._perm_cache.items() if k[0] != s}
-            self._perm_cache[key] = order
-        return self._perm_cache[key]
-
-    def _choices(self, block: int) -> np.ndarray:
-        """Source index of each slot of ``block``: int [_BLOCK]."""
-        return source_choices(self.weights, seed=self.seed, process_index=self.process_index, block=block)
-
-    def _slots(self, state: dict) -> Iterator[Slot]:
-        """The slots from ``state`` on."""
-        t, counts = state["sample"], list(state["counts"])
-        block, choices = -1, None
-        while True:
-            if t // _BLOCK != block:
-                block = t // _BLOCK
-                choices = self._choices(block)
-            s = int(choices[t % _BLOCK])
-            order_len = len(self.sources[s]) // self.process_count
-            epoch, pos = divmod(counts[s], order_len)
-            index = int(self._epoch_order(s, epoch)[pos])
-            counts[s] += 1
-            yield Slot(t, s, index, tuple(counts))
-            t += 1
-
-    # -------------------------------------------------------------------------------------------- batches
-
-    def _batches(self, state: dict) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
-        """(batch, state after it) from ``state`` on; runs on the prefetch thread."""
-        records = core.OrderedMap(self.loader, self._slots(state), executor=self.executor,
-                                  window=_window(self.batch_size, self._decoders), skipped=state["skipped"],
-                                  max_consecutive_bad=_MAX_CONSECUTIVE_BAD, logger=log)
-        counts, by_source = list(state["counts"]), list(state["skipped_by_source"])
-        with records:
-            while True:
-                rows = [next(records) for _ in range(self.batch_size)]  # [(slot, (image, caption, label))] * b
-                last = rows[-1][0]
-                # each source's slots up to the last row, less its rows, are the ones the map skipped
-                taken = [after - before for after, before in zip(last.counts, counts)]
-                for slot, _ in rows:
-                    taken[slot.source] -= 1
-                counts, by_source = list(last.counts), [k + n for k, n in zip(by_source, taken)]
-                batch = {
-                    "image": np.stack([r[1][0] for r in rows]),  # [b, S, S, 3]
-                    "text": np.asarray(self.tokenizer([r[1][1] for r in rows], self.context_length), np.int32),
-                }  # text: [b, C]
-                if self.labels:
-                    batch["label"] = np.asarray([r[1][2] for r in rows], np.int32)  # [b]
-                yield batch, {"sample": last.t + 1, "counts": counts, "skipped": records.skipped,
-                              "skipped_by_source": by_source}
-
-    def get_state(self) -> dict:
-        """JSON-able position after the last yielded batch."""
-        return {
-            "version": STATE_VERSION,
-            "sample": self._state["sample"],
-            "counts": list(self._state["counts"]),
-            "skipped": self._state["skipped"],
-            "skipped_by_source": list(self._state["skipped_by_source"]),
-            "specs": list(self.specs),
-            "seed": self.seed,
-            "process_index": self.process_index,
-            "process_count": self.process_count,
-        }
-
-    def set_state(self, state: dict) -> None:
-        """Continues from ``state`` (from ``get_state`` of an iterator with the same specs/seed/hosts)."""
-        core.check_state(state, self.get_state(), ("specs", "seed", "process_index", "process_count"),
-                         what="an ArrayRecord iterator's")
-        # "skipped_by_source" is absent from states saved before it was kept: a mix's per-source counts restart at 0
-        by_source = state.get("skipped_by_source") or ([state["skipped"]] if len(self.specs) == 1 else
-                                                       [0] * len(self.specs))
-        if (len(state["counts"]) != len(self.specs) or sum(state["counts"]) != state["sample"]
-                or len(by_source) != len(self.specs)
-                or ("skipped_by_source" in state and sum(by_source) != state["skipped"])):
-            raise ValueError(f"inconsistent data iterator state: sample={state['sample']} counts={state['counts']} "
-                             f"skipped={state['skipped']} by source {state.get('skipped_by_source')}")
-        self.close()
-        self._state = {"sample": int(state["sample"]), "counts": [int(c) for c in state["counts"]],
-                       "skipped": int(state["skipped"]), "skipped_by_source": [int(k) for k in by_source]}
-
-    @property
-    def skipped_by_source(self) -> dict[str, int]:
-        """Of a mix: {spec: records skipped so far (up to the batches yielded)}; {} for one dataset."""
-        return dict(zip(self.specs, self._state["skipped_by_source"])) if len(self.specs) > 1 else {}
 
 
 def make_train_iterator(
@@ -301,7 +66,7 @@ def make_train_iterator(
     global_batch_size: int,
     image_size: int,
     context_length: int,
-    tokenizer: Tokenizer,
+    tokenizer: core.Tokenizer,
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -313,7 +78,7 @@ def make_train_iterator(
     workers: int = 0,
     executor: core.ExecutorFactory | None = None,
     shuffle_buffer: int | None = None,
-) -> TrainIterator:
+) -> core.HostBatches:
     """Training batches of ``spec_or_mix`` (a spec string or {spec: weight}) for this host.
 
     A ``wds:`` spec (webdataset shards) gets ``clipjax.data.wds``'s streaming iterator, with the same batches,
@@ -340,8 +105,6 @@ def make_train_iterator(
         process_count = jax.process_count() if process_count is None else process_count
     specs, weights = src_lib.resolve_specs(spec_or_mix)
     if any(src_lib.source_kind(s) == "stream" for s in specs):
-        from clipjax.data import mix, wds
-
         kw = dict(split=split, global_batch_size=global_batch_size, image_size=image_size,
                   context_length=context_length, tokenizer=tokenizer, seed=seed, process_index=process_index,
                   process_count=process_count, scale=scale, num_threads=num_threads, prefetch=prefetch,
@@ -424,7 +187,7 @@ class EvalDataset:
         self.source = src_lib.open_source(spec, split, classnames=classnames)
         self.spec, self.split, self.image_size, self.batch_size = spec, split, image_size, batch_size
         self.num_threads, self.workers = max(1, num_threads), int(workers)
-        self.executor, self._decoders = _executor(executor, self.workers, self.num_threads, "clipjax-eval")
+        self.executor, self._decoders = core.executor_for(executor, self.workers, self.num_threads, "clipjax-eval")
         self.indices = evenly_spaced_indices(len(self.source), evenly_spaced)  # the records read, in order
         self.num_examples = len(self.indices)
         self.skipped = 0
@@ -457,7 +220,7 @@ class EvalDataset:
         self.skipped = 0
         rows: list = []
         records = core.OrderedMap(self.loader, self.indices, executor=self.executor,
-                                  window=_window(self.batch_size, self._decoders), logger=log)
+                                  window=core.window(self.batch_size, self._decoders), logger=log)
         with records:
             for _, row in records:
                 self.skipped = records.skipped

@@ -159,6 +159,25 @@ def load_image(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def oversized_image(data: bytes) -> str | None:
+    """Why the image ``data`` must not be decoded, from its header alone: more pixels than PIL decodes without a
+    decompression-bomb warning (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 M; a 30000² PNG of a few KB decodes to 2.7 GB).
+    None when it may be (or when the header does not parse: decoding then says why)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as e:
+        return f"decompression bomb: {e}"
+    except Exception:  # not an image PIL knows: decoding reports it
+        return None
+    if limit and width * height > limit:
+        return (f"decompression bomb: {width}x{height} = {width * height:,} pixels, more than PIL's limit of "
+                f"{limit:,} (PIL.Image.MAX_IMAGE_PIXELS)")
+    return None
+
+
+
 def normalize(
     array_uint8_hwc: np.ndarray, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD
 ) -> np.ndarray:

@@ -9,7 +9,7 @@
                                               fsspec and its implementation (gcsfs, s3fs, ...), imported only then
 
 A shard holds img2dataset's samples: consecutive members ``KEY.jpg|jpeg|png|webp`` with ``KEY.txt`` (the caption)
-or ``KEY.json`` (its ``caption`` field), grouped and read by ``clipjax.data.ingest``'s rules (``member_key``,
+or ``KEY.json`` (its ``caption`` field), grouped and read by the rules of ``clipjax.data.wds_names`` (``member_key``,
 ``sample_image_ext``, ``sample_captions``). Shards are read front to back in one pass (``tarfile`` stream mode: no
 seeks, no index), so a remote shard is one sequential download.
 
@@ -50,20 +50,27 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
-import itertools
 import logging
-import math
-import os
-import re
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, NamedTuple
 
 import numpy as np
 
-from clipjax import paths
-from clipjax.data import core, ingest, pipeline
+from clipjax.data import core
+from clipjax.data.wds_names import (  # noqa: F401  (re-exported)
+    MAX_SHARD_NAMES,
+    WDS_IMAGE_EXTS,
+    _protocol,
+    count_braces,
+    expand_braces,
+    iter_braces,
+    member_key,
+    open_shard,
+    sample_captions,
+    sample_image_ext,
+    shard_urls,
+)
 from clipjax.data import preprocess as pp
 from clipjax.data import sources as src_lib
 
@@ -75,154 +82,9 @@ DEFAULT_SHUFFLE_BUFFER = 1000
 _BLOCK = 4096  # buffer choices drawn per generator
 _LOG_FIRST = 10  # skips logged with their reason while reading (further ones are counted)
 _FIRST_OPENS = 4  # shards that cannot be opened before any could: the spec or the storage is wrong, not a shard
-_READ_BUFFER = 1 << 20
-_PROTOCOL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 MAX_MEMBER_BYTES = 64 << 20  # a larger tar member is passed over unread (ingest's --max-image-bytes default)
-MAX_SHARD_NAMES = 1_000_000  # names a brace pattern may expand to (each is held in memory and, if local, stat'ed)
 
 SampleId = tuple[int, int, int]  # (epoch, shard position in that epoch's order, sample index in the shard)
-
-
-# ============================================================================================ shard listing
-
-def _options(body: str, pattern: str) -> tuple[int, Iterable[str]]:
-    """(count, lazy options) of one brace's ``body``: a numeric range or a comma list."""
-    bounds = _RANGE.match(body)
-    if bounds:
-        lo, hi = bounds.groups()
-        padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (lo, hi))
-        width = max(len(lo), len(hi)) if padded else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        numbers = range(int(lo), int(hi) + step, step)
-        return len(numbers), (f"{i:0{width}d}" for i in numbers)
-    if "," in body:
-        options = body.split(",")
-        return len(options), options
-    raise ValueError(f"brace {{{body}}} in {pattern!r} is neither a range {{A..B}} nor a list {{a,b}}")
-
-
-def iter_braces(pattern: str) -> Iterator[str]:
-    """The names of a brace pattern one at a time, in ``expand_braces``'s order, none held beyond the one yielded."""
-    m = _BRACE.search(pattern)
-    if m is None:
-        yield pattern
-        return
-    head, tail = pattern[: m.start()], pattern[m.end():]
-    for option in _options(m.group(1), pattern)[1]:
-        yield from iter_braces(head + option + tail)
-
-
-def count_braces(pattern: str, limit: int = MAX_SHARD_NAMES) -> int:
-    """How many names ``pattern`` expands to, counted without listing them (a nested pattern is counted one name at a
-    time, up to ``limit`` + 1)."""
-    bodies = _BRACE.findall(pattern)
-    if "{" in _BRACE.sub("", pattern):  # nested braces: the options of an outer brace depend on the inner ones
-        return sum(1 for _ in itertools.islice(iter_braces(pattern), limit + 1))
-    return math.prod(_options(body, pattern)[0] for body in bodies)
-
-
-def expand_braces(pattern: str, limit: int = MAX_SHARD_NAMES) -> list[str]:
-    """``a{00..02}b{x,y}`` → a00bx, a00by, a01bx, ...: numeric ranges (zero-padded to the wider bound when a bound is
-    written with a leading zero) and comma lists, the leftmost brace varying slowest (as a shell expands them). More
-    than ``limit`` names is a ValueError, raised before any is made (``{0..999}{0..999}{0..999}`` is 10^9 names)."""
-    count = count_braces(pattern, limit)
-    if count > limit:
-        shown = f"{count:,}" if count > limit + 1 else f"more than {limit:,}"  # a nested pattern is counted to limit+1
-        raise ValueError(f"brace pattern {pattern!r} names {shown} shards; a pattern may name at most "
-                         f"{limit:,}: check the pattern, or split the data into a mix (data.mix)")
-    return list(iter_braces(pattern))
-
-
-def _protocol(path: str) -> str | None:
-    m = _PROTOCOL.match(path)
-    return m.group(1) if m else None
-
-
-def _fsspec(spec: str, protocol: str):
-    """fsspec, once its filesystem for ``protocol`` imports; a ``DatasetError`` naming what is missing otherwise."""
-    try:
-        import fsspec
-    except ImportError:
-        raise src_lib.DatasetError(f"dataset {spec!r}: reading {protocol}:// paths needs the fsspec package "
-                                   f"(pip install fsspec)") from None
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except ImportError as e:  # the implementation (gcsfs, s3fs, ...) is not installed; fsspec's message names it
-        raise src_lib.DatasetError(f"dataset {spec!r}: cannot read {protocol}:// paths: {e}") from None
-    except ValueError:
-        raise src_lib.DatasetError(f"dataset {spec!r}: fsspec knows no filesystem {protocol!r}") from None
-    return fsspec
-
-
-def _local_shards(spec: str, path: str) -> list[str]:
-    path = os.path.expanduser(path)
-    if "{" in path:
-        urls = expand_braces(path)
-        present = sum(os.path.isfile(u) for u in urls)
-        if not present:
-            raise src_lib.DatasetError(f"dataset {spec!r}: none of its {len(urls)} shards exists (first: {urls[0]})")
-        if present < len(urls):
-            log.warning("dataset %r: %d of its %d shards do not exist; each is skipped and counted when its turn "
-                        "comes", spec, len(urls) - present, len(urls))
-        return urls
-    if any(c in path for c in "*?["):
-        return sorted(glob.glob(path))
-    if os.path.isdir(path):
-        return sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".tar") and not n.startswith("."))
-    if os.path.isfile(path):
-        return [path]
-    raise src_lib.DatasetError(f"dataset {spec!r}: {path} is neither a directory, a .tar shard nor a pattern of "
-                               f"shards ({{A..B}}, {{a,b}}, *)")
-
-
-def _remote_shards(spec: str, path: str, protocol: str) -> list[str]:
-    fsspec = _fsspec(spec, protocol)
-    urls = expand_braces(path) if "{" in path else None  # without a request: listing 10^5 shards is slow
-    try:  # an object store that does not answer fails here, in seconds, not shard by shard on the reading thread
-        paths.check_reachable(path)
-    except paths.StorageError as e:
-        raise src_lib.DatasetError(f"dataset {spec!r}: {e.__cause__ or e}") from None
-    if urls is not None:
-        return urls
-    fs, root = fsspec.core.url_to_fs(path)
-    if any(c in root for c in "*?["):
-        found = fs.glob(root)
-    elif root.endswith(".tar"):
-        return [path]
-    else:
-        found = fs.glob(root.rstrip("/") + "/*.tar")
-    return sorted(fs.unstrip_protocol(p) for p in found)
-
-
-def shard_urls(spec: str) -> list[str]:
-    """The shards of a ``wds:`` spec in listing order (local paths, or URLs read through fsspec)."""
-    path = spec[len(src_lib.WDS_PREFIX):]
-    if not path:
-        raise src_lib.DatasetError(f"dataset {spec!r}: name the shards, e.g. wds:/data/shards/{{00000..00099}}.tar")
-    protocol = _protocol(path)
-    try:
-        if protocol is None or protocol == "file":
-            urls = _local_shards(spec, path[len("file://"):] if protocol else path)
-        else:
-            urls = _remote_shards(spec, path, protocol)
-    except src_lib.DatasetError:  # already names the spec
-        raise
-    except ValueError as e:  # a brace that is not a pattern
-        raise src_lib.DatasetError(f"dataset {spec!r}: {e}") from None
-    if not urls:
-        raise src_lib.DatasetError(f"dataset {spec!r}: no .tar shards found")
-    return urls
-
-
-def open_shard(url: str) -> IO[bytes]:
-    """A shard opened for reading: a local file, or through fsspec for a URL with a protocol."""
-    if _protocol(url) is None:
-        return open(url, "rb", buffering=_READ_BUFFER)
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
 
 
 # ============================================================================================ tar reading
@@ -233,7 +95,7 @@ class ShardDamaged(Exception):
 
 def iter_groups(fileobj: IO[bytes], max_member_bytes: int = MAX_MEMBER_BYTES,
                 ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
-    """(key, {extension: bytes}) of each run of consecutive members with one key (``ingest.member_key``), in one
+    """(key, {extension: bytes}) of each run of consecutive members with one key (``wds_names.member_key``), in one
     pass; a member larger than ``max_member_bytes`` is passed over unread (its bytes: None). Raises ``ShardDamaged``
     where the tar is cut or unreadable, after the complete samples before the damage."""
     key, files = None, {}
@@ -241,7 +103,7 @@ def iter_groups(fileobj: IO[bytes], max_member_bytes: int = MAX_MEMBER_BYTES,
         tar = tarfile.open(fileobj=fileobj, mode="r|")
         while (member := tar.next()) is not None:
             tar.members = []  # stream mode: keep no list of the members read
-            parts = ingest.member_key(member.name) if member.isfile() else None
+            parts = member_key(member.name) if member.isfile() else None
             if parts is None:
                 continue
             if parts[0] != key:
@@ -258,12 +120,12 @@ def iter_groups(fileobj: IO[bytes], max_member_bytes: int = MAX_MEMBER_BYTES,
 
 def _image_and_captions(files: dict[str, bytes | None]) -> tuple[bytes, list[str]] | str:
     """(image bytes, non-empty captions) of a sample's members, or why it cannot be used."""
-    ext = ingest.sample_image_ext(files)
+    ext = sample_image_ext(files)
     if ext is None:
-        return f"no image member ({'/'.join(ingest.WDS_IMAGE_EXTS)})"
+        return f"no image member ({'/'.join(WDS_IMAGE_EXTS)})"
     if files[ext] is None:
         return f"image member .{ext} too large to read (over MAX_MEMBER_BYTES, {MAX_MEMBER_BYTES:,} bytes)"
-    captions = [c for c in ingest.sample_captions(files.get("txt"), files.get("json")) if c and c.strip()]
+    captions = [c for c in sample_captions(files.get("txt"), files.get("json")) if c and c.strip()]
     if not captions:
         return "no caption (.txt, or 'caption' in .json)"
     return files[ext], captions
@@ -307,7 +169,7 @@ class ShardReader(Iterator[Sample]):
         self._bad_run += 1
         if not quiet:
             self._log_skip(reason)
-        if self._bad_run >= pipeline._MAX_CONSECUTIVE_BAD:
+        if self._bad_run >= core.MAX_CONSECUTIVE_BAD:
             raise core.TooManyBadRecords(f"{self._bad_run} consecutive bad samples or shards; last: {reason}")
 
     def _log_skip(self, reason: str) -> None:
@@ -488,7 +350,7 @@ class SampleItem(NamedTuple):
 @dataclasses.dataclass
 class SampleLoader:
     """SampleItem → (image uint8 [S,S,3], caption, -1): the caption and crop of slot t exactly as
-    ``pipeline.TrainLoader`` makes them; ``core.BadRecord`` for an image that does not decode."""
+    ``slots.TrainLoader`` makes them; ``core.BadRecord`` for an image that does not decode."""
 
     image_size: int
     scale: tuple[float, float]
@@ -498,7 +360,7 @@ class SampleLoader:
     def __call__(self, item: SampleItem) -> tuple[np.ndarray, str, int]:
         rng = np.random.default_rng([self.seed, self.process_index, item.t])
         caption = item.captions[int(rng.integers(len(item.captions)))]
-        too_large = ingest.oversized_image(item.image)  # from the header: never decoded
+        too_large = pp.oversized_image(item.image)  # from the header: never decoded
         if too_large is not None:
             raise core.BadRecord(f"sample {item.where}: {too_large}")
         try:
@@ -510,13 +372,13 @@ class SampleLoader:
 
 # ============================================================================================ iterator
 
-class StreamTrainIterator(pipeline.HostBatches):
+class StreamTrainIterator(core.HostBatches):
     """Infinite per-host training batches of a ``wds:`` spec: {"image": uint8 [b,S,S,3], "text": i32 [b,C]}, with
     ``get_state``/``set_state``/``skipped``/``close`` as ``pipeline.TrainIterator``. ``sources`` is empty (no
     random-access source: the number of samples is not known before reading them)."""
 
     def __init__(self, spec: str, *, global_batch_size: int, image_size: int, context_length: int,
-                 tokenizer: pipeline.Tokenizer, seed: int, process_index: int, process_count: int,
+                 tokenizer: core.Tokenizer, seed: int, process_index: int, process_count: int,
                  scale: tuple[float, float], num_threads: int, prefetch: int, workers: int = 0,
                  executor: core.ExecutorFactory | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                  member: int | None = None):
@@ -558,9 +420,9 @@ class StreamTrainIterator(pipeline.HostBatches):
         stream = self.stream(state)
         items = (SampleItem(t, s.where, s.image, s.captions) for t, s in stream)
         records = core.OrderedMap(self.loader, items, executor=self.executor,
-                                  window=pipeline._window(self.batch_size, self._decoders),
+                                  window=core.window(self.batch_size, self._decoders),
                                   skipped=state["skipped"] - state["read_skipped"],
-                                  max_consecutive_bad=pipeline._MAX_CONSECUTIVE_BAD, logger=log)
+                                  max_consecutive_bad=core.MAX_CONSECUTIVE_BAD, logger=log)
         try:
             with records:
                 while True:
