@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
@@ -82,10 +83,14 @@ def serve(handlers: dict[str, Callable[..., dict]]) -> None:
         out.flush()
 
 
-def timed(fn: Callable[[], Any], n: int) -> list[float]:
-    """Wall time of `n` calls of `fn` (which must block until its result is ready)."""
-    out = []
-    for _ in range(n):
+def timed(fn: Callable[[], Any], n: int, *, warmup: int = 0, deadline: float = math.inf,
+          budget_s: float = math.inf) -> list[float]:
+    """Wall time of `n` calls of `fn` (which must block until its result is ready) after `warmup` untimed calls;
+    fewer, but at least 3, once `time.time()` passes `deadline` or the timed calls add up to `budget_s`."""
+    for _ in range(warmup):
+        fn()
+    out: list[float] = []
+    while len(out) < n and (len(out) < 3 or (time.time() < deadline and sum(out) < budget_s)):
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
@@ -218,8 +223,6 @@ def jaxpr_matmul_flops(fn: Callable, *args: Any) -> float:
 
 
 def _jaxpr_flops(jaxpr) -> float:
-    import math
-
     from jax.extend.core import jaxprs_in_params
 
     total = 0.0

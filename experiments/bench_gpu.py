@@ -39,7 +39,7 @@ import time
 from typing import Any
 
 from bench_common import (RESULTS_DIR, ROOT, command_line, median, optimizer_recipe, peak_rss, random_batch, stamp,
-                          train_config)
+                          timed, train_config)
 
 GPU_CASES = [("ViT-B-32", 512), ("ViT-B-16", 256), ("ViT-L-14", 128)]
 GPU_LOSS = {"sizes": [16384, 65536, 262144], "dim": 512, "block": 1024}
@@ -64,19 +64,6 @@ MIN_S = {"kernels": 45, "jax_train": 90, "jax_warm": 40, "torch_eager": 30, "tor
 
 
 # ============================================================================================ parts (subprocesses)
-
-def _steps(step, warmup: int, steps: int, deadline: float, budget_s: float = math.inf) -> list[float]:
-    """Warm-up calls, then up to `steps` timed calls of `step` (which synchronises) while the deadline and the
-    timing budget allow (at least 3)."""
-    for _ in range(warmup):
-        step()
-    times: list[float] = []
-    while len(times) < steps and (len(times) < 3 or (time.time() < deadline and sum(times) < budget_s)):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return times
-
 
 def _jax_peak(device) -> dict[str, Any]:
     """Peak device memory (GPU allocator) or, where the device reports none (CPU), the process's peak RSS."""
@@ -142,7 +129,7 @@ def part_jax_train(model_cfg: dict, batch: int, warmup: int, steps: int, deadlin
 
     step()
     t4 = time.perf_counter()
-    times = _steps(step, warmup, steps, deadline, budget_s=30.0)
+    times = timed(step, steps, warmup=warmup, deadline=deadline, budget_s=30.0)
     mem = compiled.memory_analysis()
     flops = train_flops_per_step(cfg, batch)
     return {"framework": "clipjax", "device": device.device_kind, "platform": device.platform,
@@ -192,7 +179,7 @@ def part_torch_train(model_cfg: dict, batch: int, opt: dict, mode: str, warmup: 
         torch.cuda.reset_peak_memory_stats()
     step()
     t1 = time.perf_counter()
-    times = _steps(step, warmup, steps, deadline, budget_s=30.0)
+    times = timed(step, steps, warmup=warmup, deadline=deadline, budget_s=30.0)
     if dev == "cuda":
         peak = {"peak_bytes": int(torch.cuda.max_memory_allocated()), "peak_kind": "device"}
         name = torch.cuda.get_device_name()
@@ -227,7 +214,7 @@ def loss_case(kind: str, n: int, dim: int, block: int, mem_limit: int, steps: in
     def call():
         box["loss"] = float(jax.block_until_ready(compiled(img, txt, scale))[0])
 
-    times = _steps(call, 1, steps, deadline, budget_s=15.0)
+    times = timed(call, steps, warmup=1, deadline=deadline, budget_s=15.0)
     return {**out, "median_s": median(times), "n_steps": len(times), "loss": box["loss"]}
 
 

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 
 import torch
 
 import open_clip
 from open_clip.loss import ClipLoss
 
-from bench_common import random_batch, serve
+from bench_common import random_batch, serve, timed
 
 _state: dict = {}
 
@@ -82,58 +81,48 @@ def train_step(model, base: torch.nn.Module, optimizer, loss_fn, images, tokens,
     return total
 
 
-def setup_train(model_cfg: dict, batch: int, opt: dict, seed: int = 0) -> dict:
+def _setup(model_cfg: dict, batch: int, seed: int, train: bool) -> dict:
+    """A case's model (in train or eval mode) and batch, as the worker's state → its parameter count."""
     torch.manual_seed(seed)
-    net = make_model(model_cfg).train()
-    images, tokens = make_batch(model_cfg, batch, seed)
-    _state.clear()
-    _state.update(model=net, optimizer=make_optimizer(net, opt), loss=ClipLoss(), images=images, tokens=tokens,
-                  clip=opt.get("grad_clip_norm"))
-    return {"params": sum(p.numel() for p in net.parameters())}
-
-
-def train_steps(n: int) -> dict:
-    s = _state
-    times, loss = [], float("nan")
-    for _ in range(n):
-        t0 = time.perf_counter()
-        loss = train_step(s["model"], s["model"], s["optimizer"], s["loss"], s["images"], s["tokens"],
-                          s["clip"]).item()
-        times.append(time.perf_counter() - t0)
-    return {"times": times, "loss": loss}
-
-
-def setup_infer(model_cfg: dict, batch: int, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    net = make_model(model_cfg).eval()
+    net = make_model(model_cfg).train(train)
     images, tokens = make_batch(model_cfg, batch, seed)
     _state.clear()
     _state.update(model=net, images=images, tokens=tokens)
     return {"params": sum(p.numel() for p in net.parameters())}
 
 
+def setup_train(model_cfg: dict, batch: int, opt: dict, seed: int = 0) -> dict:
+    out = _setup(model_cfg, batch, seed, train=True)
+    _state.update(optimizer=make_optimizer(_state["model"], opt), loss=ClipLoss(), clip=opt.get("grad_clip_norm"))
+    return out
+
+
+def train_steps(n: int) -> dict:
+    s, box = _state, {"loss": float("nan")}
+
+    def step():
+        box["loss"] = train_step(s["model"], s["model"], s["optimizer"], s["loss"], s["images"], s["tokens"],
+                                 s["clip"]).item()
+
+    return {"times": timed(step, n), "loss": box["loss"]}
+
+
+def setup_infer(model_cfg: dict, batch: int, seed: int = 0) -> dict:
+    return _setup(model_cfg, batch, seed, train=False)
+
+
 def infer_steps(what: str, n: int) -> dict:
     s = _state
     model = s["model"]
     fn = (lambda: model.encode_image(s["images"])) if what == "image" else (lambda: model.encode_text(s["tokens"]))
-    times = []
     with torch.inference_mode():
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return {"times": times}
+        return {"times": timed(fn, n)}
 
 
 def matmul(n: int, reps: int) -> dict:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return {"times": times}
+    return {"times": timed(lambda: a @ b, reps)}
 
 
 def info() -> dict:
