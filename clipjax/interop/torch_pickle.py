@@ -379,8 +379,10 @@ def _view_problem(t: _LazyTensor) -> str | None:
     dims = sorted((s, n) for n, s in zip(t.shape, t.stride) if n > 1)  # by stride; size-1 dims move nothing
     if any(s == 0 for s, _ in dims):
         return f"is an expanded view (size {t.shape}, stride {t.stride}): it repeats storage elements"
+    reach = 0  # the farthest element the smaller-stride dims reach from a start: each next stride must pass it
     for (s, n), (s_next, _) in zip(dims, dims[1:]):
-        if s_next < s * n:
+        reach += (n - 1) * s
+        if s_next <= reach:  # interleaved strides (e.g. a transposed slice, (6, 9, 27, 1)) pass; repeats do not
             return f"is an overlapping view (size {t.shape}, stride {t.stride}): it repeats storage elements"
     item = t.dtype.itemsize
     capacity = t.storage.numel * t.storage.dtype.itemsize  # bytes in the storage (or legacy storage view)
