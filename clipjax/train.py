@@ -593,8 +593,6 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
     is_main = jax.process_index() == 0
     config = check_config(config)
     _check_workdir(workdir_p)
-    if held is not None:  # one run per workdir (a second one is refused, naming the first)
-        held.enter_context(workdir_lock.held(workdir_p))
     mesh = make_train_mesh(config)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     if config.task == "contrastive":
@@ -607,6 +605,8 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
     data = PhasedData(lambda p: _from_config("config.data", make_data, config, cfg, config.seed, mesh, p), phases)
     data.at(0)  # a bad data spec fails now, before the model is built
     _warn_small_dataset(data, config.batch_size)
+    if held is not None:  # one run per workdir (a second one is refused, naming the first); after the config and
+        held.enter_context(workdir_lock.held(workdir_p))  # data checks, so that a refused config writes nothing
 
     ckpt = writer = head_task = None
     try:

@@ -84,13 +84,13 @@ def test_unknown_topology_or_missing_compiler_is_one_line():
 
 
 DEMO = [f"--config={ROOT / 'configs' / 'demo.py'}", "--config.batch_size=16", "--config.total_steps=3",
-        "--config.log_every=1", "--config.evals={}", "--config.async_checkpoints=False", "--local_device_count=2"]
+        "--config.log_every=1", "--config.evals={}", "--config.async_checkpoints=False"]
 
 
-def _run(module, *args):
+def _run(module, *args, devices=2):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-m", module, *DEMO, *args], capture_output=True, text=True, timeout=900,
-                          cwd=ROOT, env=env)
+    return subprocess.run([sys.executable, "-m", module, *DEMO, f"--local_device_count={devices}", *args],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
 
 
 def _losses(workdir):
@@ -118,7 +118,7 @@ def test_step_compiled_ahead_of_time_trains_bit_for_bit_and_is_refused_for_anoth
     assert other.stderr.strip().splitlines()[-1].startswith("error: --compiled=") and "another program" in other.stderr
     assert not (tmp_path / "other" / "metrics.jsonl").exists()
     # other devices: named
-    fewer = _run("clipjax.main", f"--workdir={tmp_path / 'one'}", f"--compiled={exe}", "--local_device_count=1")
+    fewer = _run("clipjax.main", f"--workdir={tmp_path / 'one'}", f"--compiled={exe}", devices=1)
     assert fewer.returncode == 2 and "chips 2 there, 1 here" in fewer.stderr.strip().splitlines()[-1]
     # not an executable at all
     junk = tmp_path / "junk.exe"
