@@ -95,7 +95,8 @@ def phase_at(phases: Sequence[Phase], step: int) -> Phase:
 
 class PhasedData:
     """The training iterator of the phase at each step: `at(step)` switches to the phase's iterator (built by
-    `make(phase)`), carrying the input position over, so the batches continue exactly where the last phase left."""
+    `make(phase)`), carrying the input position over, so the batches continue exactly where the last phase left. It
+    and the iterators it holds are `clipjax.data.core.TrainData`."""
 
     def __init__(self, make: Callable[[Phase], Any], phases: Sequence[Phase]):
         self._make, self.phases = make, list(phases)
@@ -109,7 +110,7 @@ class PhasedData:
     def at(self, step: int) -> Phase:
         p = phase_at(self.phases, step)
         if p != self.phase:
-            state = self._it.get_state() if self._it is not None and hasattr(self._it, "get_state") else None
+            state = self._it.get_state() if self._it is not None else None
             self.close()
             self._it = self._make(p)
             if state is not None:
@@ -125,25 +126,25 @@ class PhasedData:
     def __next__(self):
         return next(self._it)
 
-    def get_state(self) -> dict | None:
-        return self._it.get_state() if hasattr(self._it, "get_state") else None
+    def get_state(self) -> dict:
+        return self._it.get_state()
 
     def set_state(self, state: dict) -> None:
         self._it.set_state(state)
 
     @property
     def skipped(self) -> int:
-        return int(getattr(self._it, "skipped", 0))
+        return int(self._it.skipped)
 
     @property
     def skipped_by_source(self) -> dict[str, int]:
         """{spec: samples skipped} of a mix (of ArrayRecord datasets, or with `wds:` streams); {} otherwise."""
-        return dict(getattr(self._it, "skipped_by_source", None) or {})
+        return dict(self._it.skipped_by_source)
 
     @property
     def sources(self) -> list:
-        return list(getattr(self._it, "sources", ()))
+        return list(self._it.sources)
 
     def close(self) -> None:
-        if self._it is not None and hasattr(self._it, "close"):
+        if self._it is not None:
             self._it.close()

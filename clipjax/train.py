@@ -365,8 +365,8 @@ def _no_text(texts, context_length: int) -> np.ndarray:
     return np.zeros((len(texts), context_length), np.int32)
 
 
-def _warn_small_dataset(data: Any, batch_size: int) -> None:
-    sizes = [len(s) for s in getattr(data, "sources", ())]
+def _warn_small_dataset(data: PhasedData, batch_size: int) -> None:
+    sizes = [len(s) for s in data.sources]
     if sizes and batch_size > sum(sizes):
         log.warning("config.batch_size=%d is larger than the training data (%d records): every batch repeats "
                     "records", batch_size, sum(sizes))
@@ -651,7 +651,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
         if restored is not None:
             start, state, data_state = restored
             data.at(start)
-            if data_state and data.get_state() is not None:
+            if data_state:
                 try:
                     data.set_state(data_state)
                 except ValueError as e:  # another dataset, seed or host count than the run that saved it
@@ -771,10 +771,9 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
                      tflops_per_device=flops / dt / mesh.size / 1e12)
             if peak:
                 m["mfu"] = flops / dt / peak
-            if hasattr(data, "skipped"):
-                m["data_skipped"] = float(sum_over_processes(int(data.skipped)))
-                for spec, n in getattr(data, "skipped_by_source", {}).items():  # a mix: which source skipped them
-                    m[f"data_skipped/{spec}"] = float(sum_over_processes(int(n)))
+            m["data_skipped"] = float(sum_over_processes(int(data.skipped)))
+            for spec, n in data.skipped_by_source.items():  # a mix: which source skipped them
+                m[f"data_skipped/{spec}"] = float(sum_over_processes(int(n)))
             _write_metrics(writer, step, m)
             last = m
             if is_main:
@@ -788,7 +787,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
                 _write_metrics(writer, step, results)
                 last.update(results)
         if save:
-            ckpt.save(step, state, data.get_state() if hasattr(data, "get_state") else None,
+            ckpt.save(step, state, data.get_state(),
                       force=stop or step == config.total_steps)
         t_last += time.perf_counter() - t_pause  # step_time and samples_per_sec count training only
         c_last += time.thread_time() - c_pause

@@ -64,3 +64,19 @@ def test_a_state_saved_before_per_source_skips_were_kept_restores(root):
     batches, _ = _read(it, ds.BATCHES - ds.RESUME_AT, root)
     assert batches == saved["batches"][ds.RESUME_AT:]
     assert it.skipped == saved["states"][-1]["skipped"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_training_iterator_is_the_declared_interface(case, root):
+    from clipjax.data import core
+    from clipjax.phases import Phase, PhasedData
+
+    it = ds.make(case, root)
+    try:
+        assert isinstance(it, core.TrainData)
+        assert isinstance(it.skipped_by_source, dict) and isinstance(it.sources, list)
+        phased = PhasedData(lambda p: it, [Phase(0, 10, 24, 12, 0.0)])
+        phased.at(0)
+        assert isinstance(phased, core.TrainData) and phased.get_state() == it.get_state()
+    finally:
+        it.close()

@@ -43,6 +43,9 @@ def test_resume_continues_the_same_sequence():
     again = SyntheticIterator(**KW, mesh=mesh)
     again.set_state({"position": 2})
     np.testing.assert_array_equal(jax.device_get(next(again))["image"], b2["image"])
+    from clipjax.data.core import TrainData
+
+    assert isinstance(again, TrainData) and again.skipped_by_source == {} and again.sources == []
 
 
 def test_images_are_normalised_on_device_like_the_host_and_nan_flags_poison_rows():

@@ -33,7 +33,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from clipjax.data.workers import (  # noqa: F401  (re-exported: the executors are part of the engine's interface)
     BadRecord,
@@ -256,6 +256,37 @@ class PrefetchedBatches:
 
 # ============================================================================================ training batches
 
+@runtime_checkable
+class TrainData(Protocol):
+    """The training data the trainer's loop reads (``clipjax.train``): every per-host training iterator
+    (``pipeline.make_train_iterator``'s, ``synthetic.SyntheticIterator``, ``phases.PhasedData`` around them).
+
+    ``next()`` is the next per-host batch ({field: array}); ``get_state()`` the JSON-able position after the last
+    batch yielded, which ``set_state`` continues from (an iterator of other data refuses it with a ValueError);
+    ``skipped`` counts the bad records skipped up to that batch, ``skipped_by_source`` the same by source spec for a
+    mix ({} for one source); ``sources`` are the random-access sources read (their sizes known; [] when there are
+    none, or streams among them); ``close()`` stops the threads and worker processes (the next ``next()`` starts
+    them again, from the position)."""
+
+    sources: list
+
+    def __iter__(self) -> Iterator[dict]: ...
+
+    def __next__(self) -> dict: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+    @property
+    def skipped(self) -> int: ...
+
+    @property
+    def skipped_by_source(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
 BLOCK = 4096  # slots whose sources (or a stream's buffer choices) one generator draws
 MAX_CONSECUTIVE_BAD = 1000  # bad records in a row that end a training stream (TooManyBadRecords)
 
@@ -277,7 +308,14 @@ def executor_for(executor: ExecutorFactory | None, workers: int, num_threads: in
 
 class HostBatches(PrefetchedBatches):
     """What every training-batch iterator of a host shares (an ArrayRecord mix's, a ``wds:`` stream's, a mix with streams):
-    its settings, checked, and its decoding executor."""
+    its settings, checked, and its decoding executor; a ``TrainData``."""
+
+    sources: list = []
+
+    @property
+    def skipped_by_source(self) -> dict[str, int]:
+        """{spec: samples skipped so far} of a mix; {} for one source."""
+        return {}
 
     def _configure(self, *, global_batch_size: int, image_size: int, context_length: int, tokenizer: Tokenizer,
                    seed: int, process_index: int, process_count: int, scale: tuple[float, float], num_threads: int,

@@ -94,7 +94,9 @@ class SyntheticIterator:
         self._batch_args = dict(seed=int(seed), n=global_batch_size, size=image_size, length=context_length,
                                 vocab=vocab_size, nan_steps=tuple(sorted({int(s) for s in nan_steps})))
         self.position = 0
-        self.skipped = 0
+        self.skipped = 0  # the clipjax.data.core.TrainData interface: nothing is ever skipped, no random-access source
+        self.skipped_by_source: dict[str, int] = {}
+        self.sources: list = []
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
