@@ -79,6 +79,9 @@ def topology_devices(name: str, num_slices: int = 1) -> list[Any]:
                        f"'jax[tpu]')") from None
     from jax.experimental import topologies
 
+    for key, value in (("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_SKIP_MDS_QUERY", "1"),
+                       ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):  # compiling only: no metadata server, no chip to lock
+        os.environ.setdefault(key, value)
     kw = {"num_slices": num_slices} if num_slices > 1 else {}
     try:
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kw).devices)
@@ -202,6 +205,7 @@ def program_digest(lowered: Any) -> str:
 
 _GROUPS = re.compile(r"replica_groups=(\{[{}0-9, ]*\}|\[[0-9,]+\]<=\[[0-9,]+\](?:T\([0-9,]+\))?)")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(([^)]*\)?)\))? \{([^}]*)\}")
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 _PAIRS = re.compile(r"source_target_pairs=\{([{}0-9, ]*)\}")
 _SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([0-9,]*)\]")
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -254,12 +258,21 @@ def _result_bytes(line: str, op: str) -> int:
 
 def collectives(hlo: str, slice_of: Any = None) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """Counts of each collective in compiled HLO text (an async pair counts once), and, given `slice_of` (partition
-    id → slice), those whose device groups span slices: {op: {"count", "bytes"}} (bytes: the largest result array,
-    summed over instructions)."""
+    id → slice), the traffic between slices: {op: {"count", "bytes"}}, bytes per device summed over instructions. A
+    TPU multi-slice program keeps its collectives inside a slice and sends over the data-centre network with
+    `send` instructions marked with the collective they serve (counted here by that collective); elsewhere a
+    collective crosses slices when one of its device groups spans them."""
     counts = dict.fromkeys(COLLECTIVES, 0)
     cross: dict[str, dict[str, int]] = {}
     op_re = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
     for line in hlo.splitlines():
+        dcn = _MEGASCALE.search(line) if " send(" in line else None
+        if dcn is not None and slice_of is not None:  # a TPU multi-slice program: the data-centre network's transfers
+            entry = cross.setdefault(dcn.group(1).lower().replace("_", "-"), {"count": 0, "bytes": 0})
+            entry["count"] += 1
+            payload = _SHAPE.search(line.split("=", 1)[1])
+            entry["bytes"] += _ITEMSIZE[payload.group(1)] * math.prod(int(d) for d in payload.group(2).split(",") if d)
+            continue
         m = op_re.search(line)
         if not m or "=" not in line.split(m.group(0))[0]:
             continue
@@ -459,8 +472,9 @@ def main(argv: list[str]) -> None:
         fail("--config is required (e.g. --config=configs/vit_b32.py)")
     if not _TOPOLOGY.value:
         fail("--topology is required (e.g. --topology=v5e:16x16, or local for this host's devices)")
-    if _TOPOLOGY.value != "local":  # compile-only TPU devices: no TPU backend here, no cloud metadata server to ask
-        for key, value in (("JAX_PLATFORMS", "cpu"), ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_SKIP_MDS_QUERY", "1")):
+    if _TOPOLOGY.value != "local":  # compile-only TPU devices: no TPU backend here, no cloud metadata server to ask,
+        for key, value in (("JAX_PLATFORMS", "cpu"), ("TPU_WORKER_HOSTNAMES", "localhost"),  # and no chip to lock
+                           ("TPU_SKIP_MDS_QUERY", "1"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
             os.environ.setdefault(key, value)
     import jax
 

@@ -14,9 +14,6 @@ import numpy as np
 import pytest
 
 pytest.importorskip("libtpu", reason="compiling for a TPU needs libtpu (pip install 'clipjax[tpu]')")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-
 import jax  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -98,3 +95,26 @@ def test_recipe_too_big_for_its_chips_is_one_line_and_exit_2(tmp_path):
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["fits"] is False and report["bytes_per_chip_total"] > 0.9 * report["hbm_bytes_per_chip"]
     assert not (tmp_path / "step.exe").exists()  # nothing written for a program that does not fit
+
+
+def test_two_slices_send_gradient_reductions_over_the_data_centre_network():
+    from clipjax import aot
+
+    devices = aot.topology_devices("v5e:2x2", num_slices=2)
+    assert sorted({d.slice_index for d in devices}) == [0, 1]
+    import vit_b32
+
+    c = vit_b32.get_config()
+    c.model.name, c.batch_size = "ViT-T-demo", 64  # the multi-slice layout, not the model, is under test
+    program = aot.lower(c, devices)
+    assert dict(program.mesh.shape) == {"slice": 2, "data": 1, "fsdp": 4, "tensor": 1}
+    specs = [str(x.sharding.spec) for x in jax.tree.leaves(program.state.params)]
+    assert any("fsdp" in s for s in specs) and not any("slice" in s for s in specs)
+    out, _ = aot.report(program, "v5e:2x2", 2, devices)
+    cross = out["cross_slice"]
+    params = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(program.state.params))
+    # the gradients are all-reduced across slices from the chips' shards (not each chip a whole gradient: that would
+    # be ≥ params / 2 bytes in bf16); the rest is the loss's gather of the [N, E] embeddings and its scalars
+    assert cross["all-reduce"]["bytes"] >= 0.9 * sum(v["bytes"] for v in cross.values())
+    assert params / 8 * 0.8 <= cross["all-reduce"]["bytes"] < params / 2
+    assert set(cross) <= {"all-reduce", "all-gather", "reduce-scatter"}
