@@ -102,40 +102,25 @@ class MixTrainIterator(core.HostBatches):
         n = len(self.specs)
         self._state = {"sample": 0, "counts": [0] * n, "skipped": 0, "skipped_by_source": [0] * n,
                        "streams": {s: dict(m._state) for s, m in self.streams.items()}}
-        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # ArrayRecord source → (epoch, its host order)
 
     # -------------------------------------------------------------------------------------------- slots
-
-    def _record_index(self, s: int, n: int) -> int:
-        """The record of the ``n``-th slot that chose ArrayRecord source ``s``."""
-        source = self._record[s][1]
-        epoch, pos = divmod(n, len(source) // self.process_count)
-        if self._orders.get(s, (None,))[0] != epoch:
-            self._orders[s] = (epoch, slots.epoch_order(len(source), seed=self.seed, source=s, epoch=epoch,
-                                                           process_index=self.process_index,
-                                                           process_count=self.process_count))
-        return int(self._orders[s][1][pos])
 
     def _items(self, state: dict, streams: dict[int, wds.SampleStream], taken: collections.deque) -> Iterator[Item]:
         """The work items of the slots from ``state`` on; each slot's (t, source, counts after it) is appended to
         ``taken`` as its item is handed out."""
-        t, counts = state["sample"], list(state["counts"])
-        block, choices = -1, None
-        while True:
-            if t // core.BLOCK != block:
-                block = t // core.BLOCK
-                choices = slots.source_choices(self.weights, seed=self.seed, process_index=self.process_index,
-                                                  block=block)
-            s = int(choices[t % core.BLOCK])
+        counts = list(state["counts"])
+        records = slots.RecordOrders({s: len(source) for s, (_, source) in self._record.items()}, seed=self.seed,
+                                     process_index=self.process_index, process_count=self.process_count)
+        for t, s in slots.slot_sources(self.weights, seed=self.seed, process_index=self.process_index,
+                                       start=state["sample"]):
             if s in streams:
                 _, sample = next(streams[s])
                 item: Item = wds.SampleItem(t, sample.where, sample.image, sample.captions)
             else:
-                item = slots.Slot(t, self._record[s][0], self._record_index(s, counts[s]), ())
+                item = slots.Slot(t, self._record[s][0], records(s, counts[s]), ())
             counts[s] += 1
             taken.append((t, s, tuple(counts)))
             yield item
-            t += 1
 
     # -------------------------------------------------------------------------------------------- batches
 

@@ -52,6 +52,35 @@ def epoch_order(n: int, *, seed: int, source: int, epoch: int, process_index: in
     return perm[process_index::process_count][: n // process_count]
 
 
+def slot_sources(weights: np.ndarray, *, seed: int, process_index: int, start: int) -> Iterator[tuple[int, int]]:
+    """(t, the source of slot t) for t = ``start``, ``start`` + 1, ...: ``source_choices`` block after block. The
+    one assignment of slots to sources, of a mix of random-access sources and of a mix with streams alike."""
+    t, block, choices = start, -1, None
+    while True:
+        if t // core.BLOCK != block:
+            block = t // core.BLOCK
+            choices = source_choices(weights, seed=seed, process_index=process_index, block=block)
+        yield t, int(choices[t % core.BLOCK])
+        t += 1
+
+
+class RecordOrders:
+    """``orders(s, n)``: the record index of the ``n``-th slot that chose random-access source ``s`` of a mix (of
+    ``sizes[s]`` records): position n % L of this host's epoch-(n // L) order, L = N // process_count. Keeps each
+    source's current epoch order."""
+
+    def __init__(self, sizes: dict[int, int], *, seed: int, process_index: int, process_count: int):
+        self.sizes, self.seed, self.process_index, self.process_count = dict(sizes), seed, process_index, process_count
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # source → (epoch, its host order)
+
+    def __call__(self, s: int, n: int) -> int:
+        epoch, pos = divmod(n, self.sizes[s] // self.process_count)
+        if self._orders.get(s, (None,))[0] != epoch:
+            self._orders[s] = (epoch, epoch_order(self.sizes[s], seed=self.seed, source=s, epoch=epoch,
+                                                  process_index=self.process_index, process_count=self.process_count))
+        return int(self._orders[s][1][pos])
+
+
 class Slot(NamedTuple):
     """One sample slot of the training stream: a work item of ``TrainLoader``."""
 
@@ -140,39 +169,19 @@ class TrainIterator(core.HostBatches):
             src_lib.SourceSet(specs, split, opened=self.sources), image_size, self.scale, seed, process_index,
             num_classes=len(self.classnames) if labels else None)
         self._state = {"sample": 0, "counts": [0] * len(specs), "skipped": 0, "skipped_by_source": [0] * len(specs)}
-        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
 
     # -------------------------------------------------------------------------------------------- slots
 
-    def _epoch_order(self, s: int, epoch: int) -> np.ndarray:
-        """This host's record indices for epoch ``epoch`` of source ``s``: int64 [N // P]."""
-        key = (s, epoch)
-        if key not in self._perm_cache:
-            order = epoch_order(len(self.sources[s]), seed=self.seed, source=s, epoch=epoch,
-                                process_index=self.process_index, process_count=self.process_count)
-            self._perm_cache = {k: v for k, v in self._perm_cache.items() if k[0] != s}
-            self._perm_cache[key] = order
-        return self._perm_cache[key]
-
-    def _choices(self, block: int) -> np.ndarray:
-        """Source index of each slot of ``block``: int [core.BLOCK]."""
-        return source_choices(self.weights, seed=self.seed, process_index=self.process_index, block=block)
-
     def _slots(self, state: dict) -> Iterator[Slot]:
         """The slots from ``state`` on."""
-        t, counts = state["sample"], list(state["counts"])
-        block, choices = -1, None
-        while True:
-            if t // core.BLOCK != block:
-                block = t // core.BLOCK
-                choices = self._choices(block)
-            s = int(choices[t % core.BLOCK])
-            order_len = len(self.sources[s]) // self.process_count
-            epoch, pos = divmod(counts[s], order_len)
-            index = int(self._epoch_order(s, epoch)[pos])
+        counts = list(state["counts"])
+        records = RecordOrders({s: len(source) for s, source in enumerate(self.sources)}, seed=self.seed,
+                               process_index=self.process_index, process_count=self.process_count)
+        for t, s in slot_sources(self.weights, seed=self.seed, process_index=self.process_index,
+                                 start=state["sample"]):
+            index = records(s, counts[s])
             counts[s] += 1
             yield Slot(t, s, index, tuple(counts))
-            t += 1
 
     # -------------------------------------------------------------------------------------------- batches
 
