@@ -4,6 +4,8 @@ Pod:        python -m clipjax.main --config=configs/rn50.py:data=SPEC --workdir=
             SPEC: the training data, e.g. dir:/data/laion400m (from clipjax.data.ingest)
 CPU smoke:  python -m clipjax.main --config=configs/rn50.py:runlocal --workdir=/tmp/rn50
   (or any override, e.g. --config.batch_size=8 --config.total_steps=2 --config.data.train=synthetic)
+Fits:       v5e-256 (python -m clipjax.aot --config=configs/rn50.py --topology=v5e:16x16): 8.2 GiB per chip of 16 GiB
+            (51%) at the paper's global batch 32 768 (128 per chip), as shipped. See experiments/AOT.md.
 Reference: OpenAI RN50 reaches the zero-shot ImageNet top-1 listed in clip-facts (paper, Table 11).
 """
 

@@ -4,6 +4,8 @@ Pod:        python -m clipjax.main --config=configs/vit_b16.py:data=SPEC --workd
             SPEC: the training data, e.g. dir:/data/laion400m (from clipjax.data.ingest)
 CPU smoke:  python -m clipjax.main --config=configs/vit_b16.py:runlocal --workdir=/tmp/vit_b16
   (or any override, e.g. --config.batch_size=8 --config.total_steps=2 --config.data.train=synthetic)
+Fits:       v5e-256 (python -m clipjax.aot --config=configs/vit_b16.py --topology=v5e:16x16): 8.5 GiB per chip of 16 GiB
+            (53%) at the paper's global batch 32 768 (128 per chip), as shipped. See experiments/AOT.md.
 Reference: OpenAI ViT-B-16 reaches the zero-shot ImageNet top-1 listed in clip-facts (paper, Table 11).
 """
 
