@@ -50,9 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.compilation_cache = ""  # persistent XLA cache: "" the user's cache dir, "off", or a path (clipjax.compile_cache)
     c.peak_flops_per_device = 0.0  # set to report MFU (e.g. 197e12 for a TPU v5e chip, bf16)
     # A workdir resumes only with the settings its steps ran with (its config.json), but for those that do not change
-    # the numbers (clipjax.train.RESUME_FREE_KEYS: total_steps, log_every, data.workers, ...). To resume with others,
-    # name them here, comma-separated ("batch_size,model.dtype"; "optimizer" for all its keys): the change is then
-    # recorded in the workdir's config_history.jsonl
+    # the numbers (clipjax.config_checks.RESUME_FREE_KEYS: total_steps, log_every, data.workers, ...). To resume with
+    # others, name them here, comma-separated ("batch_size,model.dtype"; "optimizer" for all its keys): the change is
+    # then recorded in the workdir's config_history.jsonl. The checks of these keys: clipjax/config_checks.py
     c.allow_resume_changes = ""
     # mesh axis sizes (-1: the rest); slices: TPU slices, data parallel over the data-centre network (0: as found)
     c.mesh = ml_collections.ConfigDict({"slices": 0, "data": -1, "fsdp": 1, "tensor": 1})

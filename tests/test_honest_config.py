@@ -15,7 +15,7 @@ import pytest
 
 from clipjax.configs.common import base_config
 from clipjax.phases import make_phases
-from clipjax.train import ConfigError, check_config
+from clipjax.config_checks import ConfigError, check_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = f"--config={ROOT / 'configs' / 'demo.py'}:evals=0"
