@@ -19,36 +19,32 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
-import math
 import time
-from typing import Any, Callable
+from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import Mesh
 
 from clipjax import paths
 from clipjax import sharding as shd
+from clipjax.build import (_phase_config, frozen_prefixes, jit_train_step, make_phases, make_train_mesh,  # noqa: F401
+                           make_tx, model_config)
 from clipjax.checkpoint import CheckpointError, Checkpointer, check_supported, check_writable
 from clipjax.config_checks import (RESUME_FREE_KEYS, TASKS, ConfigError, _from_config, allowed_changes,  # noqa: F401
                                    as_json, check_config, flat_dict, matches, resume_changes)
+from clipjax.interop.init_from import init_variables_from, load_pretrained
 from clipjax.losses import get_loss
 from clipjax.metrics import MetricWriter, Progress, final_line, keep_damaged_copy, train_flops_per_step
 from clipjax.models.clip import CLIP
 from clipjax.models.config import CLIPConfig
-from clipjax.models.specs import get_model_config
 from clipjax.plot import CURVES
-from clipjax import phases as phases_lib
 from clipjax import workdir_lock
-from clipjax.optim import make_optimizer, make_schedule
+from clipjax.optim import make_schedule
 from clipjax.phases import Phase, PhasedData
 from clipjax.run_control import COUNTERS, Preemption, StepCounters, sum_over_processes
 from clipjax.step import (HEAD, TrainState, abstract_with_shardings, batch_fields, batch_shardings,  # noqa: F401
@@ -57,167 +53,7 @@ from clipjax.step import (HEAD, TrainState, abstract_with_shardings, batch_field
 log = logging.getLogger(__name__)
 
 
-def frozen_prefixes(config: ml_collections.ConfigDict, params: Any) -> tuple[str, ...]:
-    """Parameter prefixes that do not train: `config.frozen`, plus, when classifying, everything of the CLIP but its
-    image tower (the text tower and temperature only built the head's starting point)."""
-    frozen = tuple(config.frozen)
-    if config.task == "classify":
-        frozen += tuple(k for k in sorted(params) if k not in ("visual", HEAD) and k not in frozen)
-    return frozen
-
-
-# =============================================================================================== model & optimizer
-
-def model_config(config: ml_collections.ConfigDict, pretrained: Any = None) -> CLIPConfig:
-    """The CLIPConfig of a training config: a named/JSON architecture plus numerics options. An empty
-    `model.name` (and no `model.open_clip_config`) takes the architecture of the `init_from` weights."""
-    m = config.model
-    if m.open_clip_config:
-        if m.name and _names_an_architecture(m.name):  # e.g. --config.model.name=ViT-B-32 on configs/demo.py
-            raise ConfigError(f"config.model.name={m.name!r} names an architecture, but config.model.open_clip_config "
-                              f"gives one too and would be used: add --config.model.open_clip_config={{}} to train "
-                              f"{m.name}, or leave model.name a label")
-        cfg = get_model_config(m.open_clip_config.to_dict())
-    elif m.name:
-        cfg = get_model_config(m.name)
-    elif pretrained is not None:
-        cfg = pretrained.config.replace(scan_layers=False, remat="none")
-    else:
-        raise ConfigError("config.model.name is empty and config.init_from is not set: name an architecture "
-                          "(clipjax.list_models()) or give the weights to start from")
-    kw: dict[str, Any] = dict(dtype=m.dtype, remat=m.remat, scan_layers=bool(m.scan_layers))
-    if m.quick_gelu is not None:
-        kw["quick_gelu"] = bool(m.quick_gelu)
-    if config.loss == "siglip":
-        kw["init_logit_bias"] = float(m.init_logit_bias)
-        kw["init_logit_scale"] = float(m.init_logit_scale if m.init_logit_scale is not None else math.log(10.0))
-    elif m.init_logit_scale is not None:
-        kw["init_logit_scale"] = float(m.init_logit_scale)
-    return cfg.replace(**kw)
-
-
-def _names_an_architecture(name: str) -> bool:
-    try:
-        get_model_config(name)
-    except ValueError:
-        return False
-    return True
-
-
-def make_tx(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
-    o = config.optimizer
-    return make_optimizer(params, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.total_steps,
-                          weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                          grad_clip_norm=o.grad_clip_norm or None, frozen=frozen_prefixes(config, params))
-
-
-def load_pretrained(config: ml_collections.ConfigDict):
-    """The weights named by `config.init_from` (a `clipjax.interop.load.Pretrained`), or None when it is empty."""
-    if not config.init_from:
-        return None
-    from clipjax.interop.load import load
-
-    source = config.init_from
-    named = bool(config.model.name or config.model.open_clip_config)
-    bare = str(source).endswith(".safetensors")
-    try:  # a bare state dict without init_config is read with the training model's architecture
-        plain = model_config(config).replace(scan_layers=False, remat="none") if bare and named else None
-        return load(source, config.init_config or plain)
-    except ConfigError:
-        raise
-    except (OSError, ValueError, CheckpointError) as e:  # missing file, refused pickle, wrong tensors, no checkpoint
-        raise ConfigError(f"config.init_from: {e}") from e
-
-
-def init_variables_from(pretrained: Any, config: ml_collections.ConfigDict, cfg: CLIPConfig) -> dict:
-    """`pretrained`'s variables, checked tensor by tensor and field by field against `cfg`; raises ConfigError
-    naming the first mismatch."""
-    from clipjax.interop.load import check_shapes
-
-    source = config.init_from
-    plain = cfg.replace(scan_layers=False, remat="none")
-    try:
-        check_shapes(pretrained.variables, plain, f"{source} (for config.model {config.model.name!r})")
-    except ValueError as e:
-        raise ConfigError(f"config.init_from: {e}") from e
-    theirs = flat_dict(pretrained.config.replace(dtype=cfg.dtype, init_logit_scale=cfg.init_logit_scale).to_dict())
-    ours = flat_dict(plain.to_dict())
-    diff = [f"{k}: {theirs.get(k)!r} in the weights, {ours[k]!r} in config.model" for k in sorted(ours)
-            if theirs.get(k) != ours[k]]
-    if diff:
-        raise ConfigError(f"config.init_from={source}: architecture differs from config.model: {'; '.join(diff)}")
-    variables = pretrained.variables
-    if cfg.scan_layers:
-        from clipjax.models.layers import stack_layers
-
-        variables = stack_layers(variables)
-    return variables
-
-
-def load_init_variables(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> dict:
-    """The weights named by `config.init_from`, checked against `cfg` (see `init_variables_from`)."""
-    return init_variables_from(load_pretrained(config), config, cfg)
-
-
-def make_train_mesh(config: ml_collections.ConfigDict, devices: Any = None) -> Mesh:
-    """The mesh of `config.mesh` over `devices` (default: all of this run's), checked against the batch."""
-    mesh = _from_config("config.mesh", shd.make_mesh,
-                        dict(config.mesh) if isinstance(config.mesh, ml_collections.ConfigDict) else config.mesh,
-                        devices)
-    n_batch_devices = shd.batch_device_count(mesh)
-    if config.batch_size % (n_batch_devices * config.accum_steps):
-        raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by the batch devices × "
-                          f"accum_steps ({n_batch_devices} × {config.accum_steps})")
-    return mesh
-
-
-def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags: bool = False,
-                   fields: dict[str, int] | None = None, patch_dropout: float = 0.0,
-                   make_batch: Callable[[jax.Array], dict[str, jax.Array]] | None = None):
-    """`train_step` jitted with its shardings and the state donated. `fields`: the batch's fields and ranks (default:
-    the task's; the synthetic source may add its "nan" flags); `patch_dropout`: the phase's (FLIP).
-
-    `make_batch`: the step makes its own batch, `make_batch(state.step)` (the synthetic source), merged under the
-    fields it is given (`fields={}`: none).
-
-    `stop_flags`: the batch also carries "stop": int32 [N], each process's rows set to 1 when it was asked to stop;
-    metrics["stop_requested"] is their maximum, the same on every process, so all processes agree on when to stop.
-    metrics[COUNTERS] packs what the loop reads of every step into one int32 [3] array: the non-finite streak and total
-    and the stop request (0 without `stop_flags`).
-    """
-    step = functools.partial(
-        train_step, model=model, tx=tx, loss_fn=get_loss(config.loss) if config.task == "contrastive" else None,
-        mesh=mesh, accum_steps=int(config.accum_steps), frozen=frozen_prefixes(config, state_shardings.params),
-        task=config.task, label_smoothing=float(config.label_smoothing), patch_dropout=float(patch_dropout))
-    in_batch = batch_shardings(mesh, config.task, fields)
-    if stop_flags:
-        in_batch["stop"] = shd.batch_sharding(mesh, 1)
-    inner = step
-
-    def step(state, batch):
-        batch = dict(batch)
-        stop = jnp.max(batch.pop("stop")) if stop_flags else jnp.zeros((), jnp.int32)  # [N] → did any process ask?
-        if make_batch is not None:
-            batch = {**make_batch(state.step), **batch}
-        state, metrics = inner(state, batch)
-        counters = jnp.stack([metrics["nonfinite_streak"], metrics["nonfinite_total"], stop])
-        return state, {**metrics, **({"stop_requested": stop} if stop_flags else {}), COUNTERS: counters}
-
-    # activations are sharded by their logical names (clipjax/sharding.py) while the step is traced
-    return jax.jit(shd.with_activation_sharding(step, mesh), in_shardings=(state_shardings, in_batch),
-                   out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
-
-
 # ============================================================================================ data
-
-def make_phases(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> list[Phase]:
-    if config.model.patch_dropout and cfg.vision.is_resnet:  # checked with the config, not when the step is traced
-        raise ConfigError(f"config.model.patch_dropout={config.model.patch_dropout:g}: patch dropout needs a ViT "
-                          f"image tower (this model's is a ResNet)")
-    return _from_config("config.schedule", phases_lib.make_phases, config.schedule, config.total_steps,
-                        cfg.vision.image_size, cfg.text.context_length, float(config.model.patch_dropout),
-                        None if cfg.vision.is_resnet else cfg.vision.patch_size)
-
 
 def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mesh: Mesh, phase: Phase | None = None):
     """The per-host training iterator named by `config.data.train` (or a mix), decoding at the phase's image size
@@ -652,17 +488,6 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
         ckpt.wait()
         head_task.write_outputs(writer.path.parent, cfg, state, config)
     return last
-
-
-def _phase_config(cfg: CLIPConfig, phase: Phase) -> tuple[CLIPConfig, int | None]:
-    """The model config as a phase runs it (for FLOP counts): its image size and text length, and the patch tokens
-    it keeps under patch dropout (None: all)."""
-    vision = dataclasses.replace(cfg.vision, image_size=phase.image_size)
-    kept = None
-    if phase.patch_dropout and not cfg.vision.is_resnet:
-        kept = max(1, int((phase.image_size // cfg.vision.patch_size) ** 2 * (1 - phase.patch_dropout)))
-    text = dataclasses.replace(cfg.text, context_length=phase.context_length)
-    return cfg.replace(vision=vision, text=text), kept
 
 
 # ============================================================================================ evals
