@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import json
 import logging
 import time
 from typing import Any
@@ -34,12 +33,11 @@ from clipjax import paths
 from clipjax import sharding as shd
 from clipjax.build import (_phase_config, frozen_prefixes, jit_train_step, make_phases, make_train_mesh,  # noqa: F401
                            make_tx, model_config)
-from clipjax.checkpoint import CheckpointError, Checkpointer, check_supported, check_writable
-from clipjax.config_checks import (RESUME_FREE_KEYS, TASKS, ConfigError, _from_config, allowed_changes,  # noqa: F401
-                                   as_json, check_config, flat_dict, matches, resume_changes)
+from clipjax.checkpoint import Checkpointer, check_writable
+from clipjax.config_checks import TASKS, ConfigError, _from_config, check_config  # noqa: F401
 from clipjax.interop.init_from import init_variables_from, load_pretrained
 from clipjax.losses import get_loss
-from clipjax.metrics import MetricWriter, Progress, final_line, keep_damaged_copy, train_flops_per_step
+from clipjax.metrics import MetricWriter, Progress, final_line, train_flops_per_step
 from clipjax.models.clip import CLIP
 from clipjax.models.config import CLIPConfig
 from clipjax.plot import CURVES
@@ -49,6 +47,8 @@ from clipjax.phases import Phase, PhasedData
 from clipjax.run_control import COUNTERS, Preemption, StepCounters, sum_over_processes
 from clipjax.step import (HEAD, TrainState, abstract_with_shardings, batch_fields, batch_shardings,  # noqa: F401
                           clip_variables, make_train_state, train_step)
+from clipjax.workdir import (check_same_model, check_workdir, close_all, keep_damaged_config, truncate_metrics,
+                             write_config, write_curves, write_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -113,151 +113,6 @@ def to_global(batch: dict[str, Any], mesh: Mesh, fields: Any = ("image", "text",
             for k, v in batch.items() if k in fields}
 
 
-# ============================================================================================ workdir
-
-def _check_workdir(workdir: paths.Path) -> None:
-    """A workdir that can hold checkpoints: not a file; on an object store, one that orbax writes to (gs://) and that
-    answers (credentials, network). Failures are a CheckpointError naming the workdir."""
-    check_supported(workdir)
-    try:
-        with paths.storage_errors(workdir):
-            if workdir.exists() and not workdir.is_dir():
-                raise CheckpointError(f"workdir {workdir} is a file, not a directory")
-    except paths.StorageError as e:
-        raise CheckpointError(f"workdir {workdir}: {paths.describe(e.__cause__ or e, workdir)}") from None
-
-
-def _write_config(workdir: paths.Path, config: ml_collections.ConfigDict, cfg: CLIPConfig,
-                  step: int | None = None) -> None:
-    """config.json: the config as it runs and the resolved model config (written atomically: on an object store, as
-    one object). When it replaces a config.json of other settings (a resume at `step` with changes that
-    `_check_same_model` let through), the changes are first appended to config_history.jsonl, so the settings of
-    every step stay on record."""
-    text = json.dumps({"config": as_json(config), "model_config": cfg.to_dict()}, indent=2)
-    try:
-        saved = _saved_config(workdir)
-        changes = resume_changes(saved, config) if saved is not None else {}
-        if changes:
-            history = workdir / HISTORY_FILE
-            rows = paths.read_text(history) if paths.exists(history) else ""
-            row = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   "changes": {k: {"from": a, "to": b} for k, (a, b) in changes.items()},
-                   "allowed": allowed_changes(config)}
-            paths.write_text(history, rows + json.dumps(row) + "\n")
-        paths.write_text(workdir / "config.json", text + "\n")
-    except OSError as e:
-        raise CheckpointError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
-
-
-HISTORY_FILE = "config_history.jsonl"  # one row per resume that changed settings: {"step", "time", "changes", ...}
-
-
-def _saved_config(workdir: paths.Path) -> dict | None:
-    """The "config" of the workdir's config.json, or None when there is none (or it cannot be read)."""
-    try:
-        saved = json.loads(paths.read_text(workdir / "config.json"))["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return saved if isinstance(saved, dict) else None
-
-
-def _shown(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _check_same_trajectory(workdir: paths.Path, config: ml_collections.ConfigDict) -> None:
-    """A workdir with checkpoints resumes only with the settings that made its steps' numbers (config.json), but for
-    the `RESUME_FREE_KEYS` and the keys named in config.allow_resume_changes (recorded by `_write_config`)."""
-    saved = _saved_config(workdir)
-    if saved is None:
-        log.warning("%s has checkpoints but no readable config.json: the settings of its steps cannot be compared "
-                    "with these", workdir)
-        return
-    changes = resume_changes(saved, config)
-    allowed = allowed_changes(config)
-    refused = {k: v for k, v in changes.items() if not matches(k, RESUME_FREE_KEYS) and not matches(k, allowed)}
-    if refused:
-        listed = "; ".join(f"{k} {_shown(a)} → {_shown(b)}" for k, (a, b) in refused.items())
-        raise ConfigError(
-            f"workdir {workdir} holds checkpoints trained with other settings that change the training numbers: "
-            f"{listed}. Resume with the settings of {workdir / 'config.json'}, or with "
-            f"--config.allow_resume_changes={','.join(sorted(set(refused) | set(allowed)))} to train on with the "
-            f"change on record ({HISTORY_FILE}), or start a new workdir with --config.init_from={workdir}")
-    if "total_steps" in changes:
-        log.warning("config.total_steps %s → %s on resume: the learning rate follows the cosine decay to step %s "
-                    "from here on (recorded in %s)", *changes["total_steps"], changes["total_steps"][1], HISTORY_FILE)
-    if changes:
-        log.info("resuming with changed settings (recorded in %s): %s", HISTORY_FILE,
-                 "; ".join(f"{k} {_shown(a)} → {_shown(b)}" for k, (a, b) in changes.items()))
-
-
-def _check_same_model(workdir: paths.Path, cfg: CLIPConfig, config: ml_collections.ConfigDict | None = None) -> None:
-    """A workdir with checkpoints resumes only the architecture it was trained with (its config.json says which),
-    and, given the training `config`, only its settings that change the numbers (`_check_same_trajectory`)."""
-    try:
-        saved = json.loads(paths.read_text(workdir / "config.json"))["model_config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        saved = None  # no readable record: the checkpoint restore checks the shapes
-    numerics = ("dtype", "remat", "scan_layers")  # may change between runs: the parameters stay the same
-    ours = {k: v for k, v in flat_dict(json.loads(json.dumps(cfg.to_dict()))).items() if k not in numerics}
-    theirs = {k: v for k, v in flat_dict(saved).items() if k not in numerics} if isinstance(saved, dict) else ours
-    diff = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in sorted(set(ours) | set(theirs))
-            if ours.get(k) != theirs.get(k)]
-    if diff:
-        raise ConfigError(f"workdir {workdir} holds checkpoints of another model ({'; '.join(diff[:3])}): use a new "
-                          f"--workdir, or the config it was trained with")
-    if config is not None:
-        _check_same_trajectory(workdir, config)
-
-
-def _keep_damaged_config(workdir: paths.Path) -> None:
-    """A config.json that cannot be read (cut short, garbled) is kept as `config.json.damaged-<time>`, with a warning,
-    before this run's config replaces it."""
-    path = workdir / "config.json"
-    try:
-        data = paths.read_bytes(path)
-    except OSError:  # none yet (or a store that fails: writing it reports that)
-        return
-    try:
-        record = json.loads(data)
-        readable = isinstance(record, dict) and all(isinstance(record.get(k), dict) for k in ("config", "model_config"))
-    except ValueError:
-        readable = False
-    if not readable:
-        copy = keep_damaged_copy(path, data)
-        log.warning("%s cannot be read (cut short or garbled): kept as %s; written again with this run's config",
-                    path, copy.name)
-
-
-def _truncate_metrics(writer: MetricWriter, step: int) -> None:
-    """`writer.truncate_after(step)`; an object store that cannot be read or written is a CheckpointError."""
-    try:
-        writer.truncate_after(step)
-    except paths.StorageError as e:
-        raise CheckpointError(f"workdir {writer.path.parent}: {e}") from None
-
-
-def _write_metrics(writer: MetricWriter, step: int, values: dict[str, float]) -> None:
-    try:
-        writer.write(step, values)
-    except OSError as e:  # metrics are a log, not state: a full disk must not end the run (checkpoints decide that)
-        log.warning("could not append step %d to %s: %s", step, writer.path, e.strerror or e)
-
-
-def _close(ckpt: Checkpointer | None, writer: MetricWriter | None, data: Any, failing: bool) -> None:
-    """Wait for pending checkpoint writes and close; while another error propagates, only log close failures."""
-    for obj in (ckpt, writer, data):
-        if obj is None or not hasattr(obj, "close"):
-            continue
-        try:
-            obj.close()
-        except Exception as e:  # noqa: BLE001
-            if not failing:
-                raise
-            log.error("while stopping: %s", e)
-
-
 # ============================================================================================ train
 
 def train(config: ml_collections.ConfigDict, workdir: str, compiled: str | None = None) -> dict[str, float]:
@@ -281,7 +136,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
            compiled: str | None = None, held: contextlib.ExitStack | None = None) -> dict[str, float]:
     is_main = jax.process_index() == 0
     config = check_config(config)
-    _check_workdir(workdir_p)
+    check_workdir(workdir_p)
     mesh = make_train_mesh(config)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     if config.task == "contrastive":
@@ -305,7 +160,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
                             async_save=config.async_checkpoints)
         resuming = ckpt.latest_step() is not None
         if resuming:
-            _check_same_model(workdir_p, cfg, config)
+            check_same_model(workdir_p, cfg, config)
         init_variables = init_variables_from(pretrained, config, cfg) if pretrained is not None else None
         num_classes = 0
         if config.task == "classify":
@@ -349,37 +204,20 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
                                       f"--config.init_from={workdir_p}") from e
             log.info("resumed from step %d in %s (%s)", start, ckpt.directory, ckpt.verified)
         if is_main:
-            _keep_damaged_config(workdir_p)
-            _write_config(workdir_p, config, cfg, step=start)
+            keep_damaged_config(workdir_p)
+            write_config(workdir_p, config, cfg, step=start)
         writer = MetricWriter(workdir_p, enabled=is_main)
         if is_main:
-            _truncate_metrics(writer, start)  # rows of steps that no checkpoint kept are written again
+            truncate_metrics(writer, start)  # rows of steps that no checkpoint kept are written again
         last = _loop(config, cfg, mesh, state, step_fn, schedule, data, ckpt, writer, preempt, head_task)
     except BaseException:
-        _close(ckpt, writer, data, failing=True)
+        close_all(ckpt, writer, data, failing=True)
         raise
-    _close(ckpt, writer, data, failing=False)
+    close_all(ckpt, writer, data, failing=False)
     if is_main:
-        files = ["checkpoints/", "metrics.jsonl", "tensorboard/", *([CURVES] if _write_curves(workdir_p) else [])]
+        files = ["checkpoints/", "metrics.jsonl", "tensorboard/", *([CURVES] if write_curves(workdir_p) else [])]
         log.info("%s", final_line(workdir_p, ckpt.latest_step(), config.total_steps, files, last))
     return last
-
-
-def _write_curves(workdir_p: paths.Path) -> bool:
-    """WORKDIR/curves.png from metrics.jsonl (`python -m clipjax.plot`) when matplotlib is installed; whether it was
-    written. A failure is a warning: the curves are a view of the log, not state."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    from clipjax import plot
-
-    try:
-        plot.plot_workdir(workdir_p)
-    except Exception as e:  # noqa: BLE001
-        log.warning("%s not written: %s: %s", workdir_p / CURVES, type(e).__name__, " ".join(str(e).split())[:300])
-        return False
-    return True
 
 
 COUNTER_LAG = 2  # the newest steps whose counters (non-finite updates, stop requests) are left unread
@@ -408,7 +246,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
     last: dict[str, float] = {}
     if head_task is not None and start == 0:  # the zero-shot head before any step
         last = _run_evals({}, state, cfg, head_task)
-        _write_metrics(writer, 0, last)
+        write_metrics(writer, 0, last)
     t_last, c_last, steps_since = time.perf_counter(), time.thread_time(), 0
     step, stop, fields = start, False, None
     step_fns: dict[Phase, Any] = {}  # one compiled step per phase (its image size, text length, patch dropout)
@@ -463,7 +301,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
             m["data_skipped"] = float(sum_over_processes(int(data.skipped)))
             for spec, n in data.skipped_by_source.items():  # a mix: which source skipped them
                 m[f"data_skipped/{spec}"] = float(sum_over_processes(int(n)))
-            _write_metrics(writer, step, m)
+            write_metrics(writer, step, m)
             last = m
             if is_main:
                 shown = ("loss", "accuracy") if head_task is not None else ("loss", "temperature")
@@ -473,7 +311,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
         if evaluate:
             results = _run_evals(evaluators, state, cfg, head_task)
             if results:
-                _write_metrics(writer, step, results)
+                write_metrics(writer, step, results)
                 last.update(results)
         if save:
             ckpt.save(step, state, data.get_state(),

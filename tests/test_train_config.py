@@ -15,7 +15,8 @@ import pytest
 from clipjax.configs.common import base_config
 from clipjax.metrics import MetricWriter
 from clipjax.models.specs import get_model_config
-from clipjax.train import ConfigError, _check_same_model, _warn_small_dataset, check_config, model_config
+from clipjax.train import ConfigError, _warn_small_dataset, check_config, model_config
+from clipjax.workdir import check_same_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -182,9 +183,9 @@ def test_batch_larger_than_the_data_is_warned_about(caplog):
 def test_workdir_of_another_architecture_is_refused(tmp_path):
     vit, rn = get_model_config("ViT-T-demo"), get_model_config("RN-T-demo")
     (tmp_path / "config.json").write_text(json.dumps({"config": {}, "model_config": vit.to_dict()}))
-    _check_same_model(tmp_path, vit.replace(dtype="bfloat16", remat="full"))  # numerics may change
+    check_same_model(tmp_path, vit.replace(dtype="bfloat16", remat="full"))  # numerics may change
     with pytest.raises(ConfigError, match="holds checkpoints of another model .*vision.layers"):
-        _check_same_model(tmp_path, rn)
+        check_same_model(tmp_path, rn)
 
 
 def test_truncate_after_drops_the_rows_a_resumed_run_writes_again(tmp_path):

@@ -218,17 +218,17 @@ def test_plot_without_matplotlib_or_metrics_is_one_error_line(small_workdir, tmp
 
 
 def test_curves_at_the_end_of_a_run_never_fail_it(small_workdir, monkeypatch, caplog):
-    from clipjax import train
+    from clipjax.workdir import write_curves
 
-    assert train._write_curves(small_workdir) is True
+    assert write_curves(small_workdir) is True
     _assert_png(small_workdir / "curves.png")
     (small_workdir / "curves.png").unlink()
     (small_workdir / "metrics.jsonl").write_text("")  # nothing to draw: a warning, not a failed run
-    assert train._write_curves(small_workdir) is False and not (small_workdir / "curves.png").exists()
+    assert write_curves(small_workdir) is False and not (small_workdir / "curves.png").exists()
     assert "curves.png not written: ValueError: " in caplog.text and "no rows yet" in caplog.text
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed: no curves, no warning
     caplog.clear()
-    assert train._write_curves(small_workdir) is False and not caplog.text
+    assert write_curves(small_workdir) is False and not caplog.text
 
 
 # ============================================================================================ signals

@@ -351,17 +351,17 @@ def test_a_cut_metrics_file_is_warned_about_and_kept_aside(where, tmp_path, capl
 def test_a_half_written_config_json_is_kept_aside_before_it_is_written_again(tmp_path, caplog):
     """A config.json cut short is not overwritten silently: it is kept as config.json.damaged-<time> with a warning
     naming both; a readable one is left alone."""
-    from clipjax.train import _keep_damaged_config
+    from clipjax.workdir import keep_damaged_config
 
     (tmp_path / "config.json").write_text('{"config": {"batch_size": 8}, "model_config": {"embed')
     caplog.set_level(logging.INFO)
-    _keep_damaged_config(tmp_path)
+    keep_damaged_config(tmp_path)
     copies = [p for p in tmp_path.iterdir() if p.name.startswith("config.json.damaged-")]
     assert len(copies) == 1 and copies[0].read_text().endswith('"embed')
     assert re.search(r"config\.json cannot be read .*kept as config\.json\.damaged-\d{8}-\d{6}", caplog.text)
     (tmp_path / "config.json").write_text(json.dumps({"config": {}, "model_config": {}}))
     caplog.clear()
-    _keep_damaged_config(tmp_path)
+    keep_damaged_config(tmp_path)
     assert len([p for p in tmp_path.iterdir() if "damaged" in p.name]) == 1 and "cannot be read" not in caplog.text
 
 
