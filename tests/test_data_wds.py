@@ -194,7 +194,7 @@ def test_one_epoch_reads_every_member_as_written_and_counts_what_it_skips(shards
     .txt, .json's caption); samples without a caption and the truncated shard's damage are skipped and counted;
     the truncated shard keeps its samples before the damage."""
     root, readable = shards
-    reader = _train(_brace(root)).reader()
+    reader = _train(_brace(root)).streams[0].reader()
     caplog.set_level(logging.WARNING, logger="clipjax.data.wds")
     seen = []  # (id, key) in stream order
     while (sample := next(reader)).id[0] == 0:
@@ -221,7 +221,7 @@ def test_a_zero_byte_shard_is_damaged_and_an_unusable_dataset_is_one_error(tmp_p
     it = _train(f"wds:{tmp_path}")
     with pytest.raises(sources.DatasetError, match="none of this host's 2 shards holds a usable sample"):
         next(it)
-    reader = it.reader()
+    reader = it.streams[0].reader()
     with pytest.raises(sources.DatasetError):
         next(reader)
     assert reader.skipped >= 2  # the image-less sample and the empty shard, once per epoch read
@@ -236,7 +236,7 @@ def test_batches_are_train_crops_of_the_member_bytes_and_skips_add_up(shards):
     root, readable = shards
     it = _train(_brace(root), scale=(0.5, 1.0))
     slots = []
-    stream = it.stream()
+    stream = it.streams[0].stream()
     while len([s for s in slots if s[2] is not None]) < 12 * 8:  # three epochs and more
         t, sample = next(stream)
         assert readable[_key_of(sample)][0] == sample.image
@@ -259,14 +259,16 @@ def test_batches_are_train_crops_of_the_member_bytes_and_skips_add_up(shards):
     state = it.get_state()
     it.close()
     last_t = good[-1][0]
-    assert state["sample"] == last_t + 1
+    assert state["sample"] == last_t + 1 and state["counts"] == [state["sample"]]
     decode_skips = sum(1 for t, _, crop in slots if crop is None and t < last_t)
     assert decode_skips >= 2
-    reader = it.reader({"position": [0, 0, 0], "read_skipped": 0})
-    while list(reader.position) != state["position"]:
+    stream_state = state["streams"][_brace(root)]
+    reader = it.streams[0].reader()
+    while list(reader.position) != stream_state["position"]:
         next(reader)
     reader.close()
-    assert reader.skipped == state["read_skipped"] and state["skipped"] == state["read_skipped"] + decode_skips
+    assert reader.skipped == stream_state["read_skipped"]
+    assert state["skipped"] == state["skipped_by_source"][0] == stream_state["read_skipped"] + decode_skips
     assert it.skipped == state["skipped"] >= 3 * READ_SKIPS
 
 
@@ -296,7 +298,7 @@ def test_decode_workers_get_the_bytes_and_import_no_jax(shards):
 
     root, _ = shards
     it = _train(_brace(root))
-    t, sample = next(it.stream())
+    t, sample = next(it.streams[0].stream())
     item = wds.SampleItem(t, sample.where, sample.image, sample.captions)
     assert "bytes" not in repr(item) and len(repr(item)) < 200  # errors name the item, never its bytes
     with core.OrderedMap(HeavyModules(it.loader), [item], executor=core.processes(1, 1), window=1) as m:
@@ -310,8 +312,8 @@ def test_two_hosts_read_disjoint_shards_that_cover_the_data(shards):
     keys = []
     for host in range(2):
         it = _train(spec, global_batch_size=16, process_index=host, process_count=2)
-        assert it.reader().urls == wds.shard_urls(spec)[host::2]
-        stream = it.stream()
+        assert it.streams[0].reader().urls == wds.shard_urls(spec)[host::2]
+        stream = it.streams[0].stream()
         keys.append({_key_of(next(stream)[1]) for _ in range(4 * USABLE)})
         stream.reader.close()
         assert len(_take(it, 2)[1]["image"]) == 8  # per-host batch: global / hosts
@@ -331,9 +333,10 @@ def test_resume_is_exact_mid_epoch_and_across_an_epoch_boundary(shards):
         full.append(next(it))
         states.append(json.loads(json.dumps(it.get_state())))  # as a checkpoint stores it
     it.close()
-    mid = next(k for k, s in enumerate(states) if s["position"][0] == 0)
-    boundary = next(k for k, s in enumerate(states) if len({i[0] for i in s["buffer"]}) == 2)  # epochs 0 and 1
-    later = next(k for k, s in enumerate(states) if s["position"][0] == 2)
+    streamed = [s["streams"][spec] for s in states]
+    mid = next(k for k, s in enumerate(streamed) if s["position"][0] == 0)
+    boundary = next(k for k, s in enumerate(streamed) if len({i[0] for i in s["buffer"]}) == 2)  # epochs 0 and 1
+    later = next(k for k, s in enumerate(streamed) if s["position"][0] == 2)
     for k in (mid, boundary, later):
         resumed = _train(spec, num_threads=1)
         resumed.set_state(states[k])
@@ -346,7 +349,7 @@ def test_resume_is_exact_mid_epoch_and_across_an_epoch_boundary(shards):
     for field, value in [("seed", 3), ("shuffle_buffer", 8), ("process_count", 2)]:
         with pytest.raises(ValueError, match=field):
             _train(spec, **{field: value}).set_state(states[0])
-    with pytest.raises(ValueError, match="not a wds: stream"):
+    with pytest.raises(ValueError, match="not one of a training iterator"):
         _train(spec).set_state({**states[0], "kind": None})
 
 
@@ -362,7 +365,7 @@ def test_a_shard_deleted_mid_run_is_skipped_and_counted(shards, tmp_path, caplog
     for _ in range(3):
         next(live)  # running on: its producer reads ahead of the batches taken
     state = live.get_state()
-    buffered = [i for i in state["buffer"] if live.reader().url(i[0], i[1]) == str(gone)]
+    buffered = [i for i in state["streams"][spec]["buffer"] if live.streams[0].reader().url(i[0], i[1]) == str(gone)]
     assert buffered  # the saved buffer holds samples of the shard
     gone.unlink()
     for _ in range(17):  # the running stream goes on (its buffered samples were read before)
@@ -370,8 +373,8 @@ def test_a_shard_deleted_mid_run_is_skipped_and_counted(shards, tmp_path, caplog
     live.close()
     assert live.skipped - baseline.skipped >= 3  # one more skip per epoch, and more epochs for as many samples
     # one epoch read again: exactly one skip more than when the shard was there
-    epoch = live.get_state()["position"][0] + 1
-    reader = live.reader({"position": [epoch, 0, 0], "read_skipped": 0})
+    epoch = live.get_state()["streams"][spec]["position"][0] + 1
+    reader = live.streams[0].reader({"position": [epoch, 0, 0], "read_skipped": 0})
     while next(reader).id[0] == epoch:
         pass
     reader.close()
@@ -381,7 +384,7 @@ def test_a_shard_deleted_mid_run_is_skipped_and_counted(shards, tmp_path, caplog
     resumed.set_state(state)
     caplog.clear()
     caplog.set_level(logging.WARNING, logger="clipjax.data.wds")
-    stream = resumed.stream(state)
+    stream = resumed.streams[0].stream(resumed._state["streams"][0])
     assert caplog.text.count("no longer in") == min(len(buffered), 10)
     assert not any(_key_of(next(stream)[1]).startswith("00") for _ in range(3 * USABLE))
     stream.reader.close()
@@ -389,8 +392,10 @@ def test_a_shard_deleted_mid_run_is_skipped_and_counted(shards, tmp_path, caplog
     # a directory spec now lists 5 shards: the stream goes on from the start of the state's epoch
     listed = _train(f"wds:{copy}")
     caplog.clear()
-    listed.set_state({**state, "specs": [f"wds:{copy}"]})
-    assert "lists 5 shards, 6 when" in caplog.text and listed.get_state()["position"] == [state["position"][0], 0, 0]
+    listed.set_state({**state, "specs": [f"wds:{copy}"], "streams": {f"wds:{copy}": state["streams"][spec]}})
+    position = state["streams"][spec]["position"]
+    assert "lists 5 shards, 6 when" in caplog.text
+    assert listed.get_state()["streams"][f"wds:{copy}"]["position"] == [position[0], 0, 0]
     assert len(_take(listed, 2)) == 2
 
 
@@ -426,16 +431,13 @@ def _mix(root, records_dir, w=0.6):
 
 def _slots(it, n):
     """(t, source, item) of the first ``n`` slots of ``it`` from its start."""
-    state = it._state
-    streams = {s: m.stream(state["streams"][s]) for s, m in it.streams.items()}
     taken = collections.deque()
-    items = it._items(state, streams, taken)
+    items = it._slots(it._state, taken=taken)
     out = []
     for _ in range(n):
         item = next(items)
         out.append((item.t, taken[-1][1], item))
-    for stream in streams.values():
-        stream.reader.close()
+    items.close()
     return out
 
 
@@ -493,7 +495,7 @@ def test_a_mix_with_a_stream_resumes_exactly_and_counts_skips_per_source(shards,
     stream_state = last["streams"][_brace(root)]
     assert bad_records >= 2 and undecodable >= 1
     assert last["skipped_by_source"] == [stream_state["read_skipped"] + undecodable, bad_records]
-    assert stream_state["skipped"] == last["skipped_by_source"][0] and stream_state["read_skipped"] >= READ_SKIPS
+    assert stream_state["read_skipped"] >= READ_SKIPS
     for k in (2, 7, 11):
         resumed = _train(spec, num_threads=1)
         resumed.set_state(states[k])
@@ -503,7 +505,7 @@ def test_a_mix_with_a_stream_resumes_exactly_and_counts_skips_per_source(shards,
     for field, value in [("seed", 3), ("shuffle_buffer", 8)]:
         with pytest.raises(ValueError, match=field):
             _train(spec, **{field: value}).set_state(states[0])
-    with pytest.raises(ValueError, match="not a mix with wds: streams"):
+    with pytest.raises(ValueError, match="specs"):
         _train(spec).set_state(_train(f"dir:{records_dir}").get_state())
     with pytest.raises(ValueError, match="inconsistent"):
         _train(spec).set_state({**states[3], "counts": [0, states[3]["sample"]]})
@@ -531,6 +533,7 @@ def test_two_streams_of_a_mix_are_shuffled_independently(shards):
     root, _ = shards
     it = _train({_brace(root): 1.0, f"wds:{root}": 1.0})  # the same shards, listed two ways
     a, b = it.streams[0].reader(), it.streams[1].reader()
+    assert (a.key, b.key) == ((0,), (1,)) and _train(_brace(root)).streams[0].reader().key == ()  # alone: ()
     assert list(a.order(0)) != list(b.order(0))
     sa, sb = it.streams[0].stream(), it.streams[1].stream()
     assert [next(sa)[1].id for _ in range(20)] != [next(sb)[1].id for _ in range(20)]
@@ -612,9 +615,9 @@ def test_shards_that_cannot_be_opened_from_the_start_are_one_error_at_once(tmp_p
     caplog.set_level(logging.WARNING, logger="clipjax.data.wds")
     with pytest.raises(sources.DatasetError, match=r"the first 4 shards this host read cannot be opened; check the "
                                                    r"path \(last: shard .*\.tar: cannot be opened \(FileNotFoundError"):
-        next(_train(spec).reader())
+        next(_train(spec).streams[0].reader())
     assert "skipping" not in caplog.text  # the error says it: no line per shard before it
-    reader = _train(spec).reader()
+    reader = _train(spec).streams[0].reader()
     reader.order(0)[:] = np.roll(np.arange(100), -48)  # shards 48, 49 (missing), 50, 51 (missing), ...
     sample = next(reader)
     assert sample.where.endswith("050.tar:k") and reader.skipped == 2 and caplog.text.count("cannot be opened") == 2

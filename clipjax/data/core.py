@@ -195,18 +195,6 @@ class Prefetcher(Iterator[Any]):
             thread.join(timeout=0 if sys.is_finalizing() else None)
 
 
-def check_state(state: dict, mine: dict, fields: Sequence[str], *, what: str, kind: str | None = None) -> None:
-    """Refuses a saved iterator `state` that another iterator wrote: another kind or version than `mine` (this
-    iterator's own ``get_state()``), or another value of one of `fields` (specs, seed, hosts, ...). `what` names the
-    kind in the error (e.g. "a wds: stream's")."""
-    if (kind is not None and state.get("kind") != kind) or state.get("version") != mine["version"]:
-        raise ValueError(f"data iterator state of {state.get('specs')!r} is not {what} (kind {state.get('kind')!r}, "
-                         f"version {state.get('version')!r}); this iterator reads {mine['specs']!r}")
-    for field in fields:
-        if state.get(field) != mine[field]:
-            raise ValueError(f"data iterator state has {field}={state.get(field)!r}, this iterator {mine[field]!r}")
-
-
 class PrefetchedBatches:
     """The iterator protocol of a resumable batch stream: `_batches(state)` yields (batch, state after it) and runs on
     a `Prefetcher` started at the first `next`; `close()` stops it and the next `next` restarts from the last yielded
@@ -307,8 +295,8 @@ def executor_for(executor: ExecutorFactory | None, workers: int, num_threads: in
 
 
 class HostBatches(PrefetchedBatches):
-    """What every training-batch iterator of a host shares (an ArrayRecord mix's, a ``wds:`` stream's, a mix with streams):
-    its settings, checked, and its decoding executor; a ``TrainData``."""
+    """The base of a host's training-batch iterator (``slots.TrainIterator``): its settings, checked, and its decoding
+    executor; a ``TrainData``."""
 
     sources: list = []
 

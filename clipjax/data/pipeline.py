@@ -2,20 +2,13 @@
 
 ``make_train_iterator`` chooses the training iterator of a spec or mix; ``make_eval_dataset`` reads eval batches.
 
-Training stream (per host, ``clipjax.data.slots``). Sample slots t = 0, 1, 2, ... are assigned, as pure functions
-of the seed:
-
-    source     s(t)    from the mix weights, drawn in blocks of 4096 slots (one Generator per block)
-    record     the n-th record drawn from source s, n = how many earlier slots chose s:
-               epoch e = n // L, position n % L, where this host's epoch order is
-               permutation_e(N)[process_index::process_count][:L],  L = N // process_count
-    randomness crop and caption choice from ``default_rng([seed, process_index, t])``
-
-so hosts read disjoint records in every epoch and together cover all but N mod process_count of them.
-A batch is the next ``b`` slots whose record decodes and has a non-empty caption (and, with ``labels=True``, a
-label); bad records (corrupt bytes, empty captions, no label) are skipped and counted. The state after a batch is
-therefore just ``{"sample": t, "counts": [n_s], "skipped": k}`` (plus identity fields checked on restore), and a
-restored iterator yields exactly the batches the uninterrupted one would.
+Training stream (per host, ``clipjax.data.slots``): sample slots t = 0, 1, 2, ..., each given a source from the mix
+weights, then that source's next record in this host's epoch order (a random-access source) or the next sample of its
+shuffle buffer (a ``wds:`` stream), with crop and caption from ``default_rng([seed, process_index, t])``, all pure
+functions of the seed. A batch is the next ``b`` slots whose sample decodes and has a non-empty caption (and, with
+``labels=True``, a label); bad samples are skipped and counted. The resume state is the slot reached, the slots each
+source took, the skips and each stream's position, and a restored iterator yields exactly the batches the
+uninterrupted one would.
 
 Training images stay uint8 from the decoder to the accelerator (``preprocess.train_crop``): the jitted step
 normalises them on the device (``clipjax.step.prepare_images``), so the host ships a quarter of the float32 bytes
@@ -30,8 +23,8 @@ finished training batches ahead. Records are parsed straight from the serialized
 instead of TFDS's pure-Python ``deserialize_example_np`` (~1 ms, GIL-bound). ``python -m clipjax.data.throughput``
 measures what a host delivers; ``experiments/bench_loader.py`` compares with open_clip's loader (2-core machine,
 JPEGs of 256-400 px → 224 px, batch 64: 698 / 1167 images/s with 1 / 2 workers, open_clip's 397 / 676).
-``wds:`` specs (webdataset shards streamed in place) have their own iterator with the same interface,
-``clipjax.data.wds``; a mix with streams among its sources, ``clipjax.data.mix`` (its slots' sources drawn as here).
+``wds:`` specs (webdataset shards streamed in place, ``clipjax.data.wds``) are sources of the same slots, alone or in
+a mix with random-access sources: one iterator and one resume state for all (``clipjax.data.slots``).
 
 Shapes: b per-host batch, S image size, C context length.
 """
@@ -45,7 +38,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from clipjax.data import core, mix, wds
+from clipjax.data import core, wds
 from clipjax.data import preprocess as pp
 from clipjax.data import sources as src_lib
 from clipjax.data.core import BLOCK as _BLOCK  # noqa: F401  (re-exported)
@@ -78,14 +71,11 @@ def make_train_iterator(
     workers: int = 0,
     executor: core.ExecutorFactory | None = None,
     shuffle_buffer: int | None = None,
-) -> core.HostBatches:
-    """Training batches of ``spec_or_mix`` (a spec string or {spec: weight}) for this host.
-
-    A ``wds:`` spec (webdataset shards) gets ``clipjax.data.wds``'s streaming iterator, with the same batches,
-    ``get_state``/``set_state``/``skipped``/``close``; ``shuffle_buffer``: its samples shuffled in a buffer of that
-    many (None: ``wds.DEFAULT_SHUFFLE_BUFFER``; ignored by other specs). A mix with ``wds:`` streams among its
-    sources is ``clipjax.data.mix``'s iterator: the source of each slot drawn from the weights as here, a stream's
-    slot taking that stream's next sample.
+) -> TrainIterator:
+    """Training batches of ``spec_or_mix`` (a spec string or {spec: weight}) for this host: the one slot iterator,
+    ``slots.TrainIterator``, for random-access sources and ``wds:`` streams (webdataset shards) alike, a mix of them
+    or one. ``shuffle_buffer``: a stream's samples shuffled in a buffer of that many (None:
+    ``wds.DEFAULT_SHUFFLE_BUFFER``; ignored without streams).
 
     ``process_index``/``process_count`` default to ``jax.process_index()``/``jax.process_count()``.
     ``tokenizer(texts, context_length)`` → int32 [N, C] (e.g. ``clipjax.data.tokenizer.get_tokenizer()``).
@@ -104,23 +94,12 @@ def make_train_iterator(
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     specs, weights = src_lib.resolve_specs(spec_or_mix)
-    if any(src_lib.source_kind(s) == "stream" for s in specs):
-        kw = dict(split=split, global_batch_size=global_batch_size, image_size=image_size,
-                  context_length=context_length, tokenizer=tokenizer, seed=seed, process_index=process_index,
-                  process_count=process_count, scale=scale, num_threads=num_threads, prefetch=prefetch,
-                  workers=workers, executor=executor)
-        if len(specs) == 1:
-            return wds.make_stream_iterator(specs, labels=labels, shuffle_buffer=shuffle_buffer, **kw)
-        if labels:
-            raise src_lib.DatasetError(f"labels=True reads one labelled dataset, got a mix of {len(specs)}")
-        return mix.MixTrainIterator(
-            specs, weights, shuffle_buffer=wds.DEFAULT_SHUFFLE_BUFFER if shuffle_buffer is None else shuffle_buffer,
-            **kw)
     return TrainIterator(
         specs, weights, split=split, global_batch_size=global_batch_size, image_size=image_size,
         context_length=context_length, tokenizer=tokenizer, seed=seed, process_index=process_index,
         process_count=process_count, scale=scale, num_threads=num_threads, prefetch=prefetch, labels=labels,
         workers=workers, executor=executor,
+        shuffle_buffer=wds.DEFAULT_SHUFFLE_BUFFER if shuffle_buffer is None else shuffle_buffer,
     )
 
 

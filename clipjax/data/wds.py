@@ -13,15 +13,16 @@ or ``KEY.json`` (its ``caption`` field), grouped and read by the rules of ``clip
 ``sample_image_ext``, ``sample_captions``). Shards are read front to back in one pass (``tarfile`` stream mode: no
 seeks, no index), so a remote shard is one sequential download.
 
-The stream of one host (P hosts):
+The stream of one host (P hosts), a source of the training slots (``clipjax.data.slots``: a mix draws which slots
+are a stream's; a stream alone has them all):
 
     shards     shard i of the listing is this host's when i mod P == process_index (fewer shards than hosts is
-               refused); in epoch e the host reads them in the order ``permutation_e`` (from the seed, the host and
-               e), epoch after epoch, without end
-    shuffle    a buffer of K samples (``shuffle_buffer``): once full, slot t takes buffer[j_t], j_t uniform in [0, K)
-               from (seed, host, t), and the next sample read takes its place
-    slot t     crop and caption from ``default_rng([seed, process_index, t])``, as for ArrayRecord sources
-               (``clipjax.data.pipeline``): the same ``train_crop`` (uint8), tokenizer and batch format
+               refused); in epoch e the host reads them in the order ``permutation_e`` (from the seed, the host, e
+               and, in a mix, the stream's place in it), epoch after epoch, without end
+    shuffle    a buffer of K samples (``shuffle_buffer``): once full, the stream's n-th slot takes buffer[j_n], j_n
+               uniform in [0, K) from (seed, host, n, the place in a mix), and the next sample read takes its place
+    slot t     crop and caption from ``default_rng([seed, process_index, t])``, as for ArrayRecord sources: the same
+               ``train_crop`` (uint8), tokenizer and batch format
 
 Skipped and counted in ``skipped`` (the first reasons logged): a sample without an image member or without a
 non-empty caption, an image member over 64 MiB (passed over unread), an image that does not decode or whose header
@@ -32,24 +33,23 @@ opened and none could yet, the spec or the storage is wrong (a bucket, a path, c
 ``DatasetError`` with the reason, at once rather than after retrying every shard; a store whose endpoint does not
 answer at all is that error when the spec is listed (``clipjax.paths.check_reachable``), in seconds.
 
-Resume state (``get_state``, JSON): ``sample`` (the next slot t); ``position`` [epoch, shard, member] (the next sample
-to read: its epoch, its shard's place in that epoch's order, its index among the shard's samples); ``buffer``, the
-identity [epoch, shard, member] of each buffered sample in buffer order; ``skipped`` and ``read_skipped`` (the part
-counted while reading); and the spec, number of shards, seed, hosts and K, checked on restore. A restored stream
-re-reads the buffered samples from the shards that hold them (each read up to its last buffered sample), then reads
-on from ``position``: its batches are bit-identical to the uninterrupted stream's. A buffered sample whose shard has
-gone by then is skipped and counted, its slot refilled from the stream. A spec that lists another number of shards
-than when the state was saved (a directory that lost one) goes on from the start of the state's epoch, with a warning.
+A stream's part of the resume state (``slots.TrainIterator.get_state``, JSON, under "streams" by spec): ``sample``
+(the slots it gave); ``position`` [epoch, shard, member] (the next sample to read: its epoch, its shard's place in
+that epoch's order, its index among the shard's samples); ``buffer``, the identity [epoch, shard, member] of each
+buffered sample in buffer order; ``read_skipped`` (the skips counted while reading, part of the stream's
+``skipped_by_source``) and ``shards``, the number listed. A restored stream re-reads the buffered samples from the
+shards that hold them (each read up to its last buffered sample), then reads on from ``position``: its batches are
+bit-identical to the uninterrupted stream's. A buffered sample whose shard has gone by then is skipped and counted,
+its slot refilled from the stream. A spec that lists another number of shards than when the state was saved (a
+directory that lost one) goes on from the start of the state's epoch, with a warning.
 
 Reading the shards runs on the producer thread of this process; decoding on the executor of ``workers`` and
-``num_threads`` as for ArrayRecord sources (worker processes get each sample's bytes). In a mix (``data.mix``,
-``clipjax.data.mix``) a stream gives the slots whose source is drawn as it: each takes the stream's next sample.
+``num_threads`` as for ArrayRecord sources (worker processes get each sample's bytes, ``SampleItem``).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -71,13 +71,10 @@ from clipjax.data.wds_names import (  # noqa: F401  (re-exported)
     sample_image_ext,
     shard_urls,
 )
-from clipjax.data import preprocess as pp
 from clipjax.data import sources as src_lib
 
 log = logging.getLogger(__name__)
 
-STATE_KIND = "wds"
-STATE_VERSION = 1
 DEFAULT_SHUFFLE_BUFFER = 1000
 _BLOCK = 4096  # buffer choices drawn per generator
 _LOG_FIRST = 10  # skips logged with their reason while reading (further ones are counted)
@@ -333,10 +330,10 @@ class SampleStream(Iterator[tuple[int, Sample]]):
             self._journal.popleft()
 
 
-# ============================================================================================ decoding
+# ============================================================================================ the source
 
 class SampleItem(NamedTuple):
-    """One slot's work for ``SampleLoader``: plain data, picklable for worker processes."""
+    """One slot's work for the training loader (``slots.TrainLoader``): plain data, picklable for worker processes."""
 
     t: int
     where: str
@@ -347,44 +344,16 @@ class SampleItem(NamedTuple):
         return f"SampleItem(t={self.t}, {self.where})"
 
 
-@dataclasses.dataclass
-class SampleLoader:
-    """SampleItem → (image uint8 [S,S,3], caption, -1): the caption and crop of slot t exactly as
-    ``slots.TrainLoader`` makes them; ``core.BadRecord`` for an image that does not decode."""
+class Stream:
+    """A ``wds:`` source of a host's training slots (``slots.TrainIterator``): this host's shards of ``spec`` and the
+    shuffle buffer over them. ``key`` is () for a stream read alone, (s,) for source s of a mix: it keys the shard
+    orders and buffer choices, so two streams of a mix are shuffled independently.
 
-    image_size: int
-    scale: tuple[float, float]
-    seed: int
-    process_index: int
+    Its part of the resume state (``state``) is {"sample", "position", "buffer", "read_skipped", "shards"}: see the
+    module docstring."""
 
-    def __call__(self, item: SampleItem) -> tuple[np.ndarray, str, int]:
-        rng = np.random.default_rng([self.seed, self.process_index, item.t])
-        caption = item.captions[int(rng.integers(len(item.captions)))]
-        too_large = pp.oversized_image(item.image)  # from the header: never decoded
-        if too_large is not None:
-            raise core.BadRecord(f"sample {item.where}: {too_large}")
-        try:
-            image = pp.train_crop(item.image, self.image_size, rng, scale=self.scale)  # uint8 [S, S, 3]
-        except Exception as e:  # corrupt or undecodable image bytes
-            raise core.BadRecord(f"sample {item.where}: {e}") from None
-        return image, caption, -1
-
-
-# ============================================================================================ iterator
-
-class StreamTrainIterator(core.HostBatches):
-    """Infinite per-host training batches of a ``wds:`` spec: {"image": uint8 [b,S,S,3], "text": i32 [b,C]}, with
-    ``get_state``/``set_state``/``skipped``/``close`` as ``pipeline.TrainIterator``. ``sources`` is empty (no
-    random-access source: the number of samples is not known before reading them)."""
-
-    def __init__(self, spec: str, *, global_batch_size: int, image_size: int, context_length: int,
-                 tokenizer: core.Tokenizer, seed: int, process_index: int, process_count: int,
-                 scale: tuple[float, float], num_threads: int, prefetch: int, workers: int = 0,
-                 executor: core.ExecutorFactory | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                 member: int | None = None):
-        self._configure(global_batch_size=global_batch_size, image_size=image_size, context_length=context_length,
-                        tokenizer=tokenizer, seed=seed, process_index=process_index, process_count=process_count,
-                        scale=scale, num_threads=num_threads, prefetch=prefetch, workers=workers, executor=executor)
+    def __init__(self, spec: str, *, seed: int, process_index: int, process_count: int, shuffle_buffer: int,
+                 key: tuple[int, ...] = ()):
         if shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1 (1: stream order), got {shuffle_buffer}")
         self.urls = shard_urls(spec)
@@ -392,103 +361,45 @@ class StreamTrainIterator(core.HostBatches):
             raise src_lib.DatasetError(
                 f"dataset {spec!r} has {len(self.urls)} shards, fewer than {process_count} hosts: each host reads "
                 f"whole shards (shard i goes to host i mod {process_count}); write the data in more shards")
-        self.spec, self.specs, self.weights = spec, [spec], np.ones(1)
-        self.sources: list = []
-        self.labels, self.classnames = False, None
-        self.shuffle_buffer = int(shuffle_buffer)
-        self.member = member  # its place in a mix (``clipjax.data.mix``), which keys its shard orders and buffer
-        self.loader = SampleLoader(image_size, self.scale, seed, process_index)
-        self._state = {"sample": 0, "position": [0, 0, 0], "buffer": [], "read_skipped": 0, "skipped": 0}
+        self.spec, self.seed, self.process_index, self.process_count = spec, seed, process_index, process_count
+        self.shuffle_buffer, self.key = int(shuffle_buffer), tuple(key)
+        self.start = {"sample": 0, "position": [0, 0, 0], "buffer": [], "read_skipped": 0}
 
     def reader(self, state: dict | None = None) -> ShardReader:
         """This host's shard reader at ``state``'s position (the start by default)."""
-        state = state or self._state
+        state = state or self.start
         return ShardReader(self.spec, self.urls[self.process_index :: self.process_count], seed=self.seed,
                            process_index=self.process_index, position=tuple(state["position"]),
-                           skipped=state["read_skipped"], key=() if self.member is None else (self.member,))
+                           skipped=state["read_skipped"], key=self.key)
 
     def stream(self, state: dict | None = None) -> SampleStream:
         """The shuffled slots from ``state`` on (the start by default), its buffer restored."""
-        state = state or self._state
+        state = state or self.start
         stream = SampleStream(self.reader(state), size=self.shuffle_buffer, seed=self.seed,
                               process_index=self.process_index, sample=state["sample"])
         stream.restore([tuple(i) for i in state["buffer"]])
         return stream
 
-    def _batches(self, state: dict) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
-        """(batch, state after it) from ``state`` on; runs on the prefetch thread."""
-        stream = self.stream(state)
-        items = (SampleItem(t, s.where, s.image, s.captions) for t, s in stream)
-        records = core.OrderedMap(self.loader, items, executor=self.executor,
-                                  window=core.window(self.batch_size, self._decoders),
-                                  skipped=state["skipped"] - state["read_skipped"],
-                                  max_consecutive_bad=core.MAX_CONSECUTIVE_BAD, logger=log)
-        try:
-            with records:
-                while True:
-                    rows = [next(records) for _ in range(self.batch_size)]  # [(item, (image, caption, -1))] * b
-                    batch = {
-                        "image": np.stack([r[1][0] for r in rows]),  # [b, S, S, 3]
-                        "text": np.asarray(self.tokenizer([r[1][1] for r in rows], self.context_length), np.int32),
-                    }  # text: [b, C]
-                    t = rows[-1][0].t
-                    after = stream.state_after(t)
-                    after["skipped"] = after["read_skipped"] + records.skipped
-                    stream.forget_through(t)
-                    yield batch, after
-        finally:
-            stream.reader.close()
+    def state(self, s: dict) -> dict:
+        """The saved form of the internal state ``s``."""
+        return {"sample": s["sample"], "position": list(s["position"]), "buffer": [list(i) for i in s["buffer"]],
+                "read_skipped": s["read_skipped"], "shards": len(self.urls)}
 
-    def get_state(self) -> dict:
-        """JSON-able position after the last yielded batch (see the module docstring)."""
-        return self.export_state(self._state)
-
-    def export_state(self, s: dict) -> dict:
-        """``get_state``'s form of the internal state ``s``."""
-        return {"version": STATE_VERSION, "kind": STATE_KIND, "sample": s["sample"], "position": list(s["position"]),
-                "buffer": [list(i) for i in s["buffer"]], "read_skipped": s["read_skipped"], "skipped": s["skipped"],
-                "specs": list(self.specs), "shards": len(self.urls), "seed": self.seed,
-                "process_index": self.process_index, "process_count": self.process_count,
-                "shuffle_buffer": self.shuffle_buffer}
-
-    def set_state(self, state: dict) -> None:
-        """Continues from ``state`` (from ``get_state`` of an iterator with the same spec, seed, hosts and shuffle
-        buffer). When the spec now lists another number of shards (a directory that lost one), the stream goes on
-        from the start of the state's epoch, with a warning: positions in the old listing mean nothing."""
-        internal = self.import_state(state)
-        self.close()
-        self._state = internal
-
-    def import_state(self, state: dict) -> dict:
-        """The internal state of ``state`` (``get_state``'s form), checked against this iterator (``set_state``)."""
-        core.check_state(state, self.get_state(), ("specs", "seed", "process_index", "process_count",
-                                                   "shuffle_buffer"), what="a wds: stream's", kind=STATE_KIND)
-        position, buffer = list(state["position"]), [list(i) for i in state["buffer"]]
+    def restore(self, saved: dict, *, sample: int, skipped: int) -> dict:
+        """The internal state of ``saved`` (``state``'s form) after ``sample`` slots of this stream and ``skipped``
+        samples skipped in all (checked). When the spec now lists another number of shards (a directory that lost
+        one), the stream goes on from the start of the saved epoch, with a warning: positions in the old listing mean
+        nothing."""
+        position, buffer = list(saved["position"]), [list(i) for i in saved["buffer"]]
         if (len(position) != 3 or len(buffer) not in (0, self.shuffle_buffer) or any(len(i) != 3 for i in buffer)
-                or not 0 <= state["read_skipped"] <= state["skipped"]):
-            raise ValueError(f"inconsistent data iterator state: position={position}, {len(buffer)} buffered samples "
-                             f"for a buffer of {self.shuffle_buffer}, skipped={state['skipped']} "
-                             f"read_skipped={state['read_skipped']}")
-        if state.get("shards") != len(self.urls):  # shards assigned and ordered otherwise: positions mean nothing
+                or not 0 <= saved["read_skipped"] <= skipped or saved["sample"] != sample):
+            raise ValueError(f"inconsistent data iterator state of {self.spec!r}: position={position}, {len(buffer)} "
+                             f"buffered samples for a buffer of {self.shuffle_buffer}, {saved['sample']} slots given "
+                             f"(the mix counts {sample}), skipped={skipped} read_skipped={saved['read_skipped']}")
+        if saved.get("shards") != len(self.urls):  # shards assigned and ordered otherwise: positions mean nothing
             log.warning("dataset %r lists %d shards, %s when its state was saved: the stream goes on from the start "
-                        "of epoch %d, not from the exact sample", self.spec, len(self.urls), state.get("shards"),
+                        "of epoch %d, not from the exact sample", self.spec, len(self.urls), saved.get("shards"),
                         position[0])
             position, buffer = [position[0], 0, 0], []
-        return {"sample": int(state["sample"]), "position": [int(p) for p in position],
-                "buffer": [[int(v) for v in i] for i in buffer], "read_skipped": int(state["read_skipped"]),
-                "skipped": int(state["skipped"])}
-
-
-def make_stream_iterator(specs: Sequence[str], *, split: str, labels: bool, shuffle_buffer: int | None = None,
-                         **kw) -> StreamTrainIterator:
-    """``make_train_iterator`` for one ``wds:`` spec (``kw``: its other arguments); a split other than "train" or
-    ``labels=True`` is refused with one line."""
-    if len(specs) != 1:
-        raise ValueError(f"one wds: spec, got {list(specs)} (a mix: clipjax.data.mix.MixTrainIterator)")
-    if split != "train":
-        raise src_lib.DatasetError(f"dataset {specs[0]!r} has no splits (got split {split!r}): point the pattern at "
-                                   f"the shards to read")
-    if labels:
-        raise src_lib.DatasetError(f"dataset {specs[0]!r}: webdataset shards give captions, not class labels")
-    buffer = DEFAULT_SHUFFLE_BUFFER if shuffle_buffer is None else shuffle_buffer
-    return StreamTrainIterator(specs[0], shuffle_buffer=buffer, **kw)
+        return {"sample": int(sample), "position": [int(p) for p in position],
+                "buffer": [[int(v) for v in i] for i in buffer], "read_skipped": int(saved["read_skipped"])}
