@@ -21,7 +21,8 @@ the state dict must be a view that touches each storage element at most once (co
 or stepped, as `torch.save` writes parameters and their views; not an expanded (stride 0) or overlapping view)
 and lie inside its storage; storages may not be larger than the file could hold, and all tensors together may
 hold at most `MAX_EXPANSION` times the file's size plus `SLACK_BYTES`. Anything else raises
-`UnsafeCheckpointError` naming the file and the tensor.
+`UnsafeCheckpointError` naming the file and the tensor (the lazy tensors, these checks and the copy out of the
+storages: `clipjax.interop.torch_tensors`).
 """
 from __future__ import annotations
 
@@ -40,14 +41,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint that could run code (a global outside the allowlist) or exhaust memory (a tensor bigger than
-    its storage, an expanded or overlapping view, more tensor bytes than the file's size allows) when loaded."""
-
-
-MAX_EXPANSION = 2  # tensor bytes a file may produce per byte of file (shared views of one storage add up)
-SLACK_BYTES = 16 << 20  # plus this much, for tiny files with small views into one storage
+from clipjax.interop.torch_tensors import (MAX_EXPANSION, SLACK_BYTES, LazyTensor, StorageRef,  # noqa: F401
+                                          UnsafeCheckpointError, check_tensors, materialize_all)
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -81,25 +76,6 @@ class _DtypeMarker:
         return np.dtype(_NP_DTYPES[self.name])
 
 
-@dataclass(frozen=True)
-class _StorageRef:
-    key: str
-    dtype: np.dtype  # element type of the storage record
-    numel: int  # elements in the record
-    byte_offset: int = 0  # legacy storage views start inside their root storage
-
-
-@dataclass
-class _LazyTensor:
-    storage: _StorageRef
-    offset: int  # in elements of `dtype`
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: np.dtype
-    negate: bool = False
-    conjugate: bool = False
-
-
 class _ScriptObject:
     """Attribute bag for a pickled `__torch__.*` TorchScript object; `state` is its attribute dict."""
 
@@ -122,18 +98,18 @@ def _as_int_tuple(value: Any, what: str) -> tuple[int, ...]:
 
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: np.dtype | None = None
-                    ) -> _LazyTensor:
-    if not isinstance(storage, _StorageRef) or not isinstance(storage_offset, int):
+                    ) -> LazyTensor:
+    if not isinstance(storage, StorageRef) or not isinstance(storage_offset, int):
         raise ValueError("tensor record does not reference a storage")
     shape, strides = _as_int_tuple(size, "size"), _as_int_tuple(stride, "stride")
     if len(shape) != len(strides) or min(shape + strides + (storage_offset,), default=0) < 0:
         raise ValueError(f"bad tensor geometry: size {shape}, stride {strides}, offset {storage_offset}")
-    return _LazyTensor(storage, storage_offset, shape, strides, storage.dtype if dtype is None else dtype)
+    return LazyTensor(storage, storage_offset, shape, strides, storage.dtype if dtype is None else dtype)
 
 
 def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
                        backward_hooks: Any = None, metadata: Any = None, dtype: np.dtype | None = None
-                       ) -> _LazyTensor:
+                       ) -> LazyTensor:
     tensor = _rebuild_tensor(storage, storage_offset, size, stride, dtype)
     if isinstance(metadata, Mapping):  # lazily negated / conjugated views
         tensor.negate, tensor.conjugate = bool(metadata.get("neg")), bool(metadata.get("conj"))
@@ -141,7 +117,7 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any
 
 
 def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
-                       backward_hooks: Any, dtype: Any, metadata: Any = None) -> _LazyTensor:
+                       backward_hooks: Any, dtype: Any, metadata: Any = None) -> LazyTensor:
     if not isinstance(dtype, _DtypeMarker) or dtype.name not in _NP_DTYPES:
         raise ValueError(f"tensor dtype must be a torch dtype, got {dtype!r:.80}")
     return _rebuild_tensor_v2(storage, storage_offset, size, stride, metadata=metadata, dtype=dtype.np)
@@ -282,19 +258,19 @@ class _ZipSource:
         self.names = set(zf.namelist())
         self.limit = MAX_EXPANSION * os.path.getsize(path) + SLACK_BYTES  # bytes any one record may inflate to
 
-    def storage(self, pid: tuple) -> _StorageRef:
+    def storage(self, pid: tuple) -> StorageRef:
         if len(pid) < 4:
             raise ValueError(f"{self.path}: malformed storage id {pid!r:.80}")
         dtype, key, numel = _storage_marker(pid[0], self.path), str(pid[1]), pid[3]
         if not isinstance(numel, int) or numel < 0:
             raise ValueError(f"{self.path}: storage {key!r} has a bad element count {numel!r:.40}")
-        return _StorageRef(key, dtype, numel)
+        return StorageRef(key, dtype, numel)
 
     def read_text(self, name: str) -> str | None:
         record = self.root + name
         return self.read_record(record).decode("utf-8", "replace") if record in self.names else None
 
-    def read(self, ref: _StorageRef) -> bytes:
+    def read(self, ref: StorageRef) -> bytes:
         """The storage's bytes, at most as many as it declares (a compressed record cannot inflate past them)."""
         record = f"{self.root}data/{ref.key}"
         if record not in self.names:
@@ -321,7 +297,7 @@ class _LegacySource:
         self.roots: dict[str, tuple[np.dtype, int]] = {}  # key -> (dtype, numel)
         self.offsets: dict[str, tuple[int, int]] = {}  # key -> (file offset, nbytes)
 
-    def storage(self, pid: tuple) -> _StorageRef:
+    def storage(self, pid: tuple) -> StorageRef:
         if len(pid) != 5:
             raise ValueError(f"{self.path}: malformed storage id {pid!r:.80}")
         dtype, key, numel, view = _storage_marker(pid[0], self.path), str(pid[1]), pid[3], pid[4]
@@ -329,10 +305,10 @@ class _LegacySource:
             raise ValueError(f"{self.path}: storage {key!r} has a bad element count {numel!r:.40}")
         self.roots.setdefault(key, (dtype, numel))
         if view is None:
-            return _StorageRef(key, dtype, numel)
+            return StorageRef(key, dtype, numel)
         if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, int) for v in view[1:])):
             raise ValueError(f"{self.path}: malformed storage view {view!r:.80}")
-        return _StorageRef(key, dtype, view[2], byte_offset=view[1] * dtype.itemsize)
+        return StorageRef(key, dtype, view[2], byte_offset=view[1] * dtype.itemsize)
 
     def locate(self, fh: io.BufferedReader, keys: Any, file_size: int) -> None:
         if not isinstance(keys, list):
@@ -352,110 +328,13 @@ class _LegacySource:
             self.offsets[key] = (offset + 8, nbytes)
             offset += 8 + nbytes
 
-    def read(self, ref: _StorageRef) -> bytes:
+    def read(self, ref: StorageRef) -> bytes:
         if ref.key not in self.offsets:
             raise ValueError(f"{self.path}: missing storage record {ref.key!r}")
         start, nbytes = self.offsets[ref.key]
         with open(self.path, "rb") as fh:
             fh.seek(start)
             return fh.read(nbytes)
-
-
-# ------------------------------------------------------------------ materialising tensors
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _view_problem(t: _LazyTensor) -> str | None:
-    """Why view `t` may not be materialised (None when it may): it must touch each storage element at most once
-    and lie inside its storage."""
-    if 0 in t.shape:
-        return None
-    dims = sorted((s, n) for n, s in zip(t.shape, t.stride) if n > 1)  # by stride; size-1 dims move nothing
-    if any(s == 0 for s, _ in dims):
-        return f"is an expanded view (size {t.shape}, stride {t.stride}): it repeats storage elements"
-    reach = 0  # the farthest element the smaller-stride dims reach from a start: each next stride must pass it
-    for (s, n), (s_next, _) in zip(dims, dims[1:]):
-        reach += (n - 1) * s
-        if s_next <= reach:  # interleaved strides (e.g. a transposed slice, (6, 9, 27, 1)) pass; repeats do not
-            return f"is an overlapping view (size {t.shape}, stride {t.stride}): it repeats storage elements"
-    item = t.dtype.itemsize
-    capacity = t.storage.numel * t.storage.dtype.itemsize  # bytes in the storage (or legacy storage view)
-    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride))  # elements from the first to the last
-    if (t.offset + span) * item > capacity:
-        return (f"needs {(t.offset + span) * item} bytes (offset {t.offset}, size {t.shape}, stride {t.stride}) "
-                f"but its storage {t.storage.key!r} holds {capacity}")
-    return None
-
-
-def check_tensors(tensors: dict[str, _LazyTensor], path: str, file_size: int) -> None:
-    """Refuse, before reading any storage, views that repeat or overrun their storage, storages larger than the
-    file allows and more tensor bytes in all than `MAX_EXPANSION` × the file's size + `SLACK_BYTES`."""
-    limit = MAX_EXPANSION * file_size + SLACK_BYTES
-    total = 0
-    for name, t in tensors.items():
-        problem = _view_problem(t)
-        if problem is not None:
-            raise UnsafeCheckpointError(f"{path}: tensor {name!r} {problem}")
-        storage_bytes = t.storage.byte_offset + t.storage.numel * t.storage.dtype.itemsize
-        if storage_bytes > limit:
-            raise UnsafeCheckpointError(f"{path}: tensor {name!r} uses storage {t.storage.key!r} of {storage_bytes} "
-                                        f"bytes, more than a {file_size}-byte file can hold")
-        total += _numel(t.shape) * t.dtype.itemsize
-        if total > limit:
-            raise UnsafeCheckpointError(f"{path}: tensor {name!r} brings the tensors to {total} bytes, more than "
-                                        f"{MAX_EXPANSION} x the file's {file_size} bytes + {SLACK_BYTES}")
-
-
-def _materialize(t: _LazyTensor, raw: bytes, big_endian: bool, name: str, path: str) -> np.ndarray:
-    """Copy tensor `t` (checked by `check_tensors`) out of its storage bytes `raw`, honouring offset and strides."""
-    dtype, item = t.dtype, t.dtype.itemsize
-    if 0 in t.shape:
-        return np.zeros(t.shape, dtype)
-    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride))  # elements the view touches
-    start = t.storage.byte_offset + t.offset * item
-    limit = min(len(raw), t.storage.byte_offset + t.storage.numel * t.storage.dtype.itemsize)
-    if start + span * item > limit:
-        raise ValueError(f"{path}: tensor {name!r} reads past the end of storage {t.storage.key!r} "
-                         f"({start + span * item} > {limit} bytes)")
-    # Gather as opaque items (as_strided cannot take ml_dtypes), then reinterpret.
-    flat = np.frombuffer(raw, np.dtype(f"V{item}"), count=span, offset=start)
-    view = np.lib.stride_tricks.as_strided(flat, t.shape, tuple(s * item for s in t.stride), writeable=False)
-    items = np.array(view, order="C").reshape(-1)  # [numel]
-    unit = item // 2 if dtype.kind == "c" else item  # complex numbers swap each component
-    if big_endian and unit > 1:
-        items = items.view(f">u{unit}").astype(f"u{unit}")
-    out = items.view(dtype).reshape(t.shape)
-    if t.conjugate:
-        out = np.conj(out)
-    if t.negate:
-        out = np.negative(out)
-    return out
-
-
-def _materialize_all(tensors: dict[str, _LazyTensor], read: Callable[[_StorageRef], bytes], big_endian: bool,
-                     path: str) -> dict[str, np.ndarray]:
-    """Check every view (`check_tensors`), then read each storage once (holding one at a time) and copy every
-    tensor out of it."""
-    check_tensors(tensors, path, os.path.getsize(path))
-    by_key: dict[str, list[str]] = {}
-    for name, t in tensors.items():
-        by_key.setdefault(t.storage.key, []).append(name)
-    out: dict[str, np.ndarray] = {}
-    for names in by_key.values():
-        raw = read(tensors[names[0]].storage)
-        root = tensors[names[0]].storage
-        expected = root.byte_offset + root.numel * root.dtype.itemsize
-        if len(raw) < expected and all(tensors[n].storage.byte_offset == 0 for n in names):
-            raise ValueError(f"{path}: storage record {root.key!r} is truncated ({len(raw)} < {expected} bytes)")
-        for name in names:
-            out[name] = _materialize(tensors[name], raw, big_endian, name, path)
-    return {name: out[name] for name in tensors}
 
 
 # ------------------------------------------------------------------ object tree -> state dict
@@ -479,9 +358,9 @@ def _script_declarations(source: _ZipSource | None, qualified: str, cache: dict)
     return cache[qualified]
 
 
-def _script_state_dict(root: _ScriptObject, source: _ZipSource | None, path: str) -> dict[str, _LazyTensor]:
+def _script_state_dict(root: _ScriptObject, source: _ZipSource | None, path: str) -> dict[str, LazyTensor]:
     """Parameters and buffers of a TorchScript module tree, named and ordered as `module.state_dict()`."""
-    out: dict[str, _LazyTensor] = {}
+    out: dict[str, LazyTensor] = {}
     cache: dict[str, tuple | None] = {}
 
     def visit(obj: _ScriptObject, prefix: str, ancestors: frozenset[int]) -> None:
@@ -491,10 +370,10 @@ def _script_state_dict(root: _ScriptObject, source: _ZipSource | None, path: str
         decl = _script_declarations(source, obj.qualified_name, cache)
         if decl is not None and decl[0] == "class":
             return  # a TorchScript class, not a module: state_dict() does not descend into it
-        tensor_attrs = [k for k, v in obj.state.items() if isinstance(v, _LazyTensor)]
+        tensor_attrs = [k for k, v in obj.state.items() if isinstance(v, LazyTensor)]
         names = tensor_attrs if decl is None else decl[1] + (tensor_attrs if decl[2] is None else decl[2])
         for name in dict.fromkeys(names):
-            if isinstance(obj.state.get(name), _LazyTensor):
+            if isinstance(obj.state.get(name), LazyTensor):
                 out[prefix + str(name)] = obj.state[name]
         for key, value in obj.state.items():  # children in attribute order, like nn.Module.state_dict
             if isinstance(value, _ScriptObject):
@@ -509,17 +388,17 @@ def _check_depth(ancestors: frozenset[int], path: str) -> None:
         raise ValueError(f"{path}: object tree is nested more than 256 levels deep")
 
 
-def _flatten(obj: Mapping, prefix: str, out: dict[str, _LazyTensor], path: str,
+def _flatten(obj: Mapping, prefix: str, out: dict[str, LazyTensor], path: str,
              ancestors: frozenset[int] = frozenset()) -> None:
     _check_depth(ancestors, path)
     for key, value in obj.items():
-        if isinstance(value, _LazyTensor):
+        if isinstance(value, LazyTensor):
             out[prefix + str(key)] = value
         elif isinstance(value, Mapping) and id(value) not in ancestors:
             _flatten(value, f"{prefix}{key}.", out, path, ancestors | {id(obj)})
 
 
-def _state_dict_tensors(obj: Any, path: str, source: Any) -> dict[str, _LazyTensor]:
+def _state_dict_tensors(obj: Any, path: str, source: Any) -> dict[str, LazyTensor]:
     if isinstance(obj, _ScriptObject):
         tensors = _script_state_dict(obj, source, path)
     elif isinstance(obj, Mapping):
@@ -562,7 +441,7 @@ def _load_zip(path: str) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: unknown byteorder record {order!r:.20}")
         obj = _unpickle(io.BytesIO(source.read_record(record)), path, source.storage)
         tensors = _state_dict_tensors(obj, path, source)
-        return _materialize_all(tensors, source.read, order == "big", path)
+        return materialize_all(tensors, source.read, order == "big", path)
 
 
 def _load_legacy(path: str) -> dict[str, np.ndarray]:
@@ -586,7 +465,7 @@ def _load_legacy(path: str) -> dict[str, np.ndarray]:
         obj = _unpickle(fh, path, source.storage)
         source.locate(fh, _unpickle(fh, path), os.fstat(fh.fileno()).st_size)
     tensors = _state_dict_tensors(obj, path, None)
-    return _materialize_all(tensors, source.read, False, path)
+    return materialize_all(tensors, source.read, False, path)
 
 
 def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
