@@ -177,7 +177,7 @@ def lower(config: Any, devices: list[Any]) -> Program:
     phase = tr.make_phases(config, cfg)[0]
     num_classes = 0
     if config.task == "classify":
-        from clipjax.finetune import ClassifyTask
+        from clipjax.tasks import ClassifyTask
 
         num_classes = len(tr._from_config("config.data", ClassifyTask.from_config, config, cfg).classnames)
     model = CLIP(cfg)

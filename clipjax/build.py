@@ -21,13 +21,13 @@ from jax.sharding import Mesh
 from clipjax import phases as phases_lib
 from clipjax import sharding as shd
 from clipjax.config_checks import ConfigError, _from_config
-from clipjax.losses import get_loss
 from clipjax.models.config import CLIPConfig
 from clipjax.models.specs import get_model_config
 from clipjax.optim import make_optimizer
 from clipjax.phases import Phase
 from clipjax.run_control import COUNTERS
-from clipjax.step import HEAD, batch_shardings, train_step
+from clipjax.step import batch_shardings, train_step
+from clipjax.tasks import task_class
 
 
 # =============================================================================================== model & optimizer
@@ -72,9 +72,7 @@ def frozen_prefixes(config: ml_collections.ConfigDict, params: Any) -> tuple[str
     """Parameter prefixes that do not train: `config.frozen`, plus, when classifying, everything of the CLIP but its
     image tower (the text tower and temperature only built the head's starting point)."""
     frozen = tuple(config.frozen)
-    if config.task == "classify":
-        frozen += tuple(k for k in sorted(params) if k not in ("visual", HEAD) and k not in frozen)
-    return frozen
+    return frozen + task_class(config).frozen(params, frozen)
 
 
 def make_tx(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
@@ -98,7 +96,6 @@ def make_train_mesh(config: ml_collections.ConfigDict, devices: Any = None) -> M
 
 # ============================================================================================ step & phases
 
-
 def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags: bool = False,
                    fields: dict[str, int] | None = None, patch_dropout: float = 0.0,
                    make_batch: Callable[[jax.Array], dict[str, jax.Array]] | None = None):
@@ -114,9 +111,9 @@ def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags
     and the stop request (0 without `stop_flags`).
     """
     step = functools.partial(
-        train_step, model=model, tx=tx, loss_fn=get_loss(config.loss) if config.task == "contrastive" else None,
-        mesh=mesh, accum_steps=int(config.accum_steps), frozen=frozen_prefixes(config, state_shardings.params),
-        task=config.task, label_smoothing=float(config.label_smoothing), patch_dropout=float(patch_dropout))
+        train_step, model=model, tx=tx, **task_class(config).step_options(config), mesh=mesh,
+        accum_steps=int(config.accum_steps), frozen=frozen_prefixes(config, state_shardings.params),
+        label_smoothing=float(config.label_smoothing), patch_dropout=float(patch_dropout))
     in_batch = batch_shardings(mesh, config.task, fields)
     if stop_flags:
         in_batch["stop"] = shd.batch_sharding(mesh, 1)

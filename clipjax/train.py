@@ -1,14 +1,19 @@
-"""The one trainer: contrastive pretraining (CLIP / SigLIP, LiT) and classifier fine-tuning. Reads top to bottom in
-fixed sections:
+"""The one trainer: contrastive pretraining (CLIP / SigLIP, LiT) and classifier fine-tuning. Reads top to bottom:
 
-    config checks → model & optimizer → jitted step (state and step: `clipjax.step`) → data → workdir
-    → train (checkpoint & resume) → loop → evals
+    data → train (set-up, checkpoint & resume) → loop (step → log → eval → checkpoint) → evals
 
-The task is `config.task`:
-    "contrastive"  the towers' embeddings under the global-batch contrastive loss (`config.loss`)
-    "classify"     the image tower under a linear head on unit-norm features, started as the zero-shot classifier of
-                   the dataset's class names (WiSE-FT / FLYP recipe; `clipjax.finetune` holds the head and its files)
-Both share the train state, the sharded step, checkpoints, exact resume, preemption handling and the loop.
+What it uses, one module each:
+    clipjax.config_checks   the config's checks (`check_config`, `ConfigError`) and what may change on resume
+    clipjax.build           what the config builds: model config, optimizer, mesh, phases, the jitted step
+    clipjax.step            the train state and the update step
+    clipjax.interop.init_from   the `config.init_from` weights, checked against the model
+    clipjax.tasks           the task of `config.task`:
+        "contrastive"  the towers' embeddings under the global-batch contrastive loss (`config.loss`)
+        "classify"     the image tower under a linear head on unit-norm features, started as the zero-shot classifier
+                       of the dataset's class names (WiSE-FT / FLYP recipe; `clipjax.classifier` holds the head and
+                       its files)
+    clipjax.workdir         config.json and its history, the resume checks, metrics rows, curves.png
+Both tasks share the train state, the sharded step, checkpoints, exact resume, preemption handling and the loop.
 
 `train` is importable (and `make_train_state` / `train_step` from `clipjax.step`); `python -m clipjax.main` calls it.
 Every key read here has its default in configs/common.py `base_config` (the one place defaults live).
@@ -36,7 +41,7 @@ from clipjax.build import (_phase_config, frozen_prefixes, jit_train_step, make_
 from clipjax.checkpoint import Checkpointer, check_writable
 from clipjax.config_checks import TASKS, ConfigError, _from_config, check_config  # noqa: F401
 from clipjax.interop.init_from import init_variables_from, load_pretrained
-from clipjax.losses import get_loss
+from clipjax.losses import get_loss  # noqa: F401
 from clipjax.metrics import MetricWriter, Progress, final_line, train_flops_per_step
 from clipjax.models.clip import CLIP
 from clipjax.models.config import CLIPConfig
@@ -47,6 +52,7 @@ from clipjax.phases import Phase, PhasedData
 from clipjax.run_control import COUNTERS, Preemption, StepCounters, sum_over_processes
 from clipjax.step import (HEAD, TrainState, abstract_with_shardings, batch_fields, batch_shardings,  # noqa: F401
                           clip_variables, make_train_state, train_step)
+from clipjax.tasks import task_class
 from clipjax.workdir import (check_same_model, check_workdir, close_all, keep_damaged_config, truncate_metrics,
                              write_config, write_curves, write_metrics)
 
@@ -139,8 +145,8 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
     check_workdir(workdir_p)
     mesh = make_train_mesh(config)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
-    if config.task == "contrastive":
-        _from_config("config.loss", get_loss, config.loss)  # bad names fail before anything compiles
+    task_type = task_class(config)  # contrastive or classify: what differs between them (clipjax/tasks.py)
+    task_type.check(config)  # bad names (the loss) fail before anything compiles
     if config.init_from:
         log.info("reading the weights of config.init_from=%s…", config.init_from)
     pretrained = load_pretrained(config)
@@ -152,7 +158,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
     if held is not None:  # one run per workdir (a second one is refused, naming the first); after the config and
         held.enter_context(workdir_lock.held(workdir_p))  # data checks, so that a refused config writes nothing
 
-    ckpt = writer = head_task = None
+    ckpt = writer = None
     try:
         check_writable(workdir_p / "checkpoints")  # fail now rather than at the first save
         model = CLIP(cfg)
@@ -162,19 +168,14 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
         if resuming:
             check_same_model(workdir_p, cfg, config)
         init_variables = init_variables_from(pretrained, config, cfg) if pretrained is not None else None
-        num_classes = 0
-        if config.task == "classify":
-            from clipjax.finetune import ClassifyTask
-
-            head_task = _from_config("config.data", ClassifyTask.from_config, config, cfg)
-            num_classes = len(head_task.classnames)
-            if not resuming:  # the head starts as the zero-shot classifier (a resumed run restores its own)
-                init_variables = head_task.with_zeroshot_head(init_variables, pretrained, cfg)
+        task = _from_config("config.data", task_type.from_config, config, cfg)  # classify: class names, eval data
+        if not resuming:  # classify: the head starts as the zero-shot classifier (a resumed run restores its own)
+            init_variables = task.start_variables(init_variables, pretrained, cfg)
         log.info("initialising the parameters and optimizer state of %s…",
                  config.model.name or "the model of config.model.open_clip_config")
         state, state_shardings, tx = _from_config(
             "config", make_train_state, model, lambda p: _from_config("config.frozen", make_tx, config, p),
-            config.seed, mesh, init_variables, tuple(config.reinit), num_classes)
+            config.seed, mesh, init_variables, tuple(config.reinit), task.num_classes)
         preempt.set_up_done()  # a signal from now on checkpoints the step in flight
         report = shd.sharded_fraction(state.params)
         log.info("parameters: %.1fM (%.0f%% of bytes sharded)", report.total_bytes / 4e6, 100 * report.fraction)
@@ -209,7 +210,7 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
         writer = MetricWriter(workdir_p, enabled=is_main)
         if is_main:
             truncate_metrics(writer, start)  # rows of steps that no checkpoint kept are written again
-        last = _loop(config, cfg, mesh, state, step_fn, schedule, data, ckpt, writer, preempt, head_task)
+        last = _loop(config, cfg, mesh, state, step_fn, schedule, data, ckpt, writer, preempt, task)
     except BaseException:
         close_all(ckpt, writer, data, failing=True)
         raise
@@ -225,7 +226,7 @@ COUNTER_GROUP = 4  # counters are read this many steps at a time: the loop waits
 
 
 def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, schedule, data, ckpt: Checkpointer,
-          writer: MetricWriter, preempt: Preemption, head_task: Any = None) -> dict[str, float]:
+          writer: MetricWriter, preempt: Preemption, task: Any) -> dict[str, float]:
     """Steps from the state's step to `config.total_steps`; logs, evaluates and checkpoints on schedule.
 
     The loop stays ahead of the devices: each step is dispatched without waiting for the one before, the next batch
@@ -244,8 +245,8 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
     counters = StepCounters(int(config.max_nonfinite_steps), ckpt)
     single = jax.process_count() == 1
     last: dict[str, float] = {}
-    if head_task is not None and start == 0:  # the zero-shot head before any step
-        last = _run_evals({}, state, cfg, head_task)
+    if task.evaluates_at_start and start == 0:  # classify: the zero-shot head before any step
+        last = _run_evals({}, state, cfg, task)
         write_metrics(writer, 0, last)
     t_last, c_last, steps_since = time.perf_counter(), time.thread_time(), 0
     step, stop, fields = start, False, None
@@ -259,7 +260,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
         phase = data.at(step)
         local = next(data)
         if phase not in step_fns:  # the batch's fields decide the compiled signature (synthetic data may add "nan")
-            fields = {k: v.ndim for k, v in local.items() if k in (*batch_fields(config.task), "nan")}
+            fields = {k: v.ndim for k, v in local.items() if k in (*task.fields, "nan")}
             make_batch = data.iterator.make if getattr(data.iterator, "on_step", False) else None
             step_fns[phase] = make_step(fields=fields, patch_dropout=phase.patch_dropout, make_batch=make_batch)
             phase_cfg, kept = _phase_config(cfg, phase)
@@ -304,12 +305,11 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
             write_metrics(writer, step, m)
             last = m
             if is_main:
-                shown = ("loss", "accuracy") if head_task is not None else ("loss", "temperature")
-                log.info(progress.line(step, {k: m[k] for k in (*shown, "samples_per_sec")}))
+                log.info(progress.line(step, {k: m[k] for k in (*task.shown, "samples_per_sec")}))
         counters.raise_if_failed()  # after logging the step that failed, before evaluating or checkpointing it
         t_pause, c_pause = time.perf_counter(), time.thread_time()
         if evaluate:
-            results = _run_evals(evaluators, state, cfg, head_task)
+            results = _run_evals(evaluators, state, cfg, task)
             if results:
                 write_metrics(writer, step, results)
                 last.update(results)
@@ -322,9 +322,9 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
             log.warning("stopped at step %d after a signal, with a checkpoint; re-run the same command to resume",
                         step)
             break
-    if head_task is not None and step == config.total_steps:
+    if task.writes_outputs and step == config.total_steps:  # classify: the model, head and classifier files
         ckpt.wait()
-        head_task.write_outputs(writer.path.parent, cfg, state, config)
+        task.write_outputs(writer.path.parent, cfg, state, config)
     return last
 
 
@@ -339,12 +339,12 @@ def _make_evaluators(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> dict
 
 
 def _run_evals(evaluators: dict[str, Any], state: TrainState, cfg: CLIPConfig,
-               head_task: Any = None) -> dict[str, float]:
+               task: Any) -> dict[str, float]:
     variables = clip_variables(state.params, state.batch_stats)
     results: dict[str, float] = {}
-    if head_task is not None and head_task.evaluates:
+    if task.evaluates:  # classify: the head on config.data.eval
         t0 = time.perf_counter()
-        mine = head_task.evaluate(cfg, state)
+        mine = task.evaluate(cfg, state)
         log.info("eval head (%.1f s): %s", time.perf_counter() - t0, {k: round(v, 4) for k, v in mine.items()})
         results.update(mine)
     for name, ev in evaluators.items():

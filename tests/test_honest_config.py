@@ -251,12 +251,12 @@ def test_finetuning_says_when_its_evaluation_reads_the_training_images(tmp_path,
     c = base_config()
     c.task, c.init_from, c.data.train, c.data.eval, c.data.tokenizer = "classify", str(fixture), str(train), "", "folded"
     c.data.eval = str(tmp_path / "train" / ".." / "train")  # the same folder, written otherwise
-    with caplog.at_level(logging.WARNING, logger="clipjax.finetune"):
+    with caplog.at_level(logging.WARNING, logger="clipjax.tasks"):
         ClassifyTask.from_config(c, cfg)
     assert "reads the training images (an ImageFolder has a single split): eval/top1" in caplog.text
     caplog.clear()
     c.data.eval = str(heldout)
-    with caplog.at_level(logging.WARNING, logger="clipjax.finetune"):
+    with caplog.at_level(logging.WARNING, logger="clipjax.tasks"):
         ClassifyTask.from_config(c, cfg)
     assert "training images" not in caplog.text
     (tmp_path / "ds").mkdir()
