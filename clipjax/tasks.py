@@ -2,7 +2,7 @@
 in one object each, so that the trainer (`clipjax.train`) and the step it builds (`clipjax.build`) read the task's
 answers instead of branching on its name:
 
-    fields              the batch's fields and ranks
+    fields, labels      the batch's fields and ranks; whether the training data is read with labels
     check(config)       names checked before anything is built (the loss)
     step_options        the loss of `clipjax.step.train_step` (the contrastive loss, or the head's cross-entropy)
     frozen(params, …)   parameter prefixes the task keeps as loaded, besides `config.frozen`
@@ -42,6 +42,7 @@ class ContrastiveTask:
     name: ClassVar[str] = "contrastive"
     fields: ClassVar[dict[str, int]] = batch_fields("contrastive")
     shown: ClassVar[tuple[str, ...]] = ("loss", "temperature")
+    labels: ClassVar[bool] = False  # the training data's batches: images and captions
     evaluates_at_start: ClassVar[bool] = False
     writes_outputs: ClassVar[bool] = False
     num_classes: ClassVar[int] = 0
@@ -82,6 +83,7 @@ class ClassifyTask:
     name: ClassVar[str] = "classify"
     fields: ClassVar[dict[str, int]] = batch_fields("classify")
     shown: ClassVar[tuple[str, ...]] = ("loss", "accuracy")
+    labels: ClassVar[bool] = True  # the training data's batches: images and labels, no captions
     evaluates_at_start: ClassVar[bool] = True  # the zero-shot head's scores are the row of step 0
     writes_outputs: ClassVar[bool] = True
     classnames: list[str]

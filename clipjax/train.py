@@ -39,7 +39,7 @@ from clipjax import sharding as shd
 from clipjax.build import (_phase_config, frozen_prefixes, jit_train_step, make_phases, make_train_mesh,  # noqa: F401
                            make_tx, model_config)
 from clipjax.checkpoint import Checkpointer, check_writable
-from clipjax.config_checks import TASKS, ConfigError, _from_config, check_config  # noqa: F401
+from clipjax.config_checks import ConfigError, _from_config, check_config  # noqa: F401
 from clipjax.interop.init_from import init_variables_from, load_pretrained
 from clipjax.losses import get_loss  # noqa: F401
 from clipjax.metrics import MetricWriter, Progress, final_line, train_flops_per_step
@@ -50,8 +50,8 @@ from clipjax import workdir_lock
 from clipjax.optim import make_schedule
 from clipjax.phases import Phase, PhasedData
 from clipjax.run_control import COUNTERS, Preemption, StepCounters, sum_over_processes
-from clipjax.step import (HEAD, TrainState, abstract_with_shardings, batch_fields, batch_shardings,  # noqa: F401
-                          clip_variables, make_train_state, train_step)
+from clipjax.step import (TrainState, abstract_with_shardings, clip_variables, make_train_state,  # noqa: F401
+                          train_step)
 from clipjax.tasks import task_class
 from clipjax.workdir import (check_same_model, check_workdir, close_all, keep_damaged_config, truncate_metrics,
                              write_config, write_curves, write_metrics)
@@ -74,8 +74,9 @@ def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mes
         raise ConfigError("config.data.train is empty: name the training data, e.g. --config=configs/vit_b32.py:"
                           "data=dir:/data/laion400m (an ingested dataset) or --config.data.train=SPEC; 'synthetic' "
                           "for a smoke run")
+    labels = task_class(config).labels  # classify: labels, no captions
     if spec == "synthetic":
-        if config.task == "classify":
+        if labels:
             raise ConfigError("config.data.train='synthetic' has no labels: classifying needs a labelled dataset")
         from clipjax.data.synthetic import SyntheticIterator
 
@@ -86,7 +87,7 @@ def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mes
     from clipjax.data.pipeline import make_train_iterator
     from clipjax.data.tokenizer import get_tokenizer
 
-    if config.task == "classify":  # labels, no captions
+    if labels:
         if d.mix:
             raise ConfigError("config.data.mix: classifying reads one labelled dataset (config.data.train)")
         return make_train_iterator(spec, tokenizer=_no_text, scale=tuple(d.crop_scale), num_threads=d.num_threads,
