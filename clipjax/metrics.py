@@ -68,7 +68,8 @@ class MetricWriter:
 
     def truncate_after(self, step: int) -> int:
         """Drop the rows of steps after `step` (a resumed run writes them again; step 0 too when starting over), so a
-        crash between a log line and its checkpoint leaves no duplicate rows. Atomic; returns the rows dropped."""
+        crash between a log line and its checkpoint leaves no duplicate rows. Atomic; returns the lines removed (rows
+        dropped and damaged lines, which are kept in a copy)."""
         if not self.enabled:
             return 0
         if self._remote:
@@ -83,7 +84,8 @@ class MetricWriter:
         kept = [line for line in kept if line.strip() and _row(line) is not None]
         if kept and not kept[-1].endswith("\n"):  # a last row cut at its newline: the next row must not join it
             kept[-1] += "\n"
-        dropped = len([line for line in lines if line.strip()]) - len(damaged) - len(kept)
+        removed = len([line for line in lines if line.strip()]) - len(kept)  # the damaged lines too (kept in a copy)
+        dropped = removed - len(damaged)
         if damaged:  # a row cut short (a run killed while writing it) or garbled: keep the file as it was
             copy = keep_damaged_copy(self.path, paths.read_bytes(self.path))
             log.warning("%s: line %s cannot be read (cut short or garbled); kept the %d readable rows up to step %d "
@@ -93,7 +95,7 @@ class MetricWriter:
             self._replace(kept)
         if dropped:
             log.info("%s: dropped %d rows after step %d (written again on resume)", self.path, dropped, step)
-        return dropped
+        return removed
 
     def _replace(self, lines: list[str]) -> None:
         """metrics.jsonl holding exactly `lines`, atomically (a temporary file renamed; in a store, one object)."""

@@ -183,9 +183,9 @@ def _train(config: ml_collections.ConfigDict, workdir_p: paths.Path, preempt: Pr
         step_fn = functools.partial(jit_train_step, model, tx, config, mesh, state_shardings,
                                     stop_flags=jax.process_count() > 1)
         if compiled:  # the first phase's step from a file (checked now, before anything is written)
-            from clipjax import aot
+            from clipjax import executable
 
-            step_fn = aot.prebuilt(compiled, step_fn, config, cfg, mesh, state, phases[0])
+            step_fn = executable.prebuilt(compiled, step_fn, config, cfg, mesh, state, phases[0])
         schedule = make_schedule(config.lr, config.warmup_steps, config.total_steps)
 
         # Resume order: 1. this workdir's newest readable checkpoint; 2. `init_from` weights; 3. from scratch.

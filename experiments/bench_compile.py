@@ -32,6 +32,7 @@ def main() -> None:
 
     from bench_train import _train_config
     from clipjax import sharding as shd
+    from clipjax import step as S
     from clipjax import train as T
     from clipjax import compile_cache
     from clipjax.losses import get_loss
@@ -47,10 +48,10 @@ def main() -> None:
     s, n = cfg.vision.image_size, args.batch
     batch = {"image": jax.ShapeDtypeStruct((n, s, s, 3), np.float32),
              "text": jax.ShapeDtypeStruct((n, cfg.text.context_length), np.int32)}
-    global_loss = T._global_loss(get_loss("clip"), mesh)
+    global_loss = S._global_loss(get_loss("clip"), mesh)
 
     def grads(st, b):
-        return T._full_batch_grads(st, b, model, global_loss, ())
+        return S._full_batch_grads(st, b, model, global_loss, ())
 
     def with_tx(opt):
         def fn(params, opt_state, b):
