@@ -32,19 +32,18 @@ class MissingMatplotlib(ImportError):
     """matplotlib is not installed."""
 
 
-def _pyplot():
+def _figure_class():
+    """matplotlib's Figure, drawn by its Agg canvas: a file only, and the process's backend (a notebook's inline
+    figures, a user's window) is left as it is."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise MissingMatplotlib("matplotlib is not installed: pip install matplotlib (or pip install "
                                 "'clipjax[plot]')") from None
-    matplotlib.use("Agg", force=True)  # files only: no display needed
     logger = logging.getLogger("matplotlib")  # its INFO records (a font cache built) say nothing about the run
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.WARNING)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -74,37 +73,35 @@ def _eval_panels(rows: list[dict[str, Any]]) -> list[tuple[str, tuple[str, ...]]
 
 def render(rows: list[dict[str, Any]], out: str | os.PathLike, title: str = "") -> None:
     """The curves of `rows` (metrics.jsonl rows) as the PNG file `out` (local, or an object in a store)."""
-    plt = _pyplot()
+    figure = _figure_class()
     panels = [(t, keys) for t, keys in (*TRAIN_PANELS, *_eval_panels(rows))
               if any(_series(rows, k)[0] for k in keys)]
     if not panels:
         raise ValueError("no numeric metrics to plot")
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
-    try:
-        for ax in axes.flat[len(panels):]:
-            ax.axis("off")
-        for ax, (name, keys) in zip(axes.flat, panels):
-            for k in keys:
-                steps, values = _series(rows, k)
-                if steps:
-                    ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3,
-                            label=k.rsplit("/", 1)[-1])
-            ax.set_title(name, fontsize=10)
-            ax.set_xlabel("step", fontsize=8)
-            ax.tick_params(labelsize=8)
-            ax.grid(alpha=0.3)
-            if name in ("learning rate",):
-                ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-            if len(keys) > 1:
-                ax.legend(fontsize=7)
-        if title:
-            fig.suptitle(title, fontsize=11)
-        fig.tight_layout()
-        _save(fig, out)
-    finally:
-        plt.close(fig)
+    fig = figure(figsize=(4.2 * cols, 3.0 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (name, keys) in zip(axes.flat, panels):
+        for k in keys:
+            steps, values = _series(rows, k)
+            if steps:
+                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3,
+                        label=k.rsplit("/", 1)[-1])
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        if name in ("learning rate",):
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    _save(fig, out)
 
 
 def _save(fig: Any, out: str | os.PathLike) -> None:

@@ -249,9 +249,10 @@ def _wds_shard(path: pathlib.Path, images: list[bytes]) -> None:
 def test_an_image_over_pils_pixel_limit_is_a_bad_record_without_being_decoded():
     """10^8 pixels (300 KB of PNG, 100 MB decoded; PIL only warns below 2x its limit) and 9·10^8 (PIL refuses):
     both skipped as bad records, from their header."""
-    from clipjax.data import core, ingest
+    from clipjax.data import core, ingest, slots
+    from clipjax.data.sources import SourceSet
 
-    loader = wds.SampleLoader(16, (0.9, 1.0), seed=0, process_index=0)
+    loader = slots.TrainLoader(SourceSet([], "train"), 16, (0.9, 1.0), seed=0, process_index=0)  # streams only
     for image, needle in ((_png(10_000, 10_000), "10000x10000 = 100,000,000 pixels"),
                           (_png(30_000, 30_000, rows=1), "decompression bomb")):
         start = time.monotonic()
