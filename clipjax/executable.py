@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -78,20 +77,7 @@ def save_executable(path: str, compiled: Any, program: Any, devices: list[Any], 
     payload, _, _ = serialize(compiled)
     meta = {"topology": topology, "program": program_digest(program.lowered), "versions": versions(),
             **_signature(program.mesh, devices, program.processes)}
-    target = paths.as_path(path)
-    if paths.is_remote(path):
-        paths.write_object(target, MAGIC + json.dumps(meta).encode() + b"\n" + payload)
-        return
-    local = os.path.abspath(path)
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    tmp = f"{local}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + json.dumps(meta).encode() + b"\n" + payload)
-        os.replace(tmp, local)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    paths.write_bytes(path, MAGIC + json.dumps(meta).encode() + b"\n" + payload)
 
 
 def read_executable(path: str) -> tuple[dict[str, Any], bytes]:

@@ -226,17 +226,22 @@ def write_object(path: Path, data: bytes | str) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """`text` (UTF-8) as the whole file `path`, atomically: a local file (its folder made) through a temporary file in
-    the same folder renamed over it (a failed write leaves any previous file intact), an object in a store in one
-    upload."""
+    """`text` (UTF-8) as the whole file `path`, atomically (see `write_bytes`)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """`data` as the whole file `path`, atomically: a local file (its folder made, the umask's mode) through a
+    temporary file in the same folder renamed over it (a failed write leaves any previous file intact), an object in a
+    store in one upload."""
     if is_remote(path):
-        write_object(as_path(path), text)
+        write_object(as_path(path), data)
         return
     local = pathlib.Path(path)
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, local)
     finally:
         tmp.unlink(missing_ok=True)

@@ -106,21 +106,10 @@ def render(rows: list[dict[str, Any]], out: str | os.PathLike, title: str = "") 
 
 def _save(fig: Any, out: str | os.PathLike) -> None:
     """`fig` as a PNG at `out`, through a temporary file (a failed write leaves any previous file intact)."""
-    target = paths.as_path(out)
     with tempfile.TemporaryDirectory(prefix="clipjax-plot-") as tmp:
         local = pathlib.Path(tmp) / CURVES
         fig.savefig(local, format="png", dpi=100)
-        if paths.is_remote(target):
-            paths.upload_file(local, target)
-        else:
-            target = pathlib.Path(target)
-            part = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            try:
-                with open(part, "wb") as f:  # the mode of any new file, not the temporary directory's file's
-                    f.write(local.read_bytes())
-                os.replace(part, target)
-            finally:
-                part.unlink(missing_ok=True)
+        paths.write_bytes(out, local.read_bytes())
 
 
 def plot_workdir(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -> paths.Path:

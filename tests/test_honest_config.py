@@ -9,7 +9,6 @@ import logging
 import pathlib
 import subprocess
 import sys
-import tarfile
 
 import pytest
 
@@ -102,12 +101,9 @@ def test_a_mix_of_huge_weights_trains(tmp_path):
 
 
 def _tar(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    from test_data_wds import _write_tar
+
+    _write_tar(path, samples)
 
 
 def _png() -> bytes:
