@@ -4,7 +4,7 @@ Beam pipeline (``clipjax[beam]``)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from clipjax.data.ingest.plan import IngestError
 from clipjax.data.ingest.units import ingest_unit, list_unit
 
@@ -47,7 +47,7 @@ def _key_and_tar(listed: tuple[int, list[str]]) -> Iterator[tuple[str, int]]:
     return ((key, index) for key in keys)
 
 
-def _later_tars(key_tars: tuple[str, Sequence[int]]) -> Iterator[tuple[int, str]]:
+def _later_tars(key_tars: tuple[str, Iterable[int]]) -> Iterator[tuple[int, str]]:
     """(tar index, key) for every tar holding `key` but the first in listing order."""
     key, tars = key_tars
     return ((index, key) for index in sorted(set(tars))[1:])
