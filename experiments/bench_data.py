@@ -5,9 +5,8 @@
 
 Cases (each after one warm-up batch; images/s = batches × batch / wall time, best of --repeats runs):
     clipjax-threadsN   ``make_train_iterator`` with N decode threads (the default is 2)
-    grain-mpN          the same per-record work (read, decode, RandomResizedCrop, normalise, tokenise) in a
-                       ``grain`` ``MapDataset`` → ``mp_prefetch`` with N worker processes (reference for the
-                       threads-vs-processes choice; not resumable the way the clipjax iterator is)
+
+grain against the same executors, like for like: ``bench_grain.py``.
 
 Data: the scenes dataset built once into ``--data-dir`` (default ``$CLIPJAX_DATA_DIR`` or
 ``~/.cache/clipjax/datasets``): 2 000 JPEG images of 256 px for the 224-px cases, the default 64-px PNG
@@ -28,42 +27,10 @@ import time
 
 import numpy as np
 
-from clipjax.data import pipeline, scenes, sources
-from clipjax.data import preprocess as pp
+from clipjax.data import pipeline, scenes
 from clipjax.data.tokenizer import get_tokenizer
 
 CONTEXT = 77
-
-
-class _GrainRecords:
-    """Picklable random-access view of a split for grain workers (opens the source lazily per process)."""
-
-    def __init__(self, spec: str, split: str):
-        self.spec, self.split, self._src = spec, split, None
-
-    def _source(self):
-        if self._src is None:
-            self._src = sources.open_source(self.spec, self.split)
-        return self._src
-
-    def __len__(self) -> int:
-        return len(self._source())
-
-    def __getitem__(self, i: int):
-        return self._source().record(i)
-
-    def __getstate__(self):
-        return {"spec": self.spec, "split": self.split, "_src": None}
-
-
-class _GrainTransform:
-    def __init__(self, image_size: int):
-        self.image_size = image_size
-
-    def __call__(self, rec, rng: np.random.Generator):
-        caption = rec.captions[int(rng.integers(len(rec.captions)))]
-        image = pp.train_transform(rec.image, self.image_size, rng)  # [S, S, 3]
-        return {"image": image, "text": get_tokenizer()([caption], CONTEXT)[0]}
 
 
 def _time(it, batches: int) -> float:
@@ -80,20 +47,6 @@ def bench_clipjax(spec: str, image_size: int, batch: int, batches: int, threads:
                                       num_threads=threads)
     seconds = _time(it, batches)
     it.close()
-    return batches * batch / seconds
-
-
-def bench_grain(spec: str, image_size: int, batch: int, batches: int, workers: int) -> float:
-    import grain
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():  # grain reads absl flags when it starts workers
-        flags.FLAGS.mark_as_parsed()
-    ds = (grain.MapDataset.source(_GrainRecords(spec, "train")).shuffle(seed=0).repeat()
-          .random_map(_GrainTransform(image_size), seed=0).batch(batch))
-    it = iter(ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
-    seconds = _time(it, batches)
-    del it
     return batches * batch / seconds
 
 
@@ -122,16 +75,12 @@ def main(argv: list[str] | None = None) -> None:
         for threads in (1, 2, 4):
             cases.append((name, f"clipjax-threads{threads}", lambda s=spec, z=size, t=threads: bench_clipjax(
                 s, z, 64, batches, t)))
-        for workers in (2,):
-            cases.append((name, f"grain-mp{workers}", lambda s=spec, z=size, w=workers: bench_grain(
-                s, z, 64, batches, w)))
     results = []
     for data, loader, run in cases:
         rates = [run() for _ in range(args.repeats)]
         results.append({"data": data, "loader": loader, "batch": 64, "images_per_s": round(max(rates), 1),
                         "all_runs": [round(r, 1) for r in rates]})
         print(f"{data:14s} {loader:18s} {max(rates):8.1f} images/s (best of {args.repeats})", flush=True)
-    import grain
     import jax
 
     record = {
@@ -139,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "host": platform.node(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
         "load_avg_at_end": os.getloadavg(), "python": platform.python_version(), "numpy": np.__version__,
-        "jax": jax.__version__, "grain": getattr(grain, "__version__", "unknown"),
+        "jax": jax.__version__,
         "pillow": __import__("PIL").__version__, "command": " ".join([sys.executable] + sys.argv),
         "commit": _commit(), "batches_timed": batches, "results": results,
     }
