@@ -141,6 +141,10 @@ def test_brace_patterns_expand_as_a_shell_does():
     assert len(wds.expand_braces("gs://b/laion/{00000..41455}.tar")) == 41456
     with pytest.raises(ValueError, match="neither a range"):
         wds.expand_braces("a{b}c")
+    # the rest of webdataset's patterns (braceexpand's): letter ranges, steps, nesting; each counted as it expands
+    assert wds.expand_braces("{a..c}{0..4..2}") == ["a0", "a2", "a4", "b0", "b2", "b4", "c0", "c2", "c4"]
+    assert wds.expand_braces("x{a,{1..2}}") == ["xa", "x1", "x2"]
+    assert wds.count_braces("{a..c}{0..4..2}") == 9 and wds.count_braces("x{a,{1..2}}") == 3
 
 
 def test_spec_forms_list_the_same_shards(shards, tmp_path):

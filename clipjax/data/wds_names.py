@@ -2,7 +2,8 @@
 (``clipjax.data.ingest``) share: which shards a spec names, and how a shard's members group into samples.
 
 Shards. ``shard_urls("wds:PATTERN")`` lists them: a brace pattern (``{A..B}`` numeric ranges, zero-padded as written,
-and ``{x,y}`` alternatives, expanded in order, at most ``MAX_SHARD_NAMES`` names, counted before any is made), a
+and ``{x,y}`` alternatives, expanded in order by ``braceexpand`` as webdataset does, at most ``MAX_SHARD_NAMES``
+names, counted before any is made), a
 directory (its ``*.tar``, sorted by name), a glob (sorted) or one ``.tar``; the same on a filesystem of fsspec
 (gs://, s3://, ...), read through fsspec and its implementation (gcsfs, s3fs, ...), imported only then.
 
@@ -20,8 +21,10 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import IO
+
+import braceexpand
 
 from clipjax import paths
 from clipjax.data import sources as src_lib
@@ -38,40 +41,32 @@ _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 # ============================================================================================ shard listing
 
-def _options(body: str, pattern: str) -> tuple[int, Iterable[str]]:
-    """(count, lazy options) of one brace's ``body``: a numeric range or a comma list."""
+def _size(body: str) -> int | None:
+    """How many names one brace's ``body`` stands for when it is a numeric range or a flat comma list, else None."""
     bounds = _RANGE.match(body)
     if bounds:
-        lo, hi = bounds.groups()
-        padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (lo, hi))
-        width = max(len(lo), len(hi)) if padded else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        numbers = range(int(lo), int(hi) + step, step)
-        return len(numbers), (f"{i:0{width}d}" for i in numbers)
-    if "," in body:
-        options = body.split(",")
-        return len(options), options
-    raise ValueError(f"brace {{{body}}} in {pattern!r} is neither a range {{A..B}} nor a list {{a,b}}")
+        return abs(int(bounds.group(2)) - int(bounds.group(1))) + 1
+    return len(body.split(",")) if "," in body else None
 
 
 def iter_braces(pattern: str) -> Iterator[str]:
-    """The names of a brace pattern one at a time, in ``expand_braces``'s order, none held beyond the one yielded."""
-    m = _BRACE.search(pattern)
-    if m is None:
-        yield pattern
-        return
-    head, tail = pattern[: m.start()], pattern[m.end():]
-    for option in _options(m.group(1), pattern)[1]:
-        yield from iter_braces(head + option + tail)
+    """The names of a brace pattern one at a time (``braceexpand``, the expansion webdataset and open_clip use, so a
+    pattern names the same shards here as there), none held beyond the one yielded. A brace left unexpanded (``{b}``:
+    neither a range nor a list) is a ValueError rather than a shard name."""
+    for name in braceexpand.braceexpand(pattern):
+        left = _BRACE.search(name)
+        if left:
+            raise ValueError(f"brace {left.group(0)} in {pattern!r} is neither a range {{A..B}} nor a list {{a,b}}")
+        yield name
 
 
 def count_braces(pattern: str, limit: int = MAX_SHARD_NAMES) -> int:
-    """How many names ``pattern`` expands to, counted without listing them (a nested pattern is counted one name at a
-    time, up to ``limit`` + 1)."""
-    bodies = _BRACE.findall(pattern)
-    if "{" in _BRACE.sub("", pattern):  # nested braces: the options of an outer brace depend on the inner ones
-        return sum(1 for _ in itertools.islice(iter_braces(pattern), limit + 1))
-    return math.prod(_options(body, pattern)[0] for body in bodies)
+    """How many names ``pattern`` expands to: multiplied out when its braces are flat numeric ranges and comma
+    lists, else (nested braces, letter ranges, steps) counted one name at a time, up to ``limit`` + 1."""
+    sizes = [_size(body) for body in _BRACE.findall(pattern)]
+    if "{" not in _BRACE.sub("", pattern) and None not in sizes:
+        return math.prod(sizes)
+    return sum(1 for _ in itertools.islice(iter_braces(pattern), limit + 1))
 
 
 def expand_braces(pattern: str, limit: int = MAX_SHARD_NAMES) -> list[str]:
