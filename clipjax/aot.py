@@ -126,21 +126,18 @@ def lower(config: Any, devices: list[Any]) -> Program:
     from clipjax.metrics import train_flops_per_step
     from clipjax.models.clip import CLIP
     from clipjax.step import abstract_train_state
+    from clipjax.tasks import task_class
 
     config = tr.check_config(config)
     mesh = tr.make_train_mesh(config, devices)
-    if config.task == "contrastive":
-        tr._from_config("config.loss", tr.get_loss, config.loss)
+    task_type = task_class(config)
+    task_type.check(config)  # an unknown loss is one line before anything is built
     if not config.model.name and not config.model.open_clip_config:
         raise tr.ConfigError("config.model.name is empty: name the architecture to compile (the weights of "
                              "config.init_from are not read ahead of time)")
     cfg = tr._from_config("config.model", tr.model_config, config)
     phase = tr.make_phases(config, cfg)[0]
-    num_classes = 0
-    if config.task == "classify":
-        from clipjax.tasks import ClassifyTask
-
-        num_classes = len(tr._from_config("config.data", ClassifyTask.from_config, config, cfg).classnames)
+    num_classes = tr._from_config("config.data", task_type.from_config, config, cfg).num_classes  # classify: names
     model = CLIP(cfg)
     state, shardings, tx = tr._from_config(
         "config", abstract_train_state, model, lambda p: tr._from_config("config.frozen", tr.make_tx, config, p),

@@ -113,8 +113,8 @@ def jit_train_step(model, tx, config, mesh: Mesh, state_shardings, *, stop_flags
     step = functools.partial(
         train_step, model=model, tx=tx, **task_class(config).step_options(config), mesh=mesh,
         accum_steps=int(config.accum_steps), frozen=frozen_prefixes(config, state_shardings.params),
-        label_smoothing=float(config.label_smoothing), patch_dropout=float(patch_dropout))
-    in_batch = batch_shardings(mesh, config.task, fields)
+        patch_dropout=float(patch_dropout))
+    in_batch = batch_shardings(mesh, task_class(config).fields if fields is None else fields)
     if stop_flags:
         in_batch["stop"] = shd.batch_sharding(mesh, 1)
     inner = step

@@ -45,13 +45,12 @@ def abstract_batch(config: Any, mesh: Any, image_size: int, context_length: int,
     import jax.numpy as jnp
 
     from clipjax import sharding as shd
+    from clipjax.tasks import task_class
 
     n = int(config.batch_size)
-    shapes = {"image": ((n, image_size, image_size, 3), jnp.uint8)}
-    if config.task == "classify":
-        shapes["label"] = ((n,), jnp.int32)
-    else:
-        shapes["text"] = ((n, context_length), jnp.int32)
+    every = {"image": ((n, image_size, image_size, 3), jnp.uint8), "text": ((n, context_length), jnp.int32),
+             "label": ((n,), jnp.int32)}
+    shapes = {field: every[field] for field in task_class(config).fields}
     if stop_flags:
         shapes["stop"] = ((n,), jnp.int32)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shd.batch_sharding(mesh, len(shape)))
@@ -102,7 +101,8 @@ def prebuilt(path: str, make_step: Any, config: Any, cfg: Any, mesh: Any, state:
     import jax
     from jax.experimental.serialize_executable import deserialize_and_load
 
-    from clipjax.step import abstract_with_shardings, batch_fields
+    from clipjax.step import abstract_with_shardings
+    from clipjax.tasks import task_class
     from clipjax.config_checks import ConfigError
 
     try:
@@ -122,7 +122,7 @@ def prebuilt(path: str, make_step: Any, config: Any, cfg: Any, mesh: Any, state:
         raise ConfigError(f"--compiled={path} was made with {meta.get('versions')}, this run has {versions()}: "
                           f"compile it again with this software")
     stop_flags = jax.process_count() > 1
-    fields = batch_fields(config.task)
+    fields = task_class(config).fields
     batch = abstract_batch(config, mesh, phase.image_size, phase.context_length, stop_flags)
     jitted = make_step(fields=fields, patch_dropout=phase.patch_dropout)
     lowered = jitted.lower(abstract_with_shardings(jax.tree.map(lambda x: x.sharding, state), state), batch)

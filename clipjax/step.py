@@ -307,11 +307,33 @@ def _classify_grads(state, batch, model, frozen, label_smoothing: float, accum: 
     return losses.mean(), grads, new_bs, jax.tree.map(jnp.mean, aux)
 
 
+def contrastive_grads(loss_fn: Callable) -> Callable:
+    """The gradient of the contrastive task: `loss_fn` (a `clipjax.losses` loss) over the global batch {"image":
+    [N, H, W, 3], "text": [N, L]}, accumulated over `accum_steps` micro-batches when it is more than 1."""
+
+    def grads(state, batch, *, model, frozen, accum_steps, mesh, drop):
+        global_loss = _global_loss(loss_fn, mesh)
+        if accum_steps > 1:
+            return _accumulated_grads(state, batch, model, global_loss, frozen, accum_steps, mesh, drop)
+        return _full_batch_grads(state, batch, model, global_loss, frozen, drop)
+
+    return grads
+
+
+def classify_grads(label_smoothing: float = 0.0) -> Callable:
+    """The gradient of the classify task: the head's cross-entropy over {"image": [N, H, W, 3], "label": [N]}."""
+
+    def grads(state, batch, *, model, frozen, accum_steps, mesh, drop):
+        return _classify_grads(state, batch, model, frozen, label_smoothing, accum_steps, mesh, drop)
+
+    return grads
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: CLIP, tx: optax.GradientTransformation,
-               loss_fn: Callable | None, mesh: Mesh, accum_steps: int = 1, frozen: tuple[str, ...] = (),
-               task: str = "contrastive", label_smoothing: float = 0.0, patch_dropout: float = 0.0):
-    """One optimizer step on a global batch → (new state, metrics). Contrastive: {"image": [N, H, W, 3], "text":
-    [N, L]} under `loss_fn`; classify: {"image", "label": [N]} under the head's cross-entropy (`loss_fn` unused).
+               mesh: Mesh, loss_fn: Callable | None = None, grads: Callable | None = None, accum_steps: int = 1,
+               frozen: tuple[str, ...] = (), patch_dropout: float = 0.0):
+    """One optimizer step on a global batch → (new state, metrics). `grads`: the task's loss and gradient
+    (`classify_grads(...)`; a task's `step_options` gives it); by default `contrastive_grads(loss_fn)`.
     Images and texts may be shorter than the model's (a training phase of fewer tokens); `patch_dropout` drops that
     fraction of ViT patch tokens per image, with a key of (state.rng, step).
 
@@ -319,15 +341,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: CLIP, t
     """
     batch = {**{k: v for k, v in batch.items() if k != "nan"}, "image": prepare_images(batch)}
     drop = (patch_dropout, jax.random.fold_in(state.rng, state.step)) if patch_dropout else None
-    if task == "classify":
-        loss, grads, new_bs, aux = _classify_grads(state, batch, model, frozen, label_smoothing, accum_steps, mesh,
-                                                   drop)
-    elif accum_steps > 1:
-        global_loss = _global_loss(loss_fn, mesh)
-        loss, grads, new_bs, aux = _accumulated_grads(state, batch, model, global_loss, frozen, accum_steps, mesh,
-                                                      drop)
-    else:
-        loss, grads, new_bs, aux = _full_batch_grads(state, batch, model, _global_loss(loss_fn, mesh), frozen, drop)
+    grads_of = grads or contrastive_grads(loss_fn)
+    loss, grads, new_bs, aux = grads_of(state, batch, model=model, frozen=frozen, accum_steps=accum_steps, mesh=mesh,
+                                        drop=drop)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -353,14 +369,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: CLIP, t
     return new_state, metrics
 
 
-def batch_fields(task: str) -> dict[str, int]:
-    """The fields of a task's batch and their ranks."""
-    return {"image": 4, "label": 1} if task == "classify" else {"image": 4, "text": 2}
+CONTRASTIVE_FIELDS = {"image": 4, "text": 2}  # the fields of a task's batch and their ranks
+CLASSIFY_FIELDS = {"image": 4, "label": 1}
 
 
-def batch_shardings(mesh: Mesh, task: str, fields: dict[str, int] | None = None) -> dict[str, NamedSharding]:
-    """Shardings of a global batch: every field (the task's by default) split over the batch axes."""
-    fields = batch_fields(task) if fields is None else fields
+def batch_shardings(mesh: Mesh, fields: dict[str, int]) -> dict[str, NamedSharding]:
+    """Shardings of a global batch: every field split over the batch axes."""
     return {name: shd.batch_sharding(mesh, ndim) for name, ndim in fields.items()}
 
 

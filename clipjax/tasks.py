@@ -30,7 +30,14 @@ from clipjax.classifier import Head, eval_batches, head_metrics, reads_training_
 from clipjax.config_checks import TASKS, _from_config
 from clipjax.interop.load import Pretrained
 from clipjax.losses import get_loss
-from clipjax.step import HEAD, batch_fields, clip_variables
+from clipjax.step import (
+    CLASSIFY_FIELDS,
+    CONTRASTIVE_FIELDS,
+    HEAD,
+    classify_grads,
+    clip_variables,
+    contrastive_grads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ class ContrastiveTask:
     (`config.loss`). No eval of its own (`config.evals` run for every task) and no files beyond the workdir's."""
 
     name: ClassVar[str] = "contrastive"
-    fields: ClassVar[dict[str, int]] = batch_fields("contrastive")
+    fields: ClassVar[dict[str, int]] = CONTRASTIVE_FIELDS
     shown: ClassVar[tuple[str, ...]] = ("loss", "temperature")
     labels: ClassVar[bool] = False  # the training data's batches: images and captions
     evaluates_at_start: ClassVar[bool] = False
@@ -54,7 +61,8 @@ class ContrastiveTask:
 
     @staticmethod
     def step_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-        return dict(loss_fn=get_loss(config.loss), task="contrastive")
+        """`clipjax.step.train_step`'s gradient: the configured contrastive loss over the global batch."""
+        return dict(grads=contrastive_grads(get_loss(config.loss)))
 
     @staticmethod
     def frozen(params: Any, frozen: tuple[str, ...]) -> tuple[str, ...]:
@@ -81,7 +89,7 @@ class ClassifyTask:
     batches, and the files written at the end (see `clipjax.finetune`)."""
 
     name: ClassVar[str] = "classify"
-    fields: ClassVar[dict[str, int]] = batch_fields("classify")
+    fields: ClassVar[dict[str, int]] = CLASSIFY_FIELDS
     shown: ClassVar[tuple[str, ...]] = ("loss", "accuracy")
     labels: ClassVar[bool] = True  # the training data's batches: images and labels, no captions
     evaluates_at_start: ClassVar[bool] = True  # the zero-shot head's scores are the row of step 0
@@ -122,8 +130,8 @@ class ClassifyTask:
 
     @staticmethod
     def step_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-        """`clipjax.step.train_step`'s task options: the head's cross-entropy."""
-        return dict(loss_fn=None, task="classify")
+        """`clipjax.step.train_step`'s gradient: the head's cross-entropy."""
+        return dict(grads=classify_grads(float(config.label_smoothing)))
 
     @staticmethod
     def frozen(params: Any, frozen: tuple[str, ...]) -> tuple[str, ...]:

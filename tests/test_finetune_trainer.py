@@ -19,6 +19,7 @@ import pytest
 from clipjax import sharding as shd
 from clipjax.data import scenes
 from clipjax.models import CLIP, CLIPConfig, TextConfig, VisionConfig
+from clipjax.step import classify_grads
 from clipjax.train import make_train_state, train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -95,8 +96,8 @@ def _classify_run(cfg, mesh_shape, n_devices, batch, accum=1, steps=2):
                                lambda p: jax.tree.map_with_path(
                                    lambda path, _: "frozen" if str(path[0].key) in frozen else "trainable", p))
     state, _, tx = make_train_state(model, lambda p: tx, 0, mesh, num_classes=5)
-    step = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_fn=None, mesh=mesh, accum_steps=accum,
-                                     frozen=frozen, task="classify", label_smoothing=0.1), donate_argnums=(0,))
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, grads=classify_grads(0.1), mesh=mesh,
+                                     accum_steps=accum, frozen=frozen), donate_argnums=(0,))
     metrics = []
     for _ in range(steps):
         b = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}

@@ -7,7 +7,7 @@ from clipjax.build import frozen_prefixes, make_train_mesh
 from clipjax.config_checks import TASKS, ConfigError, check_config
 from clipjax.configs.common import base_config
 from clipjax.models.specs import get_model_config
-from clipjax.step import batch_fields
+from clipjax.step import CLASSIFY_FIELDS, CONTRASTIVE_FIELDS
 from clipjax.tasks import ClassifyTask, ContrastiveTask, task_class
 from clipjax.train import make_data
 
@@ -25,15 +25,18 @@ def _config(task: str, **data):
 
 def test_each_task_name_has_its_task():
     assert [task_class(_config(name)) for name in TASKS] == [ContrastiveTask, ClassifyTask]
-    assert ContrastiveTask.fields == batch_fields("contrastive") and ClassifyTask.fields == batch_fields("classify")
+    assert ContrastiveTask.fields == CONTRASTIVE_FIELDS and ClassifyTask.fields == CLASSIFY_FIELDS
     assert not ContrastiveTask.labels and ClassifyTask.labels
 
 
 def test_classifying_trains_the_image_tower_and_the_head_only():
     assert frozen_prefixes(_config("contrastive"), PARAMS) == ("token_embedding",)
     assert frozen_prefixes(_config("classify"), PARAMS) == ("token_embedding", "logit_scale", "text")
-    assert ContrastiveTask.step_options(_config("contrastive"))["loss_fn"] is not None
-    assert ClassifyTask.step_options(_config("classify")) == {"loss_fn": None, "task": "classify"}
+    # each task gives the step its own gradient, and no other option
+    assert list(ContrastiveTask.step_options(_config("contrastive"))) == ["grads"]
+    assert list(ClassifyTask.step_options(_config("classify"))) == ["grads"]
+    assert ContrastiveTask.step_options(_config("contrastive"))["grads"].__qualname__.startswith("contrastive_grads")
+    assert ClassifyTask.step_options(_config("classify"))["grads"].__qualname__.startswith("classify_grads")
 
 
 @pytest.mark.parametrize("data, message", [

@@ -78,7 +78,8 @@ def test_other_losses_shard_exactly(loss):
     ref, ref_losses = run_steps(cfg, {"data": 1}, 1, batch(16), loss=loss)
     out, losses = run_steps(cfg, {"fsdp": -1}, 8, batch(16), loss=loss)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    assert_trees_close(out.params, ref.params)
+    # after two lr-0.5 SGD steps: float32 sums over 8 shards in another order differ by up to 1.3e-5 here
+    assert_trees_close(out.params, ref.params, atol=5e-5)
 
 
 def test_resnet_step_shards_and_updates_batch_stats():
