@@ -145,6 +145,10 @@ class PhasedData:
     def sources(self) -> list:
         return list(self._it.sources)
 
+    @property
+    def step_batch(self):
+        return self._it.step_batch
+
     def close(self) -> None:
         if self._it is not None:
             self._it.close()

@@ -262,8 +262,7 @@ def _loop(config, cfg: CLIPConfig, mesh: Mesh, state: TrainState, make_step, sch
         local = next(data)
         if phase not in step_fns:  # the batch's fields decide the compiled signature (synthetic data may add "nan")
             fields = {k: v.ndim for k, v in local.items() if k in (*task.fields, "nan")}
-            make_batch = data.iterator.make if getattr(data.iterator, "on_step", False) else None
-            step_fns[phase] = make_step(fields=fields, patch_dropout=phase.patch_dropout, make_batch=make_batch)
+            step_fns[phase] = make_step(fields=fields, patch_dropout=phase.patch_dropout, make_batch=data.step_batch)
             phase_cfg, kept = _phase_config(cfg, phase)
             flops = train_flops_per_step(phase_cfg, config.batch_size, kept)
         step_fn = step_fns[phase]

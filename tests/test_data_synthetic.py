@@ -46,6 +46,7 @@ def test_resume_continues_the_same_sequence():
     from clipjax.data.core import TrainData
 
     assert isinstance(again, TrainData) and again.skipped_by_source == {} and again.sources == []
+    assert again.step_batch is None  # the loop feeds the step the batches next() yields
 
 
 def test_images_are_normalised_on_device_like_the_host_and_nan_flags_poison_rows():
@@ -92,12 +93,13 @@ def test_the_train_step_makes_the_same_batches_from_its_step_number():
     mesh = shd.make_mesh({"data": 2, "fsdp": 4})
     it = SyntheticIterator(**KW, mesh=mesh, nan_steps=(2,), on_step=True)
     assert next(it) == {} and it.position == 1  # the trainer's iterator only counts; the step makes the batch
+    assert it.step_batch == it.make  # what the trainer's loop hands the step (clipjax.data.core.TrainData)
     model = CLIP(cfg)
     runs = []
     for own in (True, False):
         state, shardings, tx = make_train_state(model, lambda p: optax.sgd(0.1), 0, mesh)
         fields = {} if own else {"image": 4, "text": 2, "nan": 1}
-        step = jit_train_step(model, tx, config, mesh, shardings, fields=fields, make_batch=it.make if own else None)
+        step = jit_train_step(model, tx, config, mesh, shardings, fields=fields, make_batch=it.step_batch if own else None)
         losses = []
         for k in range(3):
             state, m = step(state, {} if own else it.batch(k))

@@ -254,9 +254,11 @@ class TrainData(Protocol):
     ``skipped`` counts the bad records skipped up to that batch, ``skipped_by_source`` the same by source spec for a
     mix ({} for one source); ``sources`` are the random-access sources read (their sizes known; [] when there are
     none, or streams among them); ``close()`` stops the threads and worker processes (the next ``next()`` starts
-    them again, from the position)."""
+    them again, from the position). ``step_batch`` is None, or (synthetic data) a traceable ``k → global batch k``
+    that the train step calls to make its own batch, ``next()`` then yielding an empty one."""
 
     sources: list
+    step_batch: Callable[[Any], dict] | None
 
     def __iter__(self) -> Iterator[dict]: ...
 
@@ -292,33 +294,4 @@ def executor_for(executor: ExecutorFactory | None, workers: int, num_threads: in
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0: threads in this process), got {workers}")
     return executor or make_executor(workers, num_threads, name), max(1, workers) * num_threads
-
-
-class HostBatches(PrefetchedBatches):
-    """The base of a host's training-batch iterator (``slots.TrainIterator``): its settings, checked, and its decoding
-    executor; a ``TrainData``."""
-
-    sources: list = []
-
-    @property
-    def skipped_by_source(self) -> dict[str, int]:
-        """{spec: samples skipped so far} of a mix; {} for one source."""
-        return {}
-
-    def _configure(self, *, global_batch_size: int, image_size: int, context_length: int, tokenizer: Tokenizer,
-                   seed: int, process_index: int, process_count: int, scale: tuple[float, float], num_threads: int,
-                   prefetch: int, workers: int, executor: ExecutorFactory | None) -> None:
-        if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
-        if global_batch_size % process_count:
-            raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} processes")
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"crop scale {tuple(scale)}: must be (MIN, MAX) with 0 < MIN <= MAX <= 1")
-        self.batch_size, self.global_batch_size = global_batch_size // process_count, global_batch_size
-        self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
-        self.seed, self.process_index, self.process_count = seed, process_index, process_count
-        self.scale, self.num_threads, self.prefetch = tuple(scale), max(1, num_threads), max(1, prefetch)
-        self.workers = int(workers)
-        self.executor, self._decoders = executor_for(executor, self.workers, self.num_threads, "clipjax-data")
-        self._prefetcher: Prefetcher | None = None
 

@@ -42,7 +42,7 @@ from clipjax.data import core, wds
 from clipjax.data import preprocess as pp
 from clipjax.data import sources as src_lib
 from clipjax.data.core import BLOCK as _BLOCK  # noqa: F401  (re-exported)
-from clipjax.data.core import HostBatches, Tokenizer  # noqa: F401  (re-exported)
+from clipjax.data.core import Tokenizer  # noqa: F401  (re-exported)
 from clipjax.data.core import MAX_CONSECUTIVE_BAD as _MAX_CONSECUTIVE_BAD  # noqa: F401  (re-exported)
 from clipjax.data.core import executor_for as _executor  # noqa: F401  (re-exported)
 from clipjax.data.core import window as _window  # noqa: F401  (re-exported)

@@ -147,21 +147,32 @@ class TrainLoader:
         return image, caption, label
 
 
-class TrainIterator(core.HostBatches):
+class TrainIterator(core.PrefetchedBatches):
     """Infinite per-host training batches of any sources, a mix of them or one: {"image": uint8 [b,S,S,3], "text":
     i32 [b,C]}, plus "label": i32 [b] with ``labels=True`` (one random-access source). Images are the cropped pixels;
     ``preprocess.normalize`` (on the host) or ``clipjax.step.prepare_images`` (on the device) makes them the model's
     float32 input. A ``core.TrainData``; ``sources`` are the random-access sources when there is no stream (else []),
     ``streams`` {mix index: ``wds.Stream``}."""
 
+    step_batch = None  # ``core.TrainData``: the batches are made here, on the host, and fed to the step
+
     def __init__(self, specs: Sequence[str], weights: Sequence[float], *, split: str, global_batch_size: int,
                  image_size: int, context_length: int, tokenizer: core.Tokenizer, seed: int, process_index: int,
                  process_count: int, scale: tuple[float, float], num_threads: int, prefetch: int,
                  labels: bool = False, workers: int = 0, executor: core.ExecutorFactory | None = None,
                  shuffle_buffer: int = wds.DEFAULT_SHUFFLE_BUFFER):
-        self._configure(global_batch_size=global_batch_size, image_size=image_size, context_length=context_length,
-                        tokenizer=tokenizer, seed=seed, process_index=process_index, process_count=process_count,
-                        scale=scale, num_threads=num_threads, prefetch=prefetch, workers=workers, executor=executor)
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch {global_batch_size} not divisible by {process_count} processes")
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop scale {tuple(scale)}: must be (MIN, MAX) with 0 < MIN <= MAX <= 1")
+        self.batch_size, self.global_batch_size = global_batch_size // process_count, global_batch_size
+        self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
+        self.seed, self.process_index, self.process_count = seed, process_index, process_count
+        self.scale, self.num_threads, self.prefetch = tuple(scale), max(1, num_threads), max(1, prefetch)
+        self.workers = int(workers)
+        self.executor, self._decoders = core.executor_for(executor, self.workers, self.num_threads, "clipjax-data")
         self.specs, self.weights = list(specs), np.asarray(weights, np.float64)
         n = len(self.specs)
         if labels and n != 1:

@@ -97,6 +97,7 @@ class SyntheticIterator:
         self.skipped = 0  # the clipjax.data.core.TrainData interface: nothing is ever skipped, no random-access source
         self.skipped_by_source: dict[str, int] = {}
         self.sources: list = []
+        self.step_batch = self.make if self.on_step else None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
