@@ -1,7 +1,8 @@
-"""What a training config builds, before any data is read: the model config (`model_config`), the optimizer
-(`make_tx`, with the prefixes that do not train), the device mesh (`make_train_mesh`), the phases of the run
-(`make_phases`) and the jitted, sharded update step (`jit_train_step`; the step itself: `clipjax.step`). The trainer
-(`clipjax.train`) and ahead-of-time compilation (`clipjax.aot`) build the same step from these.
+"""What a training config builds: the model config (`model_config`), the optimizer (`make_tx`, with the prefixes that
+do not train), the device mesh (`make_train_mesh`), the phases of the run (`make_phases`), the jitted, sharded update
+step (`jit_train_step`; the step itself: `clipjax.step`) and the per-host training data (`make_data`; the iterators
+themselves: `clipjax.data`). The trainer (`clipjax.train`) and ahead-of-time compilation (`clipjax.aot`) build the
+same step from these.
 Letters: N global batch, E embed dim, K classes.
 """
 
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -24,10 +27,12 @@ from clipjax.config_checks import ConfigError, _from_config
 from clipjax.models.config import CLIPConfig
 from clipjax.models.specs import get_model_config
 from clipjax.optim import make_optimizer
-from clipjax.phases import Phase
+from clipjax.phases import Phase, PhasedData
 from clipjax.run_control import COUNTERS
 from clipjax.step import batch_shardings, train_step
 from clipjax.tasks import task_class
+
+log = logging.getLogger(__name__)
 
 
 # =============================================================================================== model & optimizer
@@ -151,3 +156,56 @@ def _phase_config(cfg: CLIPConfig, phase: Phase) -> tuple[CLIPConfig, int | None
         kept = max(1, int((phase.image_size // cfg.vision.patch_size) ** 2 * (1 - phase.patch_dropout)))
     text = dataclasses.replace(cfg.text, context_length=phase.context_length)
     return cfg.replace(vision=vision, text=text), kept
+
+
+# =============================================================================================== data
+
+def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mesh: Mesh, phase: Phase | None = None):
+    """The per-host training iterator named by `config.data.train` (or a mix), decoding at the phase's image size
+    (the model's by default); with labels when classifying."""
+    d = config.data
+    image_size = phase.image_size if phase else cfg.vision.image_size
+    context_length = phase.context_length if phase else cfg.text.context_length
+    kw = dict(global_batch_size=config.batch_size, image_size=image_size, context_length=context_length, seed=seed,
+              process_index=jax.process_index(), process_count=jax.process_count())
+    spec = d.train if not d.mix else dict(d.mix)
+    if not spec:
+        raise ConfigError("config.data.train is empty: name the training data, e.g. --config=configs/vit_b32.py:"
+                          "data=dir:/data/laion400m (an ingested dataset) or --config.data.train=SPEC; 'synthetic' "
+                          "for a smoke run")
+    labels = task_class(config).labels  # classify: labels, no captions
+    if spec == "synthetic":
+        if labels:
+            raise ConfigError("config.data.train='synthetic' has no labels: classifying needs a labelled dataset")
+        from clipjax.data.synthetic import SyntheticIterator
+
+        return SyntheticIterator(global_batch_size=config.batch_size, image_size=image_size,
+                                 context_length=context_length, seed=seed, mesh=mesh,
+                                 vocab_size=cfg.text.vocab_size, nan_steps=tuple(d.synthetic_nan_steps),
+                                 seconds_per_batch=float(d.synthetic_seconds_per_batch), on_step=True)
+    from clipjax.data.pipeline import make_train_iterator
+    from clipjax.data.tokenizer import get_tokenizer
+
+    if labels:
+        if d.mix:
+            raise ConfigError("config.data.mix: classifying reads one labelled dataset (config.data.train)")
+        return make_train_iterator(spec, tokenizer=_no_text, scale=tuple(d.crop_scale), num_threads=d.num_threads,
+                                   workers=d.workers, split=d.train_split, labels=True, **kw)
+    try:
+        tokenizer = get_tokenizer(d.tokenizer or None, context_length, cfg.text.vocab_size)
+    except OSError as e:  # e.g. a SentencePiece model file that does not exist
+        raise ConfigError(f"config.data.tokenizer={d.tokenizer!r}: {e}") from e
+    return make_train_iterator(spec, tokenizer=tokenizer, scale=tuple(d.crop_scale), num_threads=d.num_threads,
+                               workers=d.workers, split=d.train_split, shuffle_buffer=d.get("shuffle_buffer"), **kw)
+
+
+def _no_text(texts, context_length: int) -> np.ndarray:
+    """The tokenizer of a run that reads no text (classifying): zeros [N, L], never sent to the device."""
+    return np.zeros((len(texts), context_length), np.int32)
+
+
+def _warn_small_dataset(data: PhasedData, batch_size: int) -> None:
+    sizes = [len(s) for s in data.sources]
+    if sizes and batch_size > sum(sizes):
+        log.warning("config.batch_size=%d is larger than the training data (%d records): every batch repeats "
+                    "records", batch_size, sum(sizes))

@@ -4,7 +4,8 @@
 
 What it uses, one module each:
     clipjax.config_checks   the config's checks (`check_config`, `ConfigError`) and what may change on resume
-    clipjax.build           what the config builds: model config, optimizer, mesh, phases, the jitted step
+    clipjax.build           what the config builds: model config, optimizer, mesh, phases, the jitted step, the
+                            per-host training data
     clipjax.step            the train state and the update step
     clipjax.interop.init_from   the `config.init_from` weights, checked against the model
     clipjax.tasks           the task of `config.task`:
@@ -31,13 +32,12 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from jax.sharding import Mesh
 
 from clipjax import paths
 from clipjax import sharding as shd
-from clipjax.build import (_phase_config, frozen_prefixes, jit_train_step, make_phases, make_train_mesh,  # noqa: F401
-                           make_tx, model_config)
+from clipjax.build import (_phase_config, _warn_small_dataset, frozen_prefixes, jit_train_step,  # noqa: F401
+                           make_data, make_phases, make_train_mesh, make_tx, model_config)
 from clipjax.checkpoint import Checkpointer, check_writable
 from clipjax.config_checks import ConfigError, _from_config, check_config  # noqa: F401
 from clipjax.interop.init_from import init_variables_from, load_pretrained
@@ -60,57 +60,6 @@ log = logging.getLogger(__name__)
 
 
 # ============================================================================================ data
-
-def make_data(config: ml_collections.ConfigDict, cfg: CLIPConfig, seed: int, mesh: Mesh, phase: Phase | None = None):
-    """The per-host training iterator named by `config.data.train` (or a mix), decoding at the phase's image size
-    (the model's by default); with labels when classifying."""
-    d = config.data
-    image_size = phase.image_size if phase else cfg.vision.image_size
-    context_length = phase.context_length if phase else cfg.text.context_length
-    kw = dict(global_batch_size=config.batch_size, image_size=image_size, context_length=context_length, seed=seed,
-              process_index=jax.process_index(), process_count=jax.process_count())
-    spec = d.train if not d.mix else dict(d.mix)
-    if not spec:
-        raise ConfigError("config.data.train is empty: name the training data, e.g. --config=configs/vit_b32.py:"
-                          "data=dir:/data/laion400m (an ingested dataset) or --config.data.train=SPEC; 'synthetic' "
-                          "for a smoke run")
-    labels = task_class(config).labels  # classify: labels, no captions
-    if spec == "synthetic":
-        if labels:
-            raise ConfigError("config.data.train='synthetic' has no labels: classifying needs a labelled dataset")
-        from clipjax.data.synthetic import SyntheticIterator
-
-        return SyntheticIterator(global_batch_size=config.batch_size, image_size=image_size,
-                                 context_length=context_length, seed=seed, mesh=mesh,
-                                 vocab_size=cfg.text.vocab_size, nan_steps=tuple(d.synthetic_nan_steps),
-                                 seconds_per_batch=float(d.synthetic_seconds_per_batch), on_step=True)
-    from clipjax.data.pipeline import make_train_iterator
-    from clipjax.data.tokenizer import get_tokenizer
-
-    if labels:
-        if d.mix:
-            raise ConfigError("config.data.mix: classifying reads one labelled dataset (config.data.train)")
-        return make_train_iterator(spec, tokenizer=_no_text, scale=tuple(d.crop_scale), num_threads=d.num_threads,
-                                   workers=d.workers, split=d.train_split, labels=True, **kw)
-    try:
-        tokenizer = get_tokenizer(d.tokenizer or None, context_length, cfg.text.vocab_size)
-    except OSError as e:  # e.g. a SentencePiece model file that does not exist
-        raise ConfigError(f"config.data.tokenizer={d.tokenizer!r}: {e}") from e
-    return make_train_iterator(spec, tokenizer=tokenizer, scale=tuple(d.crop_scale), num_threads=d.num_threads,
-                               workers=d.workers, split=d.train_split, shuffle_buffer=d.get("shuffle_buffer"), **kw)
-
-
-def _no_text(texts, context_length: int) -> np.ndarray:
-    """The tokenizer of a run that reads no text (classifying): zeros [N, L], never sent to the device."""
-    return np.zeros((len(texts), context_length), np.int32)
-
-
-def _warn_small_dataset(data: PhasedData, batch_size: int) -> None:
-    sizes = [len(s) for s in data.sources]
-    if sizes and batch_size > sum(sizes):
-        log.warning("config.batch_size=%d is larger than the training data (%d records): every batch repeats "
-                    "records", batch_size, sum(sizes))
-
 
 def to_global(batch: dict[str, Any], mesh: Mesh, fields: Any = ("image", "text", "stop")) -> dict[str, jax.Array]:
     """Per-host slices of `fields` → global arrays sharded over the batch axes (arrays already global, as the
