@@ -78,5 +78,6 @@ def test_every_training_iterator_is_the_declared_interface(case, root):
         phased = PhasedData(lambda p: it, [Phase(0, 10, 24, 12, 0.0)])
         phased.at(0)
         assert isinstance(phased, core.TrainData) and phased.get_state() == it.get_state()
+        assert it.step_batch is None and phased.step_batch is None  # host batches: the loop feeds them to the step
     finally:
         it.close()

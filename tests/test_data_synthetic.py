@@ -99,7 +99,8 @@ def test_the_train_step_makes_the_same_batches_from_its_step_number():
     for own in (True, False):
         state, shardings, tx = make_train_state(model, lambda p: optax.sgd(0.1), 0, mesh)
         fields = {} if own else {"image": 4, "text": 2, "nan": 1}
-        step = jit_train_step(model, tx, config, mesh, shardings, fields=fields, make_batch=it.step_batch if own else None)
+        step = jit_train_step(model, tx, config, mesh, shardings, fields=fields,
+                              make_batch=it.step_batch if own else None)
         losses = []
         for k in range(3):
             state, m = step(state, {} if own else it.batch(k))
